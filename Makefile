@@ -1,0 +1,58 @@
+# fastfilm: the two commands a newcomer runs are `make train` and `make test`.
+# Set-up is idempotent: the venv is (re)installed only when setup.py changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch by default (no multi-GB CUDA download). With a GPU, install a CUDA torch into .venv
+# first, e.g. `make TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu130 setup`.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+SYNTH ?= data/synthetic
+CACHE ?= data/cache/synthetic
+CONFIG ?= configs/synthetic.json
+PYTEST_ARGS ?=
+export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.write('0' if shutil.which('nvidia-smi') else '1')")
+
+STAMP := $(VENV)/.fastfilm-installed
+
+.PHONY: setup train test lint format data bench clean help
+help:
+	@echo "make train   set up .venv, generate the synthetic CLEVR-format set, train on it (DeepSpeed launcher)"
+	@echo "make test    set up .venv, lint, run the test suite"
+	@echo "make bench   run the benchmarks (pytest bench/)"
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  || $(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[dev,analysis]'
+	@touch $(STAMP)
+
+data: $(STAMP)
+	@test -f $(SYNTH)/questions/CLEVR_train_questions.json || $(VENV)/bin/fastfilm synth --out $(SYNTH)
+	$(VENV)/bin/fastfilm prep --clevr $(SYNTH) --out $(CACHE) --image-size 64
+
+train: data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 1 fastfilm/train.py --config $(CONFIG)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q bench/ --bench-quick
+
+bench: $(STAMP)
+	$(PY) -m pytest bench/ --benchmark-json=bench/results.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

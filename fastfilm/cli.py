@@ -1,0 +1,129 @@
+"""The `fastfilm` command: one entry point, one subcommand per job (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="JSON config file (see configs/)")
+    p.add_argument(
+        "--kernels",
+        choices=["reference", "triton", "compile"],
+        default=None,
+        help="hot-path implementation (overrides kernels.mode in the config)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.epochs=3",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fastfilm",
+        description="FiLM visual reasoning: data generation, preprocessing, training, evaluation, export.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (one process; use `deepspeed fastfilm/train.py` for many)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
+
+    p = sub.add_parser("synth", help="write a CLEVR-format synthetic data set")
+    p.add_argument("--out", required=True, help="output folder (CLEVR v1.0 layout)")
+    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--val-images", type=int, default=400)
+    p.add_argument("--test-images", type=int, default=200)
+    p.add_argument("--questions-per-image", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+
+    p = sub.add_parser("prep", help="tokenise questions and build the vocabulary / image cache")
+    p.add_argument("--clevr", required=True, help="a CLEVR v1.0 folder (real or synthetic)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--image-size", type=int, default=None, help="also write a resized uint8 image cache")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits to prepare")
+
+    p = sub.add_parser("eval", help="accuracy overall and per question family")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--kernels", choices=["reference", "triton", "compile"], default=None)
+
+    p = sub.add_parser("export", help="export weights as safetensors + config.json + vocab.json")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--tag", default="best")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("predict", help="answer a question about an image with an exported model")
+    p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--top", type=int, default=5)
+
+    p = sub.add_parser("analyze", help="the paper's FiLM analyses (histograms, t-SNE, ablations, arithmetic)")
+    p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", default=None, help="preprocessed cache (default: the model's data.cache)")
+    p.add_argument("--max-questions", type=int, default=2000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastfilm` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from fastfilm.config import ConfigError
+
+    try:
+        if args.command == "train":
+            from fastfilm import train
+
+            return train.run(args)
+        if args.command == "synth":
+            from fastfilm.data import synth
+
+            return synth.run(args)
+        if args.command == "prep":
+            from fastfilm.data import prep
+
+            return prep.run(args)
+        if args.command == "eval":
+            from fastfilm import evaluate
+
+            return evaluate.run(args)
+        if args.command == "export":
+            from fastfilm import export
+
+            return export.run_export(args)
+        if args.command == "predict":
+            from fastfilm import export
+
+            return export.run_predict(args)
+        if args.command == "analyze":
+            from fastfilm import analyze
+
+            return analyze.run(args)
+    except ConfigError as e:
+        print(f"fastfilm: config error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

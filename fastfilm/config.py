@@ -1,0 +1,370 @@
+"""The typed run configuration: one JSON file with `model`, `data`, `train`, `kernels` and `deepspeed` sections.
+
+Defaults are the paper's (FiLM, AAAI 2018, best CLEVR model; the raw-pixel variant). `deepspeed` is a standard,
+unmodified DeepSpeed config and is passed to `deepspeed.initialize` as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+KERNEL_MODES = ("reference", "triton", "compile")
+CONDITION_METHODS = ("bn-film", "conv-film", "relu-film", "block-input-film", "block-output-film")
+GAMMA_OPTIONS = ("linear", "sigmoid", "tanh", "exp")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file, the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    """The FiLM model: generator (question → γ, β) and FiLMed network (image → answer logits)."""
+
+    # Visual stem. "pixels": 224×224 RGB → 4 × (conv 4×4 s2 p1, BN, ReLU). "features": ResNet-101 conv4
+    # features (1024×14×14) → conv 3×3 s1 p1 (+ coordinate maps), BN, ReLU. None = the paper's value for the stem.
+    stem: str = "pixels"
+    image_size: int = 224
+    feature_channels: int = 1024
+    feature_size: int = 14
+    stem_num_layers: int | None = None
+    stem_kernel_size: int | None = None
+    stem_stride: int | None = None
+    stem_padding: int | None = None
+    stem_batchnorm: bool = True
+    # FiLMed ResBlocks.
+    num_blocks: int = 4
+    module_dim: int = 128
+    module_kernel_size: int = 3
+    module_input_proj: int = 1
+    module_residual: bool = True
+    module_batchnorm: bool = True
+    module_batchnorm_affine: bool = False
+    module_dropout: float = 0.0
+    condition_method: str = "bn-film"
+    condition_pattern: list[int] | None = None  # which blocks are FiLMed; None = all
+    use_gamma: bool = True
+    use_beta: bool = True
+    gamma_option: str = "linear"
+    gamma_baseline: float = 1.0
+    use_coords: bool = True
+    # FiLM generator.
+    wordvec_dim: int = 200
+    rnn_hidden_dim: int = 4096
+    rnn_num_layers: int = 1
+    rnn_dropout: float = 0.0
+    bidirectional: bool = False
+    encoder_type: str = "gru"
+    # Classifier.
+    classifier_proj_dim: int = 512
+    classifier_fc_dims: list[int] = field(default_factory=lambda: [1024])
+    classifier_downsample: str = "maxpoolfull"
+    classifier_batchnorm: bool = True
+    classifier_dropout: float = 0.0
+    # Layout of the visual path's activations ("channels_first" = NCHW, as the paper's code).
+    memory_format: str = "channels_first"
+
+    def __post_init__(self) -> None:
+        paper = {
+            "pixels": {"stem_num_layers": 4, "stem_kernel_size": 4, "stem_stride": 2, "stem_padding": 1},
+            "features": {"stem_num_layers": 1, "stem_kernel_size": 3, "stem_stride": 1, "stem_padding": 1},
+        }.get(self.stem)
+        if paper is not None:
+            for k, v in paper.items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how the DALI loader reads it."""
+
+    root: str = "data/CLEVR_v1.0"  # a CLEVR v1.0 folder (real or synthetic)
+    cache: str = "data/cache/clevr"  # written by `fastfilm prep`
+    image_source: str = "cache"  # "cache" (uint8 .npy written by prep --image-size), "png", or "features"
+    train_split: str = "train"
+    val_split: str = "val"
+    num_threads: int = 2
+    prefetch: int = 2
+    max_val_questions: int = 0  # 0 = the whole split (exact count); >0 only for quick runs
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: epochs, early stopping, evaluation, checkpoints and logging."""
+
+    run_dir: str = "runs/clevr"
+    epochs: int = 80  # at most; early stopping usually ends sooner
+    patience: int = 10  # evaluations without a better val accuracy before stopping (0 = never stop early)
+    max_steps: int = 0  # 0 = no limit
+    max_minutes: float = 0.0  # 0 = no limit; stops cleanly (checkpoint) when reached
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    log_every: int = 50
+    seed: int = 0
+    film_reg_weight: float = 0.0  # beyond the paper: TADAM-style L2 on Δγ and β (0 = off)
+    cuda_graphs: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    dist_timeout_s: int = 600  # collective timeout: a dead rank takes the job down instead of hanging
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation runs the hot path: reference (plain PyTorch), triton, or compile."""
+
+    mode: str = "reference"
+
+
+def default_deepspeed() -> dict[str, Any]:
+    """The paper's optimisation as a standard DeepSpeed config (Adam 3e-4, coupled L2 1e-5, batch 64, fp32)."""
+    return {
+        "train_micro_batch_size_per_gpu": 64,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "Adam",
+            "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-5},
+        },
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 1000000000,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, train, kernels and the DeepSpeed section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    deepspeed: dict[str, Any] = field(default_factory=default_deepspeed)
+    source: str = field(default="<defaults>", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (what a run folder's config.json holds)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    @property
+    def batch_size(self) -> int:
+        """Micro-batch per rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
+        return int(self.deepspeed.get("train_micro_batch_size_per_gpu", 64))
+
+    @property
+    def lr(self) -> float:
+        return float(self.deepspeed.get("optimizer", {}).get("params", {}).get("lr", 3e-4))
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "kernels": KernelsConfig,
+}
+
+
+def _closest(name: str, options: Iterable[str]) -> str:
+    m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{m[0]}'?)" if m else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to `tp` when lossless, else raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build_section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected an object with keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, fields)}")
+        kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2:
+        raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE (e.g. train.epochs=3)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # a bare string such as kernels.mode=triton
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as JSON when they parse) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        section = path[0]
+        if section not in (*_SECTIONS, "deepspeed"):
+            raise ConfigError(f"--set {item!r}: unknown section '{section}'{_closest(section, _SECTIONS)}")
+        node = raw.setdefault(section, {})
+        if section == "deepspeed":
+            for p in path[1:-1]:
+                node = node.setdefault(p, {})
+        elif len(path) != 2:
+            raise ConfigError(f"--set {item!r}: expected {section}.KEY=VALUE")
+        node[path[-1]] = value
+    return raw
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one clear line naming the key."""
+    src = cfg.source
+    m, t, d = cfg.model, cfg.train, cfg.data
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{src}: {key}: {msg}")
+
+    def choice(key: str, value: str, options: Iterable[str]) -> None:
+        if value not in options:
+            raise bad(key, f"'{value}' is not one of {', '.join(options)}{_closest(value, options)}")
+
+    choice("kernels.mode", cfg.kernels.mode, KERNEL_MODES)
+    choice("model.stem", m.stem, ("pixels", "features"))
+    choice("model.condition_method", m.condition_method, CONDITION_METHODS)
+    choice("model.gamma_option", m.gamma_option, GAMMA_OPTIONS)
+    choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
+    choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
+    choice("data.image_source", d.image_source, ("cache", "png", "features"))
+    if not (m.classifier_downsample == "maxpoolfull" or m.classifier_downsample.startswith(("maxpool", "avgpool"))):
+        raise bad("model.classifier_downsample", "expected maxpoolfull, avgpoolfull, maxpoolK or avgpoolK")
+    for key in ("num_blocks", "module_dim", "wordvec_dim", "rnn_hidden_dim", "rnn_num_layers", "image_size"):
+        if getattr(m, key) <= 0:
+            raise bad(f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    if m.module_kernel_size % 2 == 0 or m.module_input_proj % 2 == 0 and m.module_input_proj != 0:
+        raise bad("model.module_kernel_size", "kernel sizes of the ResBlock must be odd (as the original code)")
+    if m.bidirectional and m.rnn_hidden_dim % 2:
+        raise bad("model.rnn_hidden_dim", "must be even when bidirectional (split between the directions)")
+    if m.condition_pattern is not None and len(m.condition_pattern) != m.num_blocks:
+        raise bad(
+            "model.condition_pattern",
+            f"has {len(m.condition_pattern)} entries, expected one per block (num_blocks={m.num_blocks})",
+        )
+    if (m.stem == "features") != (d.image_source == "features"):
+        raise bad("data.image_source", f"'{d.image_source}' does not fit model.stem='{m.stem}'")
+    if t.epochs <= 0:
+        raise bad("train.epochs", f"must be > 0, got {t.epochs}")
+    if t.patience < 0 or t.max_steps < 0 or t.eval_every < 0 or t.max_minutes < 0:
+        raise bad("train", "patience, max_steps, eval_every and max_minutes must be >= 0")
+    if t.film_reg_weight < 0:
+        raise bad("train.film_reg_weight", "must be >= 0")
+    ds = cfg.deepspeed
+    if not isinstance(ds, dict):
+        raise bad("deepspeed", "expected an object (a standard DeepSpeed config)")
+    mb = ds.get("train_micro_batch_size_per_gpu", 64)
+    if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
+        raise bad("deepspeed.train_micro_batch_size_per_gpu", f"must be a positive integer, got {mb!r}")
+    if "train_batch_size" in ds:
+        raise bad(
+            "deepspeed.train_batch_size",
+            "set train_micro_batch_size_per_gpu and gradient_accumulation_steps instead "
+            "(the global batch then follows the number of ranks)",
+        )
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr", 3e-4)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise bad("deepspeed.optimizer.params.lr", f"must be a number > 0, got {lr!r}")
+    opt_type = str(ds.get("optimizer", {}).get("type", "Adam")).lower()
+    if opt_type not in ("adam", "adamw"):
+        raise bad("deepspeed.optimizer.type", f"'{opt_type}': fastfilm supports Adam (the paper) and AdamW")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise bad("deepspeed", "bf16.enabled and fp16.enabled are both true: pick one")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from a raw dict (the parsed JSON file)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    for key in raw:
+        if key not in (*_SECTIONS, "deepspeed"):
+            raise ConfigError(f"{source}: unknown section '{key}'{_closest(key, (*_SECTIONS, 'deepspeed'))}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _build_section(cls, raw.get(name, {}), f"{source}: {name}")
+    ds = default_deepspeed()
+    if "deepspeed" in raw:
+        if not isinstance(raw["deepspeed"], dict):
+            raise ConfigError(f"{source}: deepspeed: expected an object (a standard DeepSpeed config)")
+        ds = copy.deepcopy(raw["deepspeed"])
+    cfg = Config(**sections, deepspeed=ds, source=source)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), kernels: str | None = None) -> Config:
+    """Read a JSON config file, apply `--set` overrides and `--kernels`, and validate it (raises ConfigError)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    overrides = list(overrides)
+    if kernels is not None:
+        overrides.append(f"kernels.mode={kernels}")
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=path)

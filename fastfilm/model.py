@@ -1,0 +1,358 @@
+"""The FiLM model (Perez et al., AAAI 2018) in plain PyTorch: FiLM generator + FiLMed network.
+
+Structure and parameter names mirror the public original code (`ethanjperez/film`, `vr/models/film_gen.py`
+FiLMGen and `vr/models/filmed_net.py` FiLMedNet), so that `to_original_state_dict` / `from_original_state_dict`
+are a renaming of prefixes. The hot path of every ResBlock (BN → FiLM → ReLU → + residual) and every
+coordinate-map concatenation goes through one seam, dispatched on `kernels`:
+
+- `reference`: plain PyTorch, written as the original code (concatenate, convolve, normalise, modulate);
+- `triton`: the fused kernels in the `kernels` package;
+- `compile`: `torch.compile` of the kernels package's PyTorch reference ops.
+
+All three modes share one state-dict: a checkpoint trained with one runs with the others.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastfilm.config import KERNEL_MODES, ModelConfig
+
+NULL, START, END, UNK = 0, 1, 2, 3
+
+
+def coord_map(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """Two coordinate maps [2, H, W]: channel 0 is x (varies along the width), channel 1 is y, in [-1, 1]."""
+    x = torch.linspace(-1, 1, w, device=device, dtype=dtype).view(1, w).expand(h, w)
+    y = torch.linspace(-1, 1, h, device=device, dtype=dtype).view(h, 1).expand(h, w)
+    return torch.stack([x, y], 0)
+
+
+def _check_kernels(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got '{mode}'")
+    return mode
+
+
+class CoordConv(nn.Module):
+    """A conv whose input is `cat(x, coords)`: weight [C_out, C_in + 2, k, k], the coordinates as 2 extra columns.
+
+    The reference concatenates the maps, as the original code. The kernel modes never materialise the
+    concatenation: they add the coordinate columns' contribution as a bias map (see `kernels.conv_coords`).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, padding: int, relu: bool, kernels: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim + 2, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_dim))
+        self.padding, self.relu, self.kernels = padding, relu, kernels
+        # Same initialisation as nn.Conv2d (the model then applies Kaiming-uniform to every weight).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.weight[0].numel())
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "reference":
+            n, _, h, w = x.shape
+            coords = coord_map(h, w, x.device, x.dtype).unsqueeze(0).expand(n, 2, h, w)
+            out = F.conv2d(torch.cat([x, coords], 1), self.weight, self.bias, padding=self.padding)
+            return F.relu(out) if self.relu else out
+        import kernels
+
+        return kernels.conv_coords(
+            x, self.weight, self.bias, padding=self.padding, relu=self.relu, impl=self.kernels
+        )
+
+
+class FiLMGen(nn.Module):
+    """Question → FiLM parameters: embeddings → GRU (last real token's state) → one linear layer → (γ, β)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_dir = 2 if cfg.bidirectional else 1
+        hidden = cfg.rnn_hidden_dim // self.num_dir
+        self.cond_feat_size = 2 * cfg.module_dim  # Δγ then β, per block
+        self.encoder_embed = nn.Embedding(vocab_size, cfg.wordvec_dim)
+        rnn = nn.GRU if cfg.encoder_type == "gru" else nn.LSTM
+        self.encoder_rnn = rnn(
+            cfg.wordvec_dim,
+            hidden,
+            cfg.rnn_num_layers,
+            dropout=cfg.rnn_dropout,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+        )
+        self.decoder_linear = nn.Linear(hidden * self.num_dir, cfg.num_blocks * self.cond_feat_size)
+
+    def encode(self, questions: torch.Tensor) -> torch.Tensor:
+        """The question feature: the RNN output at the last non-NULL token (the END token)."""
+        n, t = questions.shape
+        idx = ((questions != NULL).sum(1) - 1).clamp(min=0)
+        out, _ = self.encoder_rnn(self.encoder_embed(questions))
+        return out.gather(1, idx.view(n, 1, 1).expand(n, 1, out.size(2))).view(n, out.size(2))
+
+    def forward(self, questions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(γ, β), each [N, num_blocks, module_dim], with the γ option and baseline applied."""
+        cfg = self.cfg
+        film = self.decoder_linear(self.encode(questions)).view(-1, cfg.num_blocks, self.cond_feat_size)
+        gammas, betas = film.split(cfg.module_dim, dim=-1)
+        fn = {"linear": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}[cfg.gamma_option]
+        if fn is not None:
+            gammas = fn(gammas)
+        if cfg.gamma_baseline != 0:
+            gammas = gammas + cfg.gamma_baseline
+        return gammas, betas
+
+
+class FiLMedResBlock(nn.Module):
+    """One ResBlock: [coords] → 1×1 conv → ReLU (= r) → 3×3 conv → BN → FiLM → ReLU → r + that.
+
+    `condition_method` moves the FiLM layer as in the paper's ablations. The default placement (after an
+    affine-free BN), with or without BN and residual, runs through one fused op in the kernel modes; the other
+    placements run the reference code in every mode (announced once with a warning), never a wrong fusion.
+    """
+
+    def __init__(self, cfg: ModelConfig, with_cond: bool, kernels: str):
+        super().__init__()
+        dim = cfg.module_dim
+        self.cfg, self.with_cond, self.kernels = cfg, with_cond, kernels
+        self.method = cfg.condition_method
+        if cfg.module_input_proj:
+            k = cfg.module_input_proj
+            if cfg.use_coords:
+                self.input_proj = CoordConv(dim, dim, k, k // 2, relu=True, kernels=kernels)
+            else:
+                self.input_proj = nn.Conv2d(dim, dim, k, padding=k // 2)
+        self.conv1 = nn.Conv2d(dim, dim, cfg.module_kernel_size, padding=cfg.module_kernel_size // 2)
+        if cfg.module_batchnorm:
+            self.bn1 = nn.BatchNorm2d(dim, affine=(not with_cond) or cfg.module_batchnorm_affine)
+        self.drop = nn.Dropout2d(cfg.module_dropout) if cfg.module_dropout > 0 else None
+        self.fused = (
+            kernels != "reference"
+            and with_cond
+            and self.method == "bn-film"
+            and self.drop is None
+            and not (cfg.module_batchnorm and cfg.module_batchnorm_affine)
+        )
+        if kernels != "reference" and not self.fused:
+            warnings.warn(
+                f"kernels={kernels}: this ResBlock (condition_method={self.method}, with_cond={with_cond}, "
+                f"dropout={cfg.module_dropout}, bn_affine={cfg.module_batchnorm_affine}) has no fused kernel; "
+                "it runs the reference PyTorch code",
+                stacklevel=2,
+            )
+
+    def _input_proj(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.module_input_proj:
+            return x
+        out = self.input_proj(x)
+        return out if isinstance(self.input_proj, CoordConv) else F.relu(out)
+
+    def forward(self, x: torch.Tensor, gammas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        cfg, cond = self.cfg, self.with_cond
+
+        def film(t: torch.Tensor) -> torch.Tensor:
+            return gammas[:, :, None, None] * t + betas[:, :, None, None]
+
+        if self.method == "block-input-film" and cond:
+            x = film(x)
+        r = self._input_proj(x)
+        z = self.conv1(r)
+        if self.fused:
+            import kernels
+
+            bn = getattr(self, "bn1", None)
+            return kernels.bn_film_relu(
+                z,
+                gammas,
+                betas,
+                r if cfg.module_residual else None,
+                bn.running_mean if bn is not None else None,
+                bn.running_var if bn is not None else None,
+                training=self.training,
+                momentum=bn.momentum if bn is not None else 0.1,
+                eps=bn.eps if bn is not None else 1e-5,
+                normalize=bn is not None,
+                impl=self.kernels,
+            )
+        out = z
+        if self.method == "conv-film" and cond:
+            out = film(out)
+        if cfg.module_batchnorm:
+            out = self.bn1(out)
+        if self.method == "bn-film" and cond:
+            out = film(out)
+        if self.drop is not None:
+            out = self.drop(out)
+        out = F.relu(out)
+        if self.method == "relu-film" and cond:
+            out = film(out)
+        if cfg.module_residual:
+            out = r + out
+        if self.method == "block-output-film" and cond:
+            out = film(out)
+        return out
+
+
+class FiLMedNet(nn.Module):
+    """Image (+ FiLM parameters) → answer logits: stem → FiLMed ResBlocks → classifier."""
+
+    def __init__(self, cfg: ModelConfig, num_answers: int, kernels: str):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.module_dim
+        if cfg.stem == "pixels":
+            in_ch, size = 3, cfg.image_size
+        else:
+            in_ch, size = cfg.feature_channels, cfg.feature_size
+        self.stem_use_coords = cfg.stem_stride == 1 and cfg.use_coords
+        layers: list[nn.Module] = []
+        prev = in_ch
+        for i in range(cfg.stem_num_layers):
+            if i == 0 and self.stem_use_coords:
+                layers.append(CoordConv(prev, dim, cfg.stem_kernel_size, cfg.stem_padding, False, kernels))
+            else:
+                layers.append(
+                    nn.Conv2d(prev, dim, cfg.stem_kernel_size, stride=cfg.stem_stride, padding=cfg.stem_padding)
+                )
+            if cfg.stem_batchnorm:
+                layers.append(nn.BatchNorm2d(dim))
+            layers.append(nn.ReLU(inplace=True))
+            prev = dim
+            size = (size + 2 * cfg.stem_padding - cfg.stem_kernel_size) // cfg.stem_stride + 1
+        if size <= 0:
+            raise ValueError(f"model: the stem reduces a {cfg.image_size}px input to nothing")
+        self.stem = nn.Sequential(*layers)
+        self.module_hw = size
+
+        pattern = cfg.condition_pattern or [1] * cfg.num_blocks
+        self.blocks = nn.ModuleList(FiLMedResBlock(cfg, p > 0, kernels) for p in pattern)
+
+        # Classifier, built as the original's `build_classifier` (same module indices).
+        extra = 2 if cfg.use_coords else 0
+        cls: list[nn.Module] = []
+        prev_dim = (dim + extra) * size * size
+        proj = cfg.classifier_proj_dim
+        if proj > 0:
+            if cfg.use_coords:
+                cls.append(CoordConv(dim, proj, 1, 0, False, kernels))
+            else:
+                cls.append(nn.Conv2d(dim, proj, 1))
+            if cfg.classifier_batchnorm:
+                cls.append(nn.BatchNorm2d(proj))
+            cls.append(nn.ReLU(inplace=True))
+            prev_dim = proj * size * size
+        ds = cfg.classifier_downsample
+        if "maxpool" in ds or "avgpool" in ds:
+            pool = nn.MaxPool2d if "maxpool" in ds else nn.AvgPool2d
+            k = size if "full" in ds else int(ds[-1])
+            pad = 0 if size % k == 0 else 1
+            cls.append(pool(kernel_size=k, stride=k, padding=pad))
+            prev_dim = (proj if proj > 0 else dim + extra) * math.ceil(size / k) ** 2
+        cls.append(nn.Flatten())
+        for d in cfg.classifier_fc_dims:
+            cls.append(nn.Linear(prev_dim, d))
+            if cfg.classifier_batchnorm:
+                cls.append(nn.BatchNorm1d(d))
+            cls.append(nn.ReLU(inplace=True))
+            if cfg.classifier_dropout > 0:
+                cls.append(nn.Dropout(cfg.classifier_dropout))
+            prev_dim = d
+        cls.append(nn.Linear(prev_dim, num_answers))
+        self.classifier = nn.Sequential(*cls)
+
+    def forward(self, images: torch.Tensor, gammas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if not cfg.use_gamma:
+            gammas = torch.ones_like(gammas)
+        if not cfg.use_beta:
+            betas = torch.zeros_like(betas)
+        if cfg.memory_format == "channels_last":
+            images = images.contiguous(memory_format=torch.channels_last)
+        x = self.stem(images)
+        for i, block in enumerate(self.blocks):
+            x = block(x, gammas[:, i], betas[:, i])
+        if cfg.use_coords and cfg.classifier_proj_dim <= 0:
+            n, _, h, w = x.shape
+            x = torch.cat([x, coord_map(h, w, x.device, x.dtype).expand(n, 2, h, w)], 1)
+        return self.classifier(x)
+
+
+class FiLMModel(nn.Module):
+    """The whole FiLM model: `model(images, questions, lengths) -> logits` [N, num_answers]."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int, kernels: str = "reference"):
+        super().__init__()
+        self.cfg = cfg
+        self.kernels = _check_kernels(kernels)
+        self.generator = FiLMGen(cfg, vocab_size)
+        self.net = FiLMedNet(cfg, num_answers, kernels)
+        # The original's init: Kaiming-uniform on every conv and linear weight (biases keep PyTorch's init).
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, CoordConv)):
+                nn.init.kaiming_uniform_(m.weight)
+
+    def film_params(
+        self, questions: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(γ, β) for each question, each [N, num_blocks, module_dim] (γ includes its baseline)."""
+        return self.generator(questions)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        questions: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        film: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_film: bool = False,
+    ):
+        """Answer logits; with `film=(γ, β)` those FiLM parameters replace the generator's."""
+        gammas, betas = film if film is not None else self.generator(questions)
+        logits = self.net(images, gammas, betas)
+        return (logits, (gammas, betas)) if return_film else logits
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _map_keys(sd: Mapping[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for src, dst in pairs:
+            if k.startswith(src):
+                out[dst + k[len(src) :]] = v
+                break
+        else:
+            raise KeyError(f"no mapping for state-dict key '{k}'")
+    return out
+
+
+def to_original_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Our state-dict → the original code's: {'program_generator_state': FiLMGen's, 'execution_engine_state':
+    FiLMedNet's} (the keys of the original checkpoints written by `scripts/train_model.py`)."""
+    gen = _map_keys({k: v for k, v in sd.items() if k.startswith("generator.")}, [("generator.", "")])
+    net_sd = {k: v for k, v in sd.items() if k.startswith("net.")}
+    net = _map_keys(net_sd, [("net.blocks.", ""), ("net.stem.", "stem."), ("net.classifier.", "classifier.")])
+    return {"program_generator_state": gen, "execution_engine_state": net}
+
+
+def from_original_state_dict(original: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The original code's two state-dicts (as `to_original_state_dict` returns them) → ours."""
+    sd = {f"generator.{k}": v for k, v in original["program_generator_state"].items()}
+    for k, v in original["execution_engine_state"].items():
+        if k.startswith(("stem.", "classifier.")):
+            sd[f"net.{k}"] = v
+        elif k.split(".", 1)[0].isdigit():
+            sd[f"net.blocks.{k}"] = v
+        else:
+            raise KeyError(f"no mapping for the original's state-dict key '{k}'")
+    return sd
