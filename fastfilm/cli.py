@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (one process; use `deepspeed fastfilm/train.py` for many)")
+    p = sub.add_parser(
+        "train", help="train a model (one process; use `deepspeed fastfilm/train.py` for many)"
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
 

@@ -289,13 +289,17 @@ def validate(cfg: Config) -> None:
     choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
     choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
     choice("data.image_source", d.image_source, ("cache", "png", "features"))
-    if not (m.classifier_downsample == "maxpoolfull" or m.classifier_downsample.startswith(("maxpool", "avgpool"))):
+    if not (
+        m.classifier_downsample == "maxpoolfull" or m.classifier_downsample.startswith(("maxpool", "avgpool"))
+    ):
         raise bad("model.classifier_downsample", "expected maxpoolfull, avgpoolfull, maxpoolK or avgpoolK")
     for key in ("num_blocks", "module_dim", "wordvec_dim", "rnn_hidden_dim", "rnn_num_layers", "image_size"):
         if getattr(m, key) <= 0:
             raise bad(f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     if m.module_kernel_size % 2 == 0 or m.module_input_proj % 2 == 0 and m.module_input_proj != 0:
-        raise bad("model.module_kernel_size", "kernel sizes of the ResBlock must be odd (as the original code)")
+        raise bad(
+            "model.module_kernel_size", "kernel sizes of the ResBlock must be odd (as the original code)"
+        )
     if m.bidirectional and m.rnn_hidden_dim % 2:
         raise bad("model.rnn_hidden_dim", "must be even when bidirectional (split between the directions)")
     if m.condition_pattern is not None and len(m.condition_pattern) != m.num_blocks:

@@ -103,7 +103,9 @@ class FiLMGen(nn.Module):
         cfg = self.cfg
         film = self.decoder_linear(self.encode(questions)).view(-1, cfg.num_blocks, self.cond_feat_size)
         gammas, betas = film.split(cfg.module_dim, dim=-1)
-        fn = {"linear": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}[cfg.gamma_option]
+        fn = {"linear": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}[
+            cfg.gamma_option
+        ]
         if fn is not None:
             gammas = fn(gammas)
         if cfg.gamma_baseline != 0:
@@ -220,7 +222,9 @@ class FiLMedNet(nn.Module):
                 layers.append(CoordConv(prev, dim, cfg.stem_kernel_size, cfg.stem_padding, False, kernels))
             else:
                 layers.append(
-                    nn.Conv2d(prev, dim, cfg.stem_kernel_size, stride=cfg.stem_stride, padding=cfg.stem_padding)
+                    nn.Conv2d(
+                        prev, dim, cfg.stem_kernel_size, stride=cfg.stem_stride, padding=cfg.stem_padding
+                    )
                 )
             if cfg.stem_batchnorm:
                 layers.append(nn.BatchNorm2d(dim))

@@ -1,0 +1,104 @@
+"""Config files and overrides: paper defaults, and one clear message for each kind of mistake."""
+
+import json
+
+import pytest
+
+from fastfilm.cli import main as cli_main
+from fastfilm.config import ConfigError, load_config
+
+
+def write(tmp_path, obj, name="c.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(obj))
+    return str(p)
+
+
+def test_shipped_configs_load():
+    for name in ("clevr", "clevr_features", "synthetic"):
+        cfg = load_config(f"configs/{name}.json")
+        assert cfg.kernels.mode == "reference"
+    paper = load_config("configs/clevr.json")
+    assert paper.batch_size == 64 and paper.lr == 3e-4
+    assert paper.deepspeed["optimizer"]["params"]["weight_decay"] == 1e-5
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    p = write(tmp_path, {"model": {"modul_dim": 64}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "modul_dim" in msg and p in msg and "module_dim" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown section 'trian'.*'train'"):
+        load_config(write(tmp_path, {"trian": {}}))
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.num_blocks: expected an integer, got str"):
+        load_config(write(tmp_path, {"model": {"num_blocks": "four"}}))
+    with pytest.raises(ConfigError, match=r"model\.use_coords: expected true/false"):
+        load_config(write(tmp_path, {"model": {"use_coords": "yes"}}))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.json"))
+
+
+def test_invalid_json_names_line(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{\n  "model": {\n    "num_blocks": 4,\n  }\n}')
+    with pytest.raises(ConfigError, match=r"bad\.json:4:\d+: invalid JSON"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("kernels.mode=trition", r"kernels\.mode: 'trition' is not one of .*did you mean 'triton'"),
+        ("deepspeed.optimizer.params.lr=0", r"lr: must be a number > 0"),
+        ("deepspeed.optimizer.params.lr=-1e-3", r"lr: must be a number > 0"),
+        ("deepspeed.train_micro_batch_size_per_gpu=0", r"train_micro_batch_size_per_gpu: must be a positive"),
+        ("model.condition_pattern=[1,0]", r"condition_pattern: has 2 entries"),
+        ("model.condition_method=film-bn", r"condition_method: 'film-bn' is not one of"),
+        ("train.epochs=0", r"train\.epochs: must be > 0"),
+        ("model.stem=features", r"data\.image_source: 'cache' does not fit model\.stem='features'"),
+        ("train.epoch=3", r"unknown key 'epoch'.*'epochs'"),
+        ("epochs=3", r"expected SECTION\.KEY=VALUE"),
+    ],
+)
+def test_impossible_values(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("configs/clevr.json", [override])
+
+
+def test_overrides_and_kernels_flag():
+    cfg = load_config(
+        "configs/clevr.json",
+        [
+            "train.epochs=3",
+            "model.condition_pattern=[1,0,1,1]",
+            "deepspeed.bf16.enabled=true",
+            "data.root=/x y",
+        ],
+        kernels="triton",
+    )
+    assert cfg.train.epochs == 3 and cfg.model.condition_pattern == [1, 0, 1, 1]
+    assert cfg.deepspeed["bf16"]["enabled"] is True and cfg.data.root == "/x y"
+    assert cfg.kernels.mode == "triton"
+
+
+def test_cli_config_error_is_one_line(tmp_path, capsys):
+    p = write(tmp_path, {"train": {"patiense": 3}})
+    assert cli_main(["train", "--config", p]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "patiense" in err[0] and "patience" in err[0]
+
+
+def test_roundtrip_to_dict(tmp_path):
+    cfg = load_config("configs/synthetic.json")
+    again = load_config(write(tmp_path, cfg.to_dict()))
+    assert again.to_dict() == cfg.to_dict()
