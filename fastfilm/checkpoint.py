@@ -101,6 +101,27 @@ def verify(folder: str) -> None:
             raise CheckpointError(f"{p}: sha256 differs from the manifest: altered or corrupt (refused)")
 
 
+def check_pickles(folder: str) -> None:
+    """Refuse a checkpoint whose pickled files hold anything but tensors and plain containers.
+
+    DeepSpeed's `load_checkpoint` unpickles with `weights_only=False`; every `.pt` file is first read with
+    `torch.load(weights_only=True)`, which executes no code and fails on any other object.
+    """
+    for root, _, names in os.walk(folder):
+        for n in sorted(names):
+            if not n.endswith((".pt", ".pth", ".bin")):
+                continue
+            p = os.path.join(root, n)
+            try:
+                torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all mean "do not unpickle"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(
+                    f"{p}: refused: not loadable with weights_only=True ({first}); fastfilm never unpickles "
+                    "objects other than tensors"
+                ) from None
+
+
 def resolve_tag_dir(ckpt_dir: str, tag: str) -> str | None:
     """The folder of `tag` in `ckpt_dir`; after a kill between the two renames, the kept previous one."""
     for name in (tag, f"{tag}.old"):
@@ -172,6 +193,7 @@ def load(engine, ckpt_dir: str, tag: str) -> dict | None:
     if folder is None:
         return None
     verify(folder)
+    check_pickles(folder)
     _, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(folder), load_module_strict=True)
     rng = load_file(os.path.join(folder, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

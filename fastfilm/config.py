@@ -111,7 +111,6 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     film_reg_weight: float = 0.0  # beyond the paper: TADAM-style L2 on Δγ and β (0 = off)
-    cuda_graphs: bool = False
     progress: bool = True
     tensorboard: bool = True
     dist_timeout_s: int = 600  # collective timeout: a dead rank takes the job down instead of hanging
@@ -302,6 +301,17 @@ def validate(cfg: Config) -> None:
         )
     if m.bidirectional and m.rnn_hidden_dim % 2:
         raise bad("model.rnn_hidden_dim", "must be even when bidirectional (split between the directions)")
+    if any(d <= 0 for d in m.classifier_fc_dims):
+        raise bad("model.classifier_fc_dims", f"every size must be > 0, got {m.classifier_fc_dims}")
+    for key in ("module_dropout", "classifier_dropout", "rnn_dropout"):
+        if not 0 <= getattr(m, key) < 1:
+            raise bad(f"model.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+    if m.stem_num_layers <= 0 or m.stem_kernel_size <= 0 or m.stem_stride <= 0 or m.stem_padding < 0:
+        raise bad(
+            "model.stem_*", "stem_num_layers, stem_kernel_size and stem_stride must be > 0, stem_padding >= 0"
+        )
+    if m.condition_pattern is not None and any(p not in (0, 1) for p in m.condition_pattern):
+        raise bad("model.condition_pattern", f"expected 0/1 per block, got {m.condition_pattern}")
     if m.condition_pattern is not None and len(m.condition_pattern) != m.num_blocks:
         raise bad(
             "model.condition_pattern",
@@ -318,19 +328,30 @@ def validate(cfg: Config) -> None:
     ds = cfg.deepspeed
     if not isinstance(ds, dict):
         raise bad("deepspeed", "expected an object (a standard DeepSpeed config)")
-    mb = ds.get("train_micro_batch_size_per_gpu", 64)
-    if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
-        raise bad("deepspeed.train_micro_batch_size_per_gpu", f"must be a positive integer, got {mb!r}")
+    for name in ("optimizer", "scheduler", "bf16", "fp16", "zero_optimization", "torch_autocast"):
+        if name in ds and not isinstance(ds[name], dict):
+            raise bad(f"deepspeed.{name}", f"expected an object, got {type(ds[name]).__name__} {ds[name]!r}")
+    opt = ds.get("optimizer", {})
+    if "params" in opt and not isinstance(opt["params"], dict):
+        raise bad("deepspeed.optimizer.params", f"expected an object, got {type(opt['params']).__name__}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = ds.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise bad(f"deepspeed.{key}", f"must be a positive integer, got {v!r}")
     if "train_batch_size" in ds:
         raise bad(
             "deepspeed.train_batch_size",
             "set train_micro_batch_size_per_gpu and gradient_accumulation_steps instead "
             "(the global batch then follows the number of ranks)",
         )
-    lr = ds.get("optimizer", {}).get("params", {}).get("lr", 3e-4)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+    params = opt.get("params", {})
+    lr = params.get("lr", 3e-4)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):
         raise bad("deepspeed.optimizer.params.lr", f"must be a number > 0, got {lr!r}")
-    opt_type = str(ds.get("optimizer", {}).get("type", "Adam")).lower()
+    wd = params.get("weight_decay", 0.0)
+    if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not wd >= 0:
+        raise bad("deepspeed.optimizer.params.weight_decay", f"must be a number >= 0, got {wd!r}")
+    opt_type = str(opt.get("type", "Adam")).lower()
     if opt_type not in ("adam", "adamw"):
         raise bad("deepspeed.optimizer.type", f"'{opt_type}': fastfilm supports Adam (the paper) and AdamW")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):

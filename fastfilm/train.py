@@ -115,6 +115,22 @@ def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float)
     return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
 
 
+def param_checksums(module: torch.nn.Module) -> list[float]:
+    """One checksum of the parameters and buffers per rank (equal on every rank when ranks are in step)."""
+    import torch.distributed as dist
+
+    total = torch.zeros(1, dtype=torch.float64)
+    for i, t in enumerate(module.state_dict().values()):
+        if t.is_floating_point():
+            total += (t.detach().double().cpu().flatten() * (1 + (i % 7))).sum()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(total)]
+    dev = next(module.parameters()).device
+    out = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, total.to(dev))
+    return [float(t) for t in out]
+
+
 # --------------------------------------------------------------------------------------------------- training
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run one training job as configured; returns a summary (best val accuracy, steps, stop reason)."""
@@ -332,6 +348,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     summary = {
         "reason": reason,
+        "rank_param_checksums": param_checksums(engine.module),
         "step": state["step"],
         "epoch": state["epoch"],
         "best_val_acc": state["best_acc"],

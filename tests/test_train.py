@@ -1,0 +1,212 @@
+"""The trainer on CPU: runs, checkpoints, bit-exact resume, SIGTERM, NaN stop, exact eval, export/predict, bf16."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastfilm import checkpoint as ckpt
+from fastfilm.config import config_from_dict
+from fastfilm.train import TrainingStopped, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny synthetic CLEVR-format set and its cache (32×32 uint8 images)."""
+    from fastfilm.data import prep, synth
+
+    d = tmp_path_factory.mktemp("trainset")
+    synth.generate(
+        str(d / "clevr"),
+        train_images=16,
+        val_images=6,
+        test_images=2,
+        questions_per_image=3,
+        seed=0,
+        workers=1,
+    )
+    prep.prepare(str(d / "clevr"), str(d / "cache"), image_size=32, workers=1)
+    return d
+
+
+def tiny_config(dataset, run_dir, **train_kw):
+    raw = {
+        "model": {
+            "image_size": 32,
+            "stem_num_layers": 2,
+            "num_blocks": 2,
+            "module_dim": 8,
+            "wordvec_dim": 8,
+            "rnn_hidden_dim": 16,
+            "classifier_proj_dim": 16,
+            "classifier_fc_dims": [16],
+        },
+        "data": {"root": str(dataset / "clevr"), "cache": str(dataset / "cache"), "num_threads": 1},
+        "train": {
+            "run_dir": str(run_dir),
+            "epochs": 2,
+            "patience": 0,
+            "log_every": 2,
+            "progress": False,
+            **train_kw,
+        },
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 8,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 1e-5}},
+            "steps_per_print": 10**9,
+        },
+    }
+    return raw
+
+
+def weights(run_dir, tag="last"):
+    return load_file(os.path.join(run_dir, "checkpoints", tag, "model.safetensors"))
+
+
+def test_train_writes_run_folder_and_checkpoints(dataset, tmp_path):
+    run = tmp_path / "run"
+    summary = train(config_from_dict(tiny_config(dataset, run)))
+    assert summary["epoch"] == 2 and summary["step"] == 2 * (48 // 8)
+    assert 0.0 <= summary["best_val_acc"] <= 1.0
+    for tag in ("last", "best"):
+        ckpt.verify(str(run / "checkpoints" / tag))
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*lines)
+    assert {
+        "train/loss",
+        "train/acc",
+        "train/lr",
+        "train/questions_per_s",
+        "train/grad_norm",
+        "val/acc",
+    } <= keys
+    assert os.listdir(run / "tensorboard")
+    assert not [p for p in os.listdir(run / "checkpoints") if p.endswith((".partial", ".old"))]
+
+
+def test_resume_is_bit_exact(dataset, tmp_path):
+    # 9 steps straight vs 4 steps, stop, resume to 9 (crossing an epoch boundary at step 6 and an evaluation).
+    straight = tmp_path / "straight"
+    train(config_from_dict(tiny_config(dataset, straight, max_steps=9)))
+    split = tmp_path / "split"
+    train(config_from_dict(tiny_config(dataset, split, max_steps=4)))
+    assert json.loads((split / "checkpoints/last/trainer_state.json").read_text())["step"] == 4
+    train(config_from_dict(tiny_config(dataset, split, max_steps=9)), resume=True)
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+    sa = json.loads((straight / "checkpoints/last/trainer_state.json").read_text())
+    sb = json.loads((split / "checkpoints/last/trainer_state.json").read_text())
+    assert sa == sb
+
+
+def test_resume_without_checkpoint_is_a_clear_error(dataset, tmp_path):
+    from fastfilm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        train(config_from_dict(tiny_config(dataset, tmp_path / "none")), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    import fastfilm.data as data
+
+    real = data.build_loader
+
+    class Poisoned:
+        def __init__(self, loader):
+            self.loader = loader
+            self.num_questions = loader.num_questions
+
+        def __len__(self):
+            return len(self.loader)
+
+        def epoch(self, epoch, start_batch=0):
+            for i, b in enumerate(self.loader.epoch(epoch, start_batch)):
+                if epoch == 1 and i == 2:
+                    b = dict(b, image=torch.full_like(b["image"], float("nan")))
+                yield b
+
+    def build(cache, split, *a, **k):
+        loader = real(cache, split, *a, **k)
+        return Poisoned(loader) if split == "train" else loader
+
+    monkeypatch.setattr(data, "build_loader", build)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match="non-finite loss"):
+        train(config_from_dict(tiny_config(dataset, run, epochs=3)))
+    folder = str(run / "checkpoints" / "last")
+    ckpt.verify(folder)  # the epoch-1 checkpoint, intact
+    state = json.loads(open(os.path.join(folder, "trainer_state.json")).read())
+    assert state["step"] == 6
+    assert all(torch.isfinite(t).all() for t in weights(run).values() if t.is_floating_point())
+
+
+def test_bf16_autocast_trains_with_float32_bn_stats(dataset, tmp_path):
+    raw = tiny_config(dataset, tmp_path / "bf16", max_steps=3)
+    raw["deepspeed"]["bf16"] = {"enabled": True}
+    train(config_from_dict(raw))
+    w = weights(tmp_path / "bf16")
+    assert w["net.blocks.0.bn1.running_mean"].dtype == torch.float32
+    assert w["net.blocks.0.conv1.weight"].dtype == torch.float32  # master weights stay float32
+    assert not torch.equal(
+        w["net.blocks.0.bn1.running_var"], torch.ones_like(w["net.blocks.0.bn1.running_var"])
+    )
+
+
+def test_eval_count_exact_export_and_predict(dataset, tmp_path):
+    from fastfilm.cli import main as cli
+
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_config(dataset, run, epochs=1)))
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--checkpoint", str(run), "--split", "val", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["total"] == 18  # 6 val images × 3 questions: every question once, none twice
+    assert sum(f["total"] for f in result["families"].values()) == 18
+    exported = tmp_path / "model"
+    assert cli(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0
+    assert sorted(os.listdir(exported)) == ["config.json", "model.safetensors", "vocab.json"]
+    img = dataset / "clevr" / "images" / "val" / "CLEVR_val_000000.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastfilm", "predict", "--model", str(exported), "--image", str(img),
+         "--question", "How many red cubes are there?"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 5
+    probs = [float(r[-1]) for r in rows]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
+    run = tmp_path / "sig"
+    cfg = tmp_path / "sig.json"
+    cfg.write_text(json.dumps(tiny_config(dataset, run, epochs=1000)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "fastfilm/train.py", "--config", str(cfg)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "signal SIGTERM" in out
+    ckpt.verify(str(run / "checkpoints" / "last"))
+    state = json.loads((run / "checkpoints/last/trainer_state.json").read_text())
+    assert state["step"] >= 4
