@@ -115,20 +115,47 @@ def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float)
     return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
 
 
-def param_checksums(module: torch.nn.Module) -> list[float]:
-    """One checksum of the parameters and buffers per rank (equal on every rank when ranks are in step)."""
+def sync_bn_buffers(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (each rank's come from its own shard of the data).
+
+    Parameters stay identical through the gradient all-reduce; buffers do not, so evaluation and checkpoints
+    would otherwise depend on the rank. Called before every evaluation and save.
+    """
     import torch.distributed as dist
 
-    total = torch.zeros(1, dtype=torch.float64)
-    for i, t in enumerate(module.state_dict().values()):
-        if t.is_floating_point():
-            total += (t.detach().double().cpu().flatten() * (1 + (i % 7))).sum()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [float(total)]
-    dev = next(module.parameters()).device
-    out = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, total.to(dev))
-    return [float(t) for t in out]
+        return
+    world = dist.get_world_size()
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf.div_(world)
+
+
+def param_checksums(module: torch.nn.Module) -> dict[str, list[float]]:
+    """Per rank, one checksum of the parameters and one of the buffers (equal on every rank when in step)."""
+    import torch.distributed as dist
+
+    def checksum(tensors) -> torch.Tensor:
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, t in enumerate(tensors):
+            if t.is_floating_point():
+                v = t.detach().double().cpu().flatten()
+                total += torch.stack([v.sum(), (v * (1 + (i % 7))).abs().sum()])
+        return total
+
+    local = torch.cat([checksum(module.parameters()), checksum(module.buffers())])
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        gathered = [local]
+    else:
+        dev = next(module.parameters()).device
+        gathered = [torch.zeros_like(local, device=dev) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local.to(dev))
+    return {
+        "parameters": [float(g[0] + g[1]) for g in gathered],
+        "buffers": [float(g[2] + g[3]) for g in gathered],
+    }
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -220,6 +247,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return bool(t.item() > 0)
 
     def run_eval() -> dict[str, Any]:
+        sync_bn_buffers(engine.module)
         result = evaluate(
             engine.module,
             val_loader,
@@ -232,6 +260,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return result
 
     def save(tag: str) -> None:
+        sync_bn_buffers(engine.module)
         ckpt.save(engine, ckpt_dir, tag, state, cfg, vocab)
 
     reason = "max epochs"

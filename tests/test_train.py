@@ -18,25 +18,6 @@ from fastfilm.train import TrainingStopped, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A tiny synthetic CLEVR-format set and its cache (32×32 uint8 images)."""
-    from fastfilm.data import prep, synth
-
-    d = tmp_path_factory.mktemp("trainset")
-    synth.generate(
-        str(d / "clevr"),
-        train_images=16,
-        val_images=6,
-        test_images=2,
-        questions_per_image=3,
-        seed=0,
-        workers=1,
-    )
-    prep.prepare(str(d / "clevr"), str(d / "cache"), image_size=32, workers=1)
-    return d
-
-
 def tiny_config(dataset, run_dir, **train_kw):
     raw = {
         "model": {
@@ -65,6 +46,12 @@ def tiny_config(dataset, run_dir, **train_kw):
         },
     }
     return raw
+
+
+def clean_env():
+    """The environment for a child training process, without the rendezvous variables of in-process runs."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK"}
+    return {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONUNBUFFERED": "1"}
 
 
 def weights(run_dir, tag="last"):
@@ -193,7 +180,7 @@ def test_sigterm_saves_and_exits_cleanly(dataset, tmp_path):
     run = tmp_path / "sig"
     cfg = tmp_path / "sig.json"
     cfg.write_text(json.dumps(tiny_config(dataset, run, epochs=1000)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = clean_env()
     proc = subprocess.Popen(
         [sys.executable, "fastfilm/train.py", "--config", str(cfg)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
