@@ -30,6 +30,8 @@ $(STAMP): setup.py pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev,analysis]'
+	@# DeepSpeed JIT-builds a small C++ op on its first init on a CPU (~1 min); build it once here, cached.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
 	@touch $(STAMP)
 
 data: $(STAMP)

@@ -89,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from fastfilm.checkpoint import CheckpointError
     from fastfilm.config import ConfigError
+    from fastfilm.data import DataError
 
     try:
         if args.command == "train":
@@ -122,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return analyze.run(args)
     except ConfigError as e:
         print(f"fastfilm: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"fastfilm: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"fastfilm: checkpoint error: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2

@@ -1,0 +1,338 @@
+"""The DALI loader: batches of (image, question, length, answer, family, index) from a `fastfilm prep` cache.
+
+One `fn.external_source` (batch mode, with `batch_info`) feeds the question-side arrays and the image data of
+a batch together, so the two always belong to the same questions; DALI does the image work:
+
+- `image_source="cache"`: the memory-mapped uint8 `{split}_images_{S}.npy` (written by `prep --image-size S`)
+  → `fn.crop_mirror_normalize` to float32 CHW, pixels / 255 (no ImageNet normalisation, like the original's
+  raw-pixel model).
+- `image_source="png"`: the encoded PNG bytes from the CLEVR folder → `fn.decoders.image` (RGB; "mixed" on a
+  GPU) → `fn.resize` to S×S, cubic → the same normalisation. Close to, not bit-identical with, the cache's PIL
+  bicubic resize.
+- `image_source="features"`: a memory-mapped `{split}_features.npy` in the cache, float16 (or float32)
+  [num_images, C, H, W], row = image index, that you provide — e.g. from the original
+  `scripts/extract_features.py` (ResNet-101 up to layer3 → 1024×14×14): `np.save(f"{cache}/{split}_features.npy",
+  h5py.File("train_features.h5")["features"][:].astype(np.float16))`. Cast to float32.
+
+Order and sharding: an epoch is a permutation of all of the split's questions seeded by (seed, epoch) (or the
+file order with `shuffle=False`); shard `s` of `n` takes the contiguous slice `[s·Q/n, (s+1)·Q/n)` of it.
+Training (`drop_last=True`) cuts every shard to `floor(Q / (batch_size·n))` full batches, so all ranks run
+the same number of steps; evaluation (`drop_last=False`) yields every question exactly once across the shards,
+the last batch of a shard partial. Questions are padded with 0 to the longest in each batch.
+
+Why batch mode: in per-sample mode DALI's external source silently dropped a shard's last partial batch; a
+batch-mode source returning a short last batch, read until it raises StopIteration, gives every sample once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from fastfilm.data import DataError
+from fastfilm.data.prep import PNG_SIGNATURE, image_cache_file, images_dir, load_split, load_vocab
+
+OUTPUTS = ("image", "question", "length", "answer", "family", "index")
+IMAGE_SOURCES = ("cache", "png", "features")
+DALI_HINT = "install nvidia-dali-cuda130 (pip install nvidia-dali-cuda130)"
+
+
+def _dali():
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise ImportError(f"the fastfilm loader needs NVIDIA DALI: {DALI_HINT} ({e})") from e
+    return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
+
+
+class _Source:
+    """The external_source callback: batch k of this shard's epoch plan → the six outputs (numpy)."""
+
+    def __init__(self, loader: Loader, rows: np.ndarray, start_batch: int):
+        self.l = loader
+        self.rows = rows
+        self.start = start_batch
+
+    def __call__(self, info) -> tuple:
+        k = self.start + info.iteration
+        b = self.l.batch_size
+        rows = self.rows[k * b : (k + 1) * b]
+        if k < 0 or len(rows) == 0:
+            raise StopIteration
+        a = self.l.arrays
+        lengths = a["lengths"][rows]
+        question = np.ascontiguousarray(a["questions"][rows, : int(lengths.max())], dtype=np.int64)
+        images = self.l.read_images(a["image_index"][rows])
+        return (
+            images,
+            question,
+            lengths.astype(np.int64),
+            a["answers"][rows].astype(np.int64),
+            a["family"][rows].astype(np.int64),
+            rows.astype(np.int64),
+        )
+
+
+class Loader:
+    """A split of a prepared cache as DALI batches; see `build_loader`."""
+
+    def __init__(
+        self,
+        cache_dir: str,
+        split: str,
+        batch_size: int,
+        *,
+        image_source: str = "cache",
+        clevr_dir: str | None = None,
+        image_size: int = 224,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device_id: int | None = None,
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ):
+        _dali()  # fail early, with the install hint
+        if image_source not in IMAGE_SOURCES:
+            raise ValueError(f"image_source must be one of {IMAGE_SOURCES}, got {image_source!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
+            raise ValueError(
+                f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}"
+            )
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.cache_dir, self.split, self.batch_size = cache_dir, split, batch_size
+        self.image_source, self.image_size = image_source, image_size
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.device_id, self.num_threads, self.prefetch = device_id, max(1, num_threads), max(1, prefetch)
+        self.vocab = load_vocab(cache_dir)
+        self.arrays = load_split(cache_dir, split, vocab_hash=self.vocab["hash"])
+        self.total = len(self.arrays["answers"])
+        num_images = len(self.arrays["image_files"])
+
+        self._images: np.ndarray | None = None
+        self._folder: str | None = None
+        if image_source == "cache":
+            path = image_cache_file(cache_dir, split, image_size)
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{path}: no {image_size}px image cache (run `fastfilm prep --image-size {image_size}` "
+                    "or use image_source='png')"
+                )
+            self._images = self._memmap(path, num_images)
+            if self._images.dtype != np.uint8 or self._images.shape[1:] != (image_size, image_size, 3):
+                raise DataError(
+                    f"{path}: expected uint8 [N, {image_size}, {image_size}, 3], found "
+                    f"{self._images.dtype} {list(self._images.shape)}"
+                )
+        elif image_source == "features":
+            path = os.path.join(cache_dir, f"{split}_features.npy")
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{path}: not found (image_source='features' reads features you extract; see "
+                    "fastfilm/data/loader.py)"
+                )
+            self._images = self._memmap(path, num_images)
+            if self._images.ndim != 4 or self._images.dtype not in (np.float16, np.float32):
+                raise DataError(
+                    f"{path}: expected float16/float32 [N, C, H, W], found "
+                    f"{self._images.dtype} {list(self._images.shape)}"
+                )
+        else:
+            if clevr_dir is None:
+                try:
+                    with open(os.path.join(cache_dir, "manifest.json"), encoding="utf-8") as f:
+                        clevr_dir = json.load(f)["clevr_dir"]
+                except (OSError, ValueError, KeyError):
+                    raise DataError(
+                        f"{cache_dir}: image_source='png' needs clevr_dir (no manifest.json)"
+                    ) from None
+            self._folder = images_dir(clevr_dir, split)
+            if not os.path.isdir(self._folder):
+                raise DataError(f"{self._folder}: images folder not found")
+
+        q, b, n = self.total, batch_size, num_shards
+        self.steps = q // (b * n) if drop_last else None
+        lo, hi = q * shard_id // n, q * (shard_id + 1) // n
+        self.num_questions = self.steps * b if drop_last else hi - lo
+        self.num_batches = -(-self.num_questions // b)
+
+    def _memmap(self, path: str, num_images: int) -> np.ndarray:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read ({e})") from None
+        if arr.shape[0] < num_images:
+            raise DataError(
+                f"{path}: {arr.shape[0]} rows, but the {self.split} questions use {num_images} images"
+            )
+        return arr
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def rows(self, epoch: int) -> np.ndarray:
+        """The question rows (indices into the split) this shard yields in `epoch`, in order."""
+        q, n = self.total, self.num_shards
+        order = np.random.default_rng([self.seed, epoch]).permutation(q) if self.shuffle else np.arange(q)
+        lo, hi = q * self.shard_id // n, q * (self.shard_id + 1) // n
+        return order[lo:hi][: self.num_questions]
+
+    def read_images(self, image_index: np.ndarray) -> Any:
+        """The image data of a batch as the pipeline's source gets it."""
+        if self._images is not None:
+            return np.ascontiguousarray(self._images[image_index])
+        out = []
+        files = self.arrays["image_files"]
+        for i in image_index:
+            path = os.path.join(self._folder, str(files[i]))
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror})") from None
+            if data.size < 8 or data[:8].tobytes() != PNG_SIGNATURE:
+                raise DataError(f"{path}: not a PNG file" if data.size else f"{path}: zero-byte file")
+            out.append(data)
+        return out
+
+    def _pipeline(self, source: _Source):
+        fn, pipeline_def, types, _, _ = _dali()
+        gpu = self.device_id is not None
+        kind = self.image_source
+        layout = {"cache": "HWC", "png": None, "features": "CHW"}[kind]
+
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch,
+        )
+        def pipe():
+            image, *rest = fn.external_source(
+                source=source,
+                num_outputs=len(OUTPUTS),
+                batch=True,
+                batch_info=True,
+                layout=[layout, None, None, None, None, None],
+            )
+            if kind == "png":
+                image = fn.decoders.image(image, device="mixed" if gpu else "cpu", output_type=types.RGB)
+                image = fn.resize(
+                    image,
+                    resize_x=self.image_size,
+                    resize_y=self.image_size,
+                    interp_type=types.INTERP_CUBIC,
+                    antialias=True,
+                )
+            elif gpu:
+                image = image.gpu()
+            if kind == "features":
+                image = fn.cast(image, dtype=types.FLOAT)
+            else:
+                image = fn.crop_mirror_normalize(
+                    image, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0]
+                )
+            return (image, *rest)
+
+        return pipe()
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` on this shard, from batch `start_batch` (earlier batches are not read).
+
+        Each batch: image float32 [B, 3, S, S] (or features [B, C, H, W]), question int64 [B, L] padded with 0
+        to the batch's longest, and int64 [B] length, answer (-1 where none), family, index (row in the split).
+        Tensors are on the GPU for the image when `device_id` is set, else on the CPU.
+        """
+        _, _, _, DALIGenericIterator, LastBatchPolicy = _dali()
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"epoch and start_batch must be non-negative, got {epoch}, {start_batch}")
+        if start_batch >= self.num_batches:
+            return
+        rows = self.rows(epoch)
+        pipe = self._pipeline(_Source(self, rows, start_batch))
+        it = None
+        done = start_batch
+        try:
+            try:
+                it = DALIGenericIterator(
+                    pipe, list(OUTPUTS), last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
+                )
+                for out in it:
+                    done += 1
+                    yield out[0]
+            except RuntimeError as e:
+                if self._folder is None:
+                    raise
+                # DALI names no file: find the undecodable one(s) among the batches in flight.
+                ahead = rows[done * self.batch_size : (done + self.prefetch + 1) * self.batch_size]
+                raise DataError(self._find_bad_pngs(ahead, e)) from e
+        finally:
+            del it, pipe
+
+    def _find_bad_pngs(self, rows: np.ndarray, error: Exception) -> str:
+        from fastfilm.data.prep import load_image
+
+        bad = []
+        for i in sorted(set(self.arrays["image_index"][rows].tolist())):
+            path = os.path.join(self._folder, str(self.arrays["image_files"][i]))
+            try:
+                load_image(path, None)
+            except Exception as e:  # any decode failure: name the file
+                bad.append(f"{path}: cannot decode ({type(e).__name__}: {e})")
+        lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+        after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines) - 1
+        first = lines[after] if 0 <= after < len(lines) else type(error).__name__
+        if not bad:
+            return f"{self._folder}: DALI failed on a batch of images ({first})"
+        return "\n".join(bad) + f"\n(DALI: {first})"
+
+
+def build_loader(
+    cache_dir: str,
+    split: str,
+    batch_size: int,
+    *,
+    image_source: str = "cache",
+    clevr_dir: str | None = None,
+    image_size: int = 224,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+) -> Loader:
+    """A DALI loader over one split of a `fastfilm prep` cache (see the module docstring).
+
+    `len(loader)` is the number of batches per epoch on this shard, `loader.num_questions` the questions it
+    yields per epoch; iterate with `for batch in loader.epoch(epoch, start_batch=0)`. Vocabulary sizes:
+    `len(loader.vocab["question_token_to_idx"])`, `len(loader.vocab["answer_token_to_idx"])` (or `load_vocab`).
+    """
+    return Loader(
+        cache_dir,
+        split,
+        batch_size,
+        image_source=image_source,
+        clevr_dir=clevr_dir,
+        image_size=image_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        device_id=device_id,
+        num_threads=num_threads,
+        prefetch=prefetch,
+    )

@@ -1,0 +1,682 @@
+"""`fastfilm prep`: tokenise a CLEVR-format folder into a cache the DALI loader reads.
+
+Cache layout (`out_dir/`):
+
+- `vocab.json`: `question_token_to_idx`, `answer_token_to_idx` (both start with `<NULL> <START> <END> <UNK>`, as
+  in the original code: CLEVR's 28 answers become 32 ids), `question_family_names` (family index → name), and
+  `hash`, a content hash of the two vocabularies. Built from the TRAIN split only.
+- `{split}_questions.npz`: `questions` int32 [Q, L] (`<START> … <END>` padded with 0 to the split's longest),
+  `lengths` int32 [Q], `answers` int32 [Q] (-1 where the split has none, e.g. CLEVR's test), `image_index`,
+  `family` (-1 where unknown), `question_index` (int32 [Q]), `image_files` (str [num_images]: the file of each
+  image row) and `vocab_hash` (the vocabulary the ids belong to).
+- `{split}_images_{N}.npy` (with `--image-size N`): uint8 [num_images, N, N, 3], RGB (alpha dropped), resized
+  bicubic with PIL like the original (`scipy.misc.imresize`, which is PIL); row = `image_index`. Rows no
+  question refers to stay zero. Memory-mappable (`np.load(..., mmap_mode="r")`).
+- `manifest.json`: source file sizes/mtimes, options and versions; a rerun with nothing changed is a no-op.
+- `{split}_features.npy` is NOT written here: the "features" image source reads one you provide (see
+  `fastfilm.data.loader`).
+
+Input problems and what happens:
+
+- missing CLEVR folder, questions file, or images folder; a questions file that is not JSON, lacks the
+  `questions` list, or has a question with a missing/ill-typed field; a split with no questions: `DataError`
+  naming the file (and the question's position).
+- a question naming an image file that does not exist: the question is skipped, counted and reported.
+- a word not in the (train) vocabulary: encoded as `<UNK>`, counted and reported.
+- an answer not in the (train) answer vocabulary: encoded as `<UNK>` (id 3, never a training target), counted
+  and reported; the question stays, so accuracy is still over the whole split (such a question cannot be
+  answered right). The original code would stop with a KeyError.
+- an image that is zero-byte, not a PNG, truncated/corrupt, grayscale/palette, 16-bit, or not 480×320:
+  `DataError` listing the files (up to 10) and how many. PNG headers are always checked; with `--image-size`
+  every image is fully decoded too. RGBA (CLEVR's format) and RGB are fine.
+
+All files are written to a temp file and renamed into place, so a killed run leaves the old cache readable;
+each split's file records the vocabulary hash, so a cache mixing two vocabularies is detected on load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fastfilm.data import DataError
+from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK, build_vocab, encode_tokens, tokenize, vocab_hash
+
+FORMAT_VERSION = 1
+CLEVR_SIZE = (480, 320)  # width, height of every CLEVR v1.0 image
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _tmp(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def _replace(tmp: str, path: str) -> None:
+    """Rename a finished temp file into place (one call, so tests can simulate a kill here)."""
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any, temps: list[str]) -> str:
+    tmp = _tmp(path)
+    temps.append(tmp)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    return tmp
+
+
+def _clean_stale_temps(out_dir: str) -> None:
+    """Remove temp files left by killed runs (their process is gone)."""
+    for name in os.listdir(out_dir):
+        m = re.search(r"\.tmp-(\d+)$", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        alive = pid != os.getpid()
+        if alive:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                pass
+        if not alive:
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
+
+
+def _file_fp(path: str) -> dict[str, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _dir_listing(folder: str) -> tuple[set[str], dict[str, int]]:
+    """The PNG file names of a folder and a fingerprint (count, total size, newest mtime)."""
+    names: set[str] = set()
+    total, newest = 0, 0
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.endswith(".png") and e.is_file():
+                names.add(e.name)
+                st = e.stat()
+                total += st.st_size
+                newest = max(newest, st.st_mtime_ns)
+    return names, {"count": len(names), "size": total, "mtime_ns": newest}
+
+
+def questions_path(clevr_dir: str, split: str) -> str:
+    """Where CLEVR keeps a split's questions."""
+    return os.path.join(clevr_dir, "questions", f"CLEVR_{split}_questions.json")
+
+
+def images_dir(clevr_dir: str, split: str) -> str:
+    """Where CLEVR keeps a split's images."""
+    return os.path.join(clevr_dir, "images", split)
+
+
+def split_file(cache_dir: str, split: str) -> str:
+    """The cache file of a split's encoded questions."""
+    return os.path.join(cache_dir, f"{split}_questions.npz")
+
+
+def image_cache_file(cache_dir: str, split: str, size: int) -> str:
+    """The cache file of a split's resized images."""
+    return os.path.join(cache_dir, f"{split}_images_{size}.npy")
+
+
+# ------------------------------------------------------------------------------------------------ questions
+def _kind(v: Any) -> str:
+    return type(v).__name__
+
+
+def read_questions(path: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Parse and validate a CLEVR questions file: (questions as checked dicts, the file's `info`)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: questions file not found (prepare other splits with --splits)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+        raise DataError(f'{path}: expected an object with a "questions" list (CLEVR v1.0 format)')
+    info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
+    out = []
+    for i, q in enumerate(doc["questions"]):
+        where = f"{path}: question {i}"
+        if not isinstance(q, dict):
+            raise DataError(f"{where}: expected an object, found {_kind(q)}")
+        for key, types, required in (
+            ("question", (str,), True),
+            ("image_index", (int,), True),
+            ("answer", (str,), False),
+            ("question_family_index", (int,), False),
+            ("question_index", (int,), False),
+            ("image_filename", (str,), False),
+        ):
+            if key not in q:
+                if required:
+                    raise DataError(f"{where}: missing field '{key}'")
+                continue
+            v = q[key]
+            if not isinstance(v, types) or isinstance(v, bool):
+                raise DataError(
+                    f"{where}: field '{key}' must be {types[0].__name__}, found {_kind(v)} {v!r:.40}"
+                )
+        if q["image_index"] < 0:
+            raise DataError(f"{where}: image_index {q['image_index']} is negative")
+        name = q.get("image_filename", f"CLEVR_{split}_{q['image_index']:06d}.png")
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise DataError(f"{where}: image_filename {name!r} is not a plain file name")
+        program = q.get("program")
+        ftype = None
+        if isinstance(program, list) and program and isinstance(program[-1], dict):
+            ftype = program[-1].get("function", program[-1].get("type"))
+        out.append(
+            {
+                "question": q["question"],
+                "answer": q.get("answer"),
+                "image_index": q["image_index"],
+                "family": q.get("question_family_index", -1),
+                "question_index": q.get("question_index", i),
+                "image_filename": name,
+                "type": ftype if isinstance(ftype, str) else None,
+            }
+        )
+    return out, info
+
+
+def family_names(questions: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, str]:
+    """Family index → name: `info["question_families"]` (fastfilm synth) or, for real CLEVR, the question type
+    of `CLEVR_eval_with_q_type.py` (the last program function, e.g. `count`, `equal_color`; several families
+    share one type, and evaluation then reports per type, as that script does)."""
+    names = info.get("question_families")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return {str(i): n for i, n in enumerate(names)}
+    by_family: dict[int, Counter] = {}
+    for q in questions:
+        if q["family"] >= 0:
+            by_family.setdefault(q["family"], Counter())[q["type"] or f"family_{q['family']}"] += 1
+    return {str(f): c.most_common(1)[0][0] for f, c in sorted(by_family.items())}
+
+
+def make_vocab(train: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """The vocabulary of a train split (questions and answers), with family names and its hash."""
+    q2i = build_vocab(tokenize(q["question"]) for q in train)
+    a2i = build_vocab([q["answer"]] for q in train if q["answer"] is not None)
+    return {
+        "format": FORMAT_VERSION,
+        "question_token_to_idx": q2i,
+        "answer_token_to_idx": a2i,
+        "question_family_names": family_names(train, info),
+        "hash": vocab_hash(q2i, a2i),
+    }
+
+
+def encode_split(
+    questions: list[dict[str, Any]], vocab: dict[str, Any], present: set[str] | None, where: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays of a split (see the module docstring) and its counts (skips, unknown words and answers)."""
+    q2i, a2i = vocab["question_token_to_idx"], vocab["answer_token_to_idx"]
+    unk = a2i.get(UNK, SPECIAL_TOKENS[UNK])
+    ids, answers, image_index, family, qindex = [], [], [], [], []
+    files: dict[int, str] = {}
+    missing: list[str] = []
+    unknown_words = Counter()
+    unknown_answers = Counter()
+    n_unk_q = 0
+    no_answer = 0
+    for i, q in enumerate(questions):
+        if present is not None and q["image_filename"] not in present:
+            missing.append(f"question {i} → {q['image_filename']}")
+            continue
+        prev = files.setdefault(q["image_index"], q["image_filename"])
+        if prev != q["image_filename"]:
+            raise DataError(
+                f"{where}: question {i}: image_index {q['image_index']} names {q['image_filename']}, an earlier "
+                f"question names {prev} for the same index"
+            )
+        toks = tokenize(q["question"])
+        row, n_unknown = encode_tokens(toks, q2i)
+        if n_unknown:
+            n_unk_q += 1
+            unknown_words.update(t for t in toks if t not in q2i)
+        ids.append(row)
+        if q["answer"] is None:
+            answers.append(-1)
+            no_answer += 1
+        elif q["answer"] in a2i:
+            answers.append(a2i[q["answer"]])
+        else:
+            answers.append(unk)
+            unknown_answers[q["answer"]] += 1
+        image_index.append(q["image_index"])
+        family.append(q["family"])
+        qindex.append(q["question_index"])
+    if not ids:
+        detail = f" ({len(missing)} skipped: their images are missing)" if missing else ""
+        raise DataError(f"{where}: the split has no usable questions{detail}")
+    if no_answer and no_answer != len(ids):
+        raise DataError(f"{where}: {no_answer} of {len(ids)} questions have no 'answer' (all or none must)")
+    max_len = max(len(r) for r in ids)
+    qs = np.zeros((len(ids), max_len), np.int32)
+    for r, row in enumerate(ids):
+        qs[r, : len(row)] = row
+    num_images = max(files) + 1
+    image_files = [files.get(i, "") for i in range(num_images)]
+    arrays = {
+        "questions": qs,
+        "lengths": np.array([len(r) for r in ids], np.int32),
+        "answers": np.array(answers, np.int32),
+        "image_index": np.array(image_index, np.int32),
+        "family": np.array(family, np.int32),
+        "question_index": np.array(qindex, np.int64),
+        "image_files": np.array(image_files, dtype=f"<U{max(1, max(len(s) for s in image_files))}"),
+        "vocab_hash": np.array(vocab["hash"]),
+    }
+    stats = {
+        "questions": len(ids),
+        "max_length": int(max_len),
+        "images": num_images,
+        "images_referenced": len(files),
+        "skipped_missing_image": len(missing),
+        "skipped_examples": missing[:5],
+        "questions_with_unknown_words": n_unk_q,
+        "unknown_words": dict(unknown_words.most_common(20)),
+        "unknown_answers": dict(unknown_answers.most_common(20)),
+        "questions_with_unknown_answer": sum(unknown_answers.values()),
+        "has_answers": no_answer == 0,
+    }
+    return arrays, stats
+
+
+# ------------------------------------------------------------------------------------------------ images
+def check_png_header(path: str) -> str | None:
+    """Why a file is not an 8-bit RGB/RGBA 480×320 PNG (from its IHDR chunk), or None if it looks fine."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    if not head:
+        return "zero-byte file"
+    if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return "not a PNG file"
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, ctype = head[24], head[25]
+    if ctype not in (2, 6):
+        return f"{_COLOR_TYPES.get(ctype, f'color type {ctype}')} PNG (expected RGB or RGBA)"
+    if depth != 8:
+        return f"{depth}-bit PNG (expected 8 bits per channel)"
+    if (w, h) != CLEVR_SIZE:
+        return f"{w}×{h} pixels (expected CLEVR's {CLEVR_SIZE[0]}×{CLEVR_SIZE[1]})"
+    return None
+
+
+def load_image(path: str, size: int | None) -> np.ndarray:
+    """An image as uint8 RGB [H, W, 3], resized to size×size with PIL bicubic (the original's resize) if given."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    if size is not None:
+        rgb = rgb.resize((size, size), Image.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _image_job(job: tuple[str, list[tuple[int, str]], int | None]) -> list[tuple[int, Any]]:
+    """Worker: check (and, with a size, decode and resize) images; (row, array or None) or (row, error)."""
+    folder, items, size = job
+    out: list[tuple[int, Any]] = []
+    for row, name in items:
+        path = os.path.join(folder, name)
+        try:
+            why = check_png_header(path)
+            if why is None and size is not None:
+                out.append((row, load_image(path, size)))
+                continue
+        except Exception as e:  # a corrupt or truncated file: report it, never crash the worker
+            why = f"cannot decode ({type(e).__name__}: {e})"
+        out.append((row, why if why is not None else None))
+    return out
+
+
+def _pool(workers: int):
+    import multiprocessing as mp
+
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
+
+
+def process_images(
+    folder: str,
+    image_files: Sequence[str],
+    size: int | None,
+    workers: int,
+    dest: np.ndarray | None,
+    desc: str,
+) -> None:
+    """Check every named image (and with `size` write its resized pixels into `dest[row]`), in parallel.
+
+    Raises DataError listing the bad files; never leaves a worker crashed or a pool running.
+    """
+    from tqdm import tqdm
+
+    items = [(r, n) for r, n in enumerate(image_files) if n]
+    step = 16 if size is not None else 512
+    jobs = [(folder, items[i : i + step], size) for i in range(0, len(items), step)]
+    bad: list[str] = []
+    pool = _pool(workers) if workers > 1 and len(jobs) > 1 else None
+    bar = tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    try:
+        results = pool.imap_unordered(_image_job, jobs) if pool is not None else map(_image_job, jobs)
+        for res in results:
+            for row, value in res:
+                if isinstance(value, str):
+                    bad.append(f"{os.path.join(folder, image_files[row])}: {value}")
+                elif value is not None and dest is not None:
+                    dest[row] = value
+            bar.update(len(res))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if bad:
+        bad.sort()
+        more = f"\n  … and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{len(bad)} bad image(s) in {folder}:\n  " + "\n  ".join(bad[:10]) + more)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_vocab(cache_dir: str) -> dict[str, Any]:
+    """The cache's vocabulary (`question_token_to_idx`, `answer_token_to_idx`, `question_family_names`, `hash`).
+
+    The model's sizes are `len(v["question_token_to_idx"])` and `len(v["answer_token_to_idx"])`.
+    """
+    path = os.path.join(cache_dir, "vocab.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (run `fastfilm prep --clevr DIR --out {cache_dir}` first)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            v = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    for key in ("question_token_to_idx", "answer_token_to_idx", "hash"):
+        if key not in v:
+            raise DataError(f"{path}: missing '{key}' (rerun fastfilm prep)")
+    if vocab_hash(v["question_token_to_idx"], v["answer_token_to_idx"]) != v["hash"]:
+        raise DataError(
+            f"{path}: the vocabulary does not match its hash (edited or corrupt; rerun fastfilm prep)"
+        )
+    v.setdefault("question_family_names", {})
+    return v
+
+
+def load_split(cache_dir: str, split: str, *, vocab_hash: str | None = None) -> dict[str, np.ndarray]:
+    """A split's arrays (see the module docstring), checked against the cache's vocab.json (or `vocab_hash`)."""
+    path = split_file(cache_dir, split)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found (run `fastfilm prep --splits {split}` on the CLEVR folder)")
+    expected = vocab_hash or load_vocab(cache_dir)["hash"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e}); rerun fastfilm prep") from None
+    got = str(arrays.pop("vocab_hash", ""))
+    if got != expected:
+        source = "the expected vocabulary" if vocab_hash else os.path.join(cache_dir, "vocab.json")
+        raise DataError(
+            f"{path} was encoded with vocabulary {got[:12] or '?'}…, but {source} is {expected[:12]}… "
+            "(questions prepared with another vocabulary); rerun fastfilm prep"
+        )
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def _versions() -> dict[str, str]:
+    import PIL
+
+    return {"format": str(FORMAT_VERSION), "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def prepare(
+    clevr_dir: str,
+    out_dir: str,
+    *,
+    image_size: int | None = None,
+    workers: int | None = None,
+    splits: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, Any]:
+    """Build (or bring up to date) the cache of a CLEVR-format folder; returns a summary of what it did."""
+    t0 = time.time()
+    splits = list(dict.fromkeys(splits))
+    if not splits:
+        raise DataError("prep: no splits given")
+    for s in splits:
+        if not _SPLIT_RE.match(s):
+            raise DataError(f"prep: bad split name {s!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"prep: --image-size must be a positive integer, got {image_size!r}")
+    if not os.path.isdir(clevr_dir):
+        raise DataError(
+            f"{clevr_dir}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
+        )
+    workers = max(1, workers or os.cpu_count() or 1)
+    os.makedirs(out_dir, exist_ok=True)
+    _clean_stale_temps(out_dir)
+
+    vocab_split = next((s for s in splits if s.startswith("train")), None)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("versions") != _versions() or not isinstance(old.get("splits"), dict):
+            old = {}
+    except (OSError, ValueError):
+        old = {}
+
+    # What the inputs look like now.
+    src: dict[str, dict[str, Any]] = {}
+    listings: dict[str, set[str]] = {}
+    for s in splits:
+        qp = questions_path(clevr_dir, s)
+        if not os.path.isfile(qp):
+            raise DataError(f"{qp}: questions file not found (prepare other splits with --splits)")
+        folder = images_dir(clevr_dir, s)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: images folder not found")
+        listings[s], dir_fp = _dir_listing(folder)
+        src[s] = {"questions": _file_fp(qp), "images": dir_fp}
+    vocab_path = os.path.join(out_dir, "vocab.json")
+    vocab_src = src[vocab_split]["questions"] if vocab_split else None
+    old_vocab = old.get("vocab", {})
+    vocab_ok = os.path.isfile(vocab_path) and (vocab_split is None or old_vocab.get("source") == vocab_src)
+    if vocab_split is None and not os.path.isfile(vocab_path):
+        raise DataError(f"prep: {vocab_path} does not exist and no train split was given to build it from")
+
+    def split_ok(s: str, vhash: str | None) -> bool:
+        e = old.get("splits", {}).get(s, {})
+        return (
+            os.path.isfile(split_file(out_dir, s))
+            and e.get("source") == src[s]
+            and (vhash is None or e.get("vocab_hash") == vhash)
+            and (
+                image_size is None
+                or (
+                    os.path.isfile(image_cache_file(out_dir, s, image_size))
+                    and image_size in e.get("image_sizes", [])
+                )
+            )
+        )
+
+    if vocab_ok and all(split_ok(s, old_vocab.get("hash")) for s in splits):
+        summary = {
+            "cache": out_dir,
+            "up_to_date": True,
+            "vocab": old.get("vocab_summary", {}),
+            "splits": {s: old["splits"][s].get("stats", {}) for s in splits},
+            "written": [],
+            "seconds": round(time.time() - t0, 2),
+        }
+        return summary
+
+    temps: list[str] = []
+    commits: list[tuple[str, str]] = []  # (temp, final), renamed in this order at the very end
+    parsed: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    try:
+        if vocab_ok:
+            vocab = load_vocab(out_dir)
+        else:
+            parsed[vocab_split] = read_questions(questions_path(clevr_dir, vocab_split), vocab_split)
+            if not parsed[vocab_split][0]:
+                raise DataError(f"{questions_path(clevr_dir, vocab_split)}: the split has no questions")
+            vocab = make_vocab(*parsed[vocab_split])
+        new_manifest = {
+            "versions": _versions(),
+            "clevr_dir": os.path.abspath(clevr_dir),
+            "vocab": {"source": vocab_src if vocab_split else old_vocab.get("source"), "hash": vocab["hash"]},
+            "vocab_summary": {
+                "question_tokens": len(vocab["question_token_to_idx"]),
+                "answers": len(vocab["answer_token_to_idx"]),
+                "families": len(vocab["question_family_names"]),
+                "hash": vocab["hash"],
+                "built_from": vocab_split or old.get("vocab_summary", {}).get("built_from"),
+            },
+            "splits": {k: v for k, v in old.get("splits", {}).items() if k not in splits},
+        }
+        summary: dict[str, Any] = {
+            "cache": out_dir,
+            "up_to_date": False,
+            "vocab": new_manifest["vocab_summary"],
+            "splits": {},
+            "written": [],
+        }
+        for s in splits:
+            entry = dict(old.get("splits", {}).get(s, {}))
+            if split_ok(s, vocab["hash"]):
+                new_manifest["splits"][s] = entry
+                summary["splits"][s] = entry.get("stats", {})
+                continue
+            qp = questions_path(clevr_dir, s)
+            questions, _ = parsed.pop(s, None) or read_questions(qp, s)
+            if not questions:
+                raise DataError(f"{qp}: the split has no questions (leave it out with --splits)")
+            arrays, stats = encode_split(questions, vocab, listings[s], qp)
+            del questions
+            folder = images_dir(clevr_dir, s)
+            files = [str(x) for x in arrays["image_files"]]
+            sizes = [n for n in entry.get("image_sizes", []) if entry.get("source") == src[s]]
+            if image_size is None:
+                process_images(folder, files, None, workers, None, f"prep {s}: check images")
+            else:
+                final = image_cache_file(out_dir, s, image_size)
+                tmp = _tmp(final)
+                temps.append(tmp)
+                dest = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.uint8, shape=(len(files), image_size, image_size, 3)
+                )
+                process_images(folder, files, image_size, workers, dest, f"prep {s}: images {image_size}px")
+                dest.flush()
+                del dest
+                commits.append((tmp, final))
+                summary["written"].append(final)
+                sizes = sorted(set(sizes) | {image_size})
+                stats["image_cache"] = final
+            final = split_file(out_dir, s)
+            tmp = _tmp(final)
+            temps.append(tmp)
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            commits.insert(0, (tmp, final))
+            summary["written"].append(final)
+            summary["splits"][s] = stats
+            new_manifest["splits"][s] = {
+                "source": src[s],
+                "vocab_hash": vocab["hash"],
+                "image_sizes": sizes,
+                "stats": stats,
+            }
+        if not vocab_ok:
+            commits.append((_write_json(vocab_path, vocab, temps), vocab_path))
+            summary["written"].append(vocab_path)
+        commits.append((_write_json(manifest_path, new_manifest, temps), manifest_path))
+        for tmp, final in commits:
+            _replace(tmp, final)
+        for s_name, e in new_manifest[
+            "splits"
+        ].items():  # image caches of re-encoded splits that are now stale
+            if s_name in splits:
+                for name in os.listdir(out_dir):
+                    m = re.fullmatch(rf"{re.escape(s_name)}_images_(\d+)\.npy", name)
+                    if m and int(m.group(1)) not in e["image_sizes"]:
+                        os.remove(os.path.join(out_dir, name))
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The prep summary as console lines."""
+    if s["up_to_date"]:
+        head = f"prep: cache {s['cache']} is up to date (nothing to do)"
+    else:
+        head = f"prep: wrote {len(s['written'])} file(s) to {s['cache']} in {s['seconds']:.1f}s"
+    v = s.get("vocab", {})
+    lines = [
+        head,
+        f"  vocabulary: {v.get('question_tokens', '?')} question tokens, {v.get('answers', '?')} answer ids "
+        f"(hash {str(v.get('hash', '?'))[:12]})",
+    ]
+    for name, st in s["splits"].items():
+        if not st:
+            continue
+        line = f"  {name}: {st['questions']} questions, {st['images']} images, max length {st['max_length']}"
+        extras = []
+        if st.get("skipped_missing_image"):
+            extras.append(f"{st['skipped_missing_image']} skipped (image missing)")
+        if st.get("questions_with_unknown_words"):
+            extras.append(f"{st['questions_with_unknown_words']} with unknown words → <UNK>")
+        if st.get("questions_with_unknown_answer"):
+            extras.append(
+                f"{st['questions_with_unknown_answer']} answers not in the train vocabulary → <UNK>"
+            )
+        if not st.get("has_answers", True):
+            extras.append("no answers")
+        lines.append(line + (f" ({'; '.join(extras)})" if extras else ""))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`fastfilm prep`: prepare the cache and print what was done (or that nothing needed doing)."""
+    splits = [s.strip() for s in str(getattr(args, "splits", "train,val,test")).split(",") if s.strip()]
+    try:
+        s = prepare(args.clevr, args.out, image_size=args.image_size, workers=args.workers, splits=splits)
+    except DataError as e:
+        print(f"fastfilm: data error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(s))
+    for name, st in s["splits"].items():
+        if st.get("skipped_examples"):
+            print(f"  {name}: skipped e.g. {', '.join(st['skipped_examples'][:3])}", file=sys.stderr)
+    return 0
