@@ -171,6 +171,10 @@ class FiLMedResBlock(nn.Module):
             import kernels
 
             bn = getattr(self, "bn1", None)
+            if bn is not None and self.training:
+                bn.num_batches_tracked.add_(
+                    1
+                )  # as nn.BatchNorm2d does (the kernel updates the running stats)
             return kernels.bn_film_relu(
                 z,
                 gammas,

@@ -1,0 +1,114 @@
+"""Helpers shared by the ops: interpreter detection, dtype mapping, layout checks, launch settings.
+
+Launch settings are plain constants here so that they can be tuned on a GPU without touching the kernels. Under
+`TRITON_INTERPRET=1` (CPU development) one fixed, large-tile setting is used: the interpreter costs about a
+millisecond per program-iteration, so fewer, larger tiles are much faster there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPE = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+# Elements per tile of the BatchNorm-FiLM kernels, and programs' share of the batch in its reductions.
+BN_TILE = 16384 if INTERPRET else 2048
+BN_NUM_WARPS = 4
+BN_SAMPLES_PER_SPLIT = 64 if INTERPRET else 4  # the reductions run ceil(N / this) programs per channel block
+
+# 1×1 conv GEMMs: a small autotuned set on a GPU; under the interpreter blocks fit to the problem, up to these.
+GEMM_INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}
+GEMM_GPU_CONFIGS = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 4, 3),
+    (128, 128, 32, 8, 3),
+    (64, 64, 64, 4, 4),
+    (32, 64, 64, 4, 4),
+]
+CONV_WGRAD_SAMPLES_PER_SPLIT = 64 if INTERPRET else 8  # split-K over the batch for the weight gradient
+
+
+def gemm_tuning(m: Callable[[dict], int], n: Callable[[dict], int], k: Callable[[dict], int]):
+    """Block sizes of a GEMM kernel whose sizes M, N, K are functions of its arguments.
+
+    On a GPU: autotuned over GEMM_GPU_CONFIGS, keyed on the problem size. Under the interpreter: one block per
+    dimension sized to the problem (power of 2, at least 16 for tl.dot, at most GEMM_INTERPRET_CONFIG), since
+    its cost grows with the tile, masked or not.
+    """
+
+    def fit(size: int, cap: int) -> int:
+        return max(16, min(cap, triton.next_power_of_2(size)))
+
+    def decorate(fn):
+        if INTERPRET:
+            cap = GEMM_INTERPRET_CONFIG
+            return triton.heuristics(
+                {
+                    "BLOCK_M": lambda a: fit(m(a), cap["BLOCK_M"]),
+                    "BLOCK_N": lambda a: fit(n(a), cap["BLOCK_N"]),
+                    "BLOCK_K": lambda a: fit(k(a), cap["BLOCK_K"]),
+                }
+            )(fn)
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in GEMM_GPU_CONFIGS
+        ]
+        return triton.autotune(configs=configs, key=["C_in", "C_out", "HW"])(fn)
+
+    return decorate
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when any input is float64 (used by gradcheck)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Refuse CPU tensors unless Triton runs in its interpreter (a clear error instead of a launch failure)."""
+    for t in tensors:
+        if t is not None and t.device.type == "cpu" and not INTERPRET:
+            raise RuntimeError(
+                "kernels: impl='triton' got CPU tensors; on a machine without GPU set TRITON_INTERPRET=1 "
+                "before triton is imported, or use impl='reference'"
+            )
+
+
+def hw_stride(t: torch.Tensor, name: str) -> int:
+    """The stride of the flattened (H, W) position of a 4-D tensor [N, C, H, W].
+
+    Contiguous NCHW (stride 1), channels_last (stride C) and broadcast (stride 0) tensors qualify: their
+    element (n, c, h, w) lies at n·s_n + c·s_c + (h·W + w)·s_hw. Others are refused with an error rather than
+    silently copied.
+    """
+    _, _, h, w = t.shape
+    if h > 1 and w > 1 and t.stride(2) != w * t.stride(3):
+        raise ValueError(
+            f"kernels: {name} has strides {tuple(t.stride())}: H and W must be flattenable "
+            "(contiguous NCHW or channels_last); call .contiguous() explicitly if you mean to copy"
+        )
+    return t.stride(3) if w > 1 else t.stride(2)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True when the channel is the fastest-varying dimension (NHWC in memory)."""
+    return t.stride(1) == 1 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1
+
+
+def empty_like_layout(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty 4-D tensor in the memory layout of `like` (channels_last or contiguous NCHW)."""
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
+    return torch.empty(shape, device=like.device, dtype=dtype, memory_format=fmt)

@@ -1,0 +1,452 @@
+"""BatchNorm (affine off) → FiLM → ReLU → + residual, fused; forward and backward in Triton.
+
+Per channel c, over the batch and positions (M = N·H·W values; p runs over H·W):
+    mean_c = Σ z / M,    var_c = Σ (z − mean_c)² / M,    rstd_c = 1 / √(var_c + eps)
+    scale[n,c] = γ[n,c]·rstd_c,    shift[n,c] = β[n,c] − mean_c·scale[n,c]
+    out = r + max(scale·z + shift, 0)                              (one FMA, a max and an add per element)
+    running_mean ← (1 − m)·running_mean + m·mean_c,   running_var ← (1 − m)·running_var + m·var_c·M/(M − 1)
+Eval mode takes mean_c and var_c from the running buffers; `normalize=False` (the "no BN" ablation) uses
+scale = γ, shift = β.
+
+Backward, with x̂ = (z − mean)·rstd recomputed from z (never stored) and g = dout·[scale·z + shift > 0]:
+    dβ[n,c] = Σ_p g,    dγ[n,c] = Σ_p g·x̂,    dr = dout
+    training:  dz = rstd·(γ·g − A_c − x̂·B_c),   A_c = Σ_n γ[n,c]·dβ[n,c] / M,   B_c = Σ_n γ[n,c]·dγ[n,c] / M
+    eval:      dz = γ·rstd·g (the statistics are constants);    no BN: dz = γ·g
+
+Kernels (all statistics and sums in float32, float64 when the inputs are float64):
+    training forward   _stats_kernel (partial mean/M2 per channel and batch split, Chan's parallel combine)
+                       → _forward_kernel (combines the partials, updates the running buffers, applies)
+    eval / no-BN fwd   _forward_kernel only
+    training backward  _backward_reduce_kernel (dγ, dβ, per-split A/B partial sums) → _backward_dz_kernel
+    eval / no-BN bwd   _backward_reduce_kernel only (it writes dz in the same pass)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    BN_NUM_WARPS,
+    BN_SAMPLES_PER_SPLIT,
+    BN_TILE,
+    TL_DTYPE,
+    acc_dtype,
+    check_device,
+    empty_like_layout,
+    hw_stride,
+    is_channels_last,
+)
+
+MODE_BATCH_STATS, MODE_RUNNING_STATS, MODE_NO_NORM = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (the specification)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bn_film_relu_reference(
+    z: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Plain PyTorch: affine-free BatchNorm2d (batch or running statistics), FiLM, ReLU, + residual."""
+    x = z
+    if normalize:
+        x = F.batch_norm(z, running_mean, running_var, training=training, momentum=momentum, eps=eps)
+    out = F.relu(gamma[:, :, None, None] * x + beta[:, :, None, None])
+    if residual is not None:
+        out = residual + out
+    return out.to(z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Partial statistics of channels c over the samples of one batch split s (N_s·HW values each):
+#   tiles t of the split in order; per tile its mean m_t and M2_t = Σ (x − m_t)²;
+#   running (count k, mean μ, M2) ← Chan: δ = m_t − μ, μ += δ·n_t/(k + n_t), M2 += M2_t + δ²·k·n_t/(k + n_t).
+@triton.jit
+def _stats_kernel(
+    Z, PMEAN, PM2,
+    N, C, HW, NPS,
+    s_zn, s_zc, s_zp,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n0 = pid_s * NPS
+    n1 = tl.minimum(n0 + NPS, N)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for n in range(n0, n1):
+        base = Z + tl.cast(n, tl.int64) * s_zn + c[:, None] * s_zc
+        for p0 in range(0, HW, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = cmask[:, None] & (p < HW)[None, :]
+            x = tl.load(base + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+            cnt = tl.cast(tl.minimum(HW - p0, BLOCK_P), ACC)
+            t_mean = tl.sum(x, axis=1) / cnt
+            d = tl.where(mask, x - t_mean[:, None], 0.0)
+            t_m2 = tl.sum(d * d, axis=1)
+            seen = tl.cast((n - n0) * HW + p0, ACC)
+            delta = t_mean - mean
+            mean += delta * (cnt / (seen + cnt))
+            m2 += t_m2 + delta * delta * (seen * cnt / (seen + cnt))
+    tl.store(PMEAN + pid_s * C + c, mean, mask=cmask)
+    tl.store(PM2 + pid_s * C + c, m2, mask=cmask)
+
+
+# Combine the S split partials of channels c (split s holds n_s = min(NPS, N − s·NPS)·HW values):
+#   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M
+@triton.jit
+def _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    s = tl.arange(0, BLOCK_S)
+    smask = s < S
+    mask = smask[:, None] & cmask[None, :]
+    offs = s[:, None] * C + c[None, :]
+    p_mean = tl.load(PMEAN + offs, mask=mask, other=0.0)
+    p_m2 = tl.load(PM2 + offs, mask=mask, other=0.0)
+    cnt = tl.cast(tl.where(smask, (tl.minimum(s * NPS + NPS, N) - s * NPS) * HW, 0), ACC)
+    mean = tl.sum(cnt[:, None] * p_mean, axis=0) / M
+    d = tl.where(mask, p_mean - mean[None, :], 0.0)
+    m2 = tl.sum(p_m2 + cnt[:, None] * d * d, axis=0)
+    return mean, m2
+
+
+# out[n,c,p] = r[n,c,p] + max(scale[n,c]·z[n,c,p] + shift[n,c], 0) for one sample n, channels c, positions p.
+# MODE 0 combines the batch statistics (and the programs of sample 0, first position block, update the running
+# buffers and save mean/rstd for the backward), MODE 1 reads the running buffers, MODE 2 has scale = γ, shift = β.
+@triton.jit
+def _forward_kernel(
+    Z, R, Y, GAMMA, BETA, PMEAN, PM2, RMEAN, RVAR, MEAN, RSTD,
+    N, C, HW, S, NPS, M, momentum, eps,
+    s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp, s_gn, s_gc, s_bn, s_bc,
+    MODE: tl.constexpr, HAS_RES: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
+    beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
+    if MODE == 2:
+        scale = gamma
+        shift = beta
+    else:
+        # sample 0's first position block writes the per-channel results (a block-shaped mask: the interpreter
+        # mishandles scalar & block masks)
+        first = (0 * c + n + pid_p) == 0
+        if MODE == 0:
+            mean, m2 = _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC, BLOCK_S)
+            rstd = 1.0 / tl.sqrt(m2 / M + eps)
+            if UPDATE_RUNNING:
+                r_mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
+                r_var = tl.load(RVAR + c, mask=cmask, other=0.0).to(ACC)
+                r_mean = momentum * mean + (1.0 - momentum) * r_mean
+                r_var = momentum * (m2 / (M - 1.0)) + (1.0 - momentum) * r_var
+                tl.store(RMEAN + c, r_mean.to(RMEAN.dtype.element_ty), mask=cmask & first)
+                tl.store(RVAR + c, r_var.to(RVAR.dtype.element_ty), mask=cmask & first)
+        else:
+            mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
+            rstd = 1.0 / tl.sqrt(tl.load(RVAR + c, mask=cmask, other=1.0).to(ACC) + eps)
+        tl.store(MEAN + c, mean, mask=cmask & first)
+        tl.store(RSTD + c, rstd, mask=cmask & first)
+        scale = gamma * rstd
+        shift = beta - mean * scale
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = cmask[:, None] & (p < HW)[None, :]
+    n64 = tl.cast(n, tl.int64)
+    z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+    out = tl.maximum(tl.fma(z, scale[:, None], shift[:, None]), 0.0)
+    if HAS_RES:
+        out += tl.load(R + n64 * s_rn + c[:, None] * s_rc + p[None, :] * s_rp, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + n64 * s_yn + c[:, None] * s_yc + p[None, :] * s_yp, out.to(Y.dtype.element_ty), mask=mask)
+
+
+# Per (n, c) of one batch split: dβ = Σ_p g, dγ = Σ_p g·x̂ with g = dout·[scale·z + shift > 0];
+# MODE 0 stores the split's sums A_s = Σ_n γ·dβ and B_s = Σ_n γ·dγ; MODE 1/2 write dz = scale·g in the same pass.
+@triton.jit
+def _backward_reduce_kernel(
+    DOUT, Z, GAMMA, BETA, MEAN, RSTD, DZ, DGAMMA, DBETA, PSUM,
+    N, C, HW, NPS,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
+    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    if MODE == 2:
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        rstd = tl.full([BLOCK_C], 1.0, dtype=ACC)
+    else:
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
+    a_sum = tl.zeros([BLOCK_C], dtype=ACC)
+    b_sum = tl.zeros([BLOCK_C], dtype=ACC)
+    n0 = pid_s * NPS
+    n1 = tl.minimum(n0 + NPS, N)
+    for n in range(n0, n1):
+        n64 = tl.cast(n, tl.int64)
+        gamma = tl.load(GAMMA + n64 * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
+        beta = tl.load(BETA + n64 * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
+        scale = gamma * rstd
+        shift = beta - mean * scale
+        d_beta = tl.zeros([BLOCK_C], dtype=ACC)
+        d_gamma = tl.zeros([BLOCK_C], dtype=ACC)
+        for p0 in range(0, HW, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = cmask[:, None] & (p < HW)[None, :]
+            z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+            do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
+            g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) > 0.0, do.to(ACC), 0.0)
+            x_hat = (z - mean[:, None]) * rstd[:, None]
+            d_beta += tl.sum(g, axis=1)
+            d_gamma += tl.sum(g * x_hat, axis=1)
+            if MODE != 0:
+                dz = g * scale[:, None]
+                x_ptr = DZ + n64 * s_xn + c[:, None] * s_xc + p[None, :] * s_xp
+                tl.store(x_ptr, dz.to(DZ.dtype.element_ty), mask=mask)
+        tl.store(DGAMMA + n64 * C + c, d_gamma.to(DGAMMA.dtype.element_ty), mask=cmask)
+        tl.store(DBETA + n64 * C + c, d_beta.to(DBETA.dtype.element_ty), mask=cmask)
+        a_sum += gamma * d_beta
+        b_sum += gamma * d_gamma
+    if MODE == 0:
+        tl.store(PSUM + pid_s * C + c, a_sum, mask=cmask)
+        tl.store(PSUM + (tl.num_programs(1) + pid_s) * C + c, b_sum, mask=cmask)
+
+
+# Training-mode input gradient: dz = rstd·(γ·g − A_c − x̂·B_c), A_c and B_c summed over the S splits, divided by M.
+@triton.jit
+def _backward_dz_kernel(
+    DOUT, Z, GAMMA, BETA, MEAN, RSTD, PSUM, DZ,
+    C, HW, S, M,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s = tl.arange(0, BLOCK_S)
+    smask = (s < S)[:, None] & cmask[None, :]
+    a = tl.sum(tl.load(PSUM + s[:, None] * C + c[None, :], mask=smask, other=0.0), axis=0) / M
+    b = tl.sum(tl.load(PSUM + (S + s[:, None]) * C + c[None, :], mask=smask, other=0.0), axis=0) / M
+    mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
+    gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
+    beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
+    scale = gamma * rstd
+    shift = beta - mean * scale
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = cmask[:, None] & (p < HW)[None, :]
+    n64 = tl.cast(n, tl.int64)
+    z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
+    g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) > 0.0, do.to(ACC), 0.0)
+    x_hat = (z - mean[:, None]) * rstd[:, None]
+    dz = rstd[:, None] * (gamma[:, None] * g - a[:, None] - x_hat * b[:, None])
+    x_ptr = DZ + n64 * s_xn + c[:, None] * s_xc + p[None, :] * s_xp
+    tl.store(x_ptr, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tile(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of about BN_TILE elements, long along the dimension that is contiguous in memory."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(c), 64)
+        block_p = min(triton.next_power_of_2(hw), max(1, BN_TILE // block_c))
+    else:
+        block_p = min(triton.next_power_of_2(hw), BN_TILE)
+        block_c = min(triton.next_power_of_2(c), max(1, BN_TILE // block_p))
+    return block_c, block_p
+
+
+def _strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), hw_stride(t, name)
+
+
+def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum, eps):
+    n, c, h, w = z.shape
+    hw, m = h * w, n * h * w
+    acc = acc_dtype(z.dtype, gamma.dtype, beta.dtype, residual.dtype if residual is not None else z.dtype)
+    block_c, block_p = _tile(c, hw, is_channels_last(z))
+    nps = BN_SAMPLES_PER_SPLIT
+    splits = triton.cdiv(n, nps)
+    y = empty_like_layout(tuple(z.shape), z, z.dtype)
+    mean = torch.empty(c, device=z.device, dtype=acc)
+    rstd = torch.empty(c, device=z.device, dtype=acc)
+    p_mean = p_m2 = mean  # placeholders when unused
+    if mode == MODE_BATCH_STATS:
+        p_mean = torch.empty((splits, c), device=z.device, dtype=acc)
+        p_m2 = torch.empty((splits, c), device=z.device, dtype=acc)
+        _stats_kernel[(triton.cdiv(c, block_c), splits)](
+            z, p_mean, p_m2, n, c, hw, nps, *_strides(z, "z"),
+            ACC=TL_DTYPE[acc], BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        )  # fmt: skip
+    res = residual if residual is not None else z
+    update = mode == MODE_BATCH_STATS and running_mean is not None
+    _forward_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
+        z, res, y, gamma, beta, p_mean, p_m2,
+        running_mean if running_mean is not None else mean, running_var if running_var is not None else rstd,
+        mean, rstd, n, c, hw, splits, nps, float(m), float(momentum), float(eps),
+        *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
+        gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+        MODE=mode, HAS_RES=residual is not None, UPDATE_RUNNING=update, ACC=TL_DTYPE[acc],
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def _backward(dout, z, gamma, beta, mean, rstd, mode):
+    n, c, h, w = z.shape
+    hw, m = h * w, n * h * w
+    acc = mean.dtype
+    try:
+        d_strides = _strides(dout, "grad_output")
+    except ValueError:
+        # The incoming gradient's layout is not ours to choose; an exotic one costs one explicit copy.
+        dout = dout.contiguous()
+        d_strides = _strides(dout, "grad_output")
+    block_c, block_p = _tile(c, hw, is_channels_last(z))
+    nps = BN_SAMPLES_PER_SPLIT
+    splits = triton.cdiv(n, nps)
+    dz = empty_like_layout(tuple(z.shape), z, z.dtype)
+    d_gamma = torch.empty((n, c), device=z.device, dtype=gamma.dtype)
+    d_beta = torch.empty((n, c), device=z.device, dtype=beta.dtype)
+    p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
+    common = (
+        *d_strides, *_strides(z, "z"), *_strides(dz, "dz"),
+        gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+    )  # fmt: skip
+    _backward_reduce_kernel[(triton.cdiv(c, block_c), splits)](
+        dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
+        MODE=mode, ACC=TL_DTYPE[acc], BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+    )  # fmt: skip
+    if mode == MODE_BATCH_STATS:
+        _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
+            dout, z, gamma, beta, mean, rstd, p_sum, dz, c, hw, splits, float(m), *common,
+            ACC=TL_DTYPE[acc], BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p,
+            num_warps=BN_NUM_WARPS,
+        )  # fmt: skip
+    return dz, d_gamma, d_beta, dout
+
+
+class BnFilmReluFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; saves z, γ, β and the per-channel mean/rstd (not x̂)."""
+
+    @staticmethod
+    def forward(ctx, z, gamma, beta, residual, running_mean, running_var, mode, momentum, eps):
+        y, mean, rstd = _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum, eps)
+        ctx.save_for_backward(z, gamma, beta, mean, rstd)
+        ctx.mode = mode
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, gamma, beta, mean, rstd = ctx.saved_tensors
+        dz, d_gamma, d_beta, dr = _backward(dout, z, gamma, beta, mean, rstd, ctx.mode)
+        if ctx.residual_dtype is not None:
+            dr = dr.to(ctx.residual_dtype)
+        else:
+            dr = None
+        return dz, d_gamma, d_beta, dr, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------
+
+_compiled_reference = None
+
+
+def _check(z, gamma, beta, residual, running_mean, running_var, training, normalize) -> None:
+    if z.dim() != 4:
+        raise ValueError(f"bn_film_relu: z must be [N, C, H, W], got shape {tuple(z.shape)}")
+    n, c, h, w = z.shape
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"bn_film_relu: {name} must be [N, C] = {(n, c)}, got {tuple(t.shape)}")
+    if residual is not None and residual.shape != z.shape:
+        raise ValueError(f"bn_film_relu: residual shape {tuple(residual.shape)} != z shape {tuple(z.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_film_relu: pass both running_mean and running_var, or neither")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"bn_film_relu: {name} must be [C] = [{c}], got {tuple(t.shape)}")
+    if normalize and not training and running_mean is None:
+        raise ValueError("bn_film_relu: eval mode (training=False) needs running_mean and running_var")
+    if normalize and training and n * h * w <= 1:
+        raise ValueError(
+            f"bn_film_relu: expected more than 1 value per channel when training, got {tuple(z.shape)}"
+        )
+
+
+def bn_film_relu(
+    z: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    normalize: bool = True,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """`residual + relu(γ·BN(z) + β)` with an affine-free BatchNorm2d, as one fused op.
+
+    z: [N, C, H, W] (contiguous NCHW or channels_last); gamma, beta: [N, C] (any dtype; any strides);
+    residual: like z, or None; running_mean / running_var: [C] buffers updated in place in training (as
+    nn.BatchNorm2d: momentum, unbiased variance), used in eval; None in training means batch statistics only.
+    normalize=False skips BN (the "no BN" ablation). The output has z's dtype and layout; statistics and sums
+    are float32. impl: "triton" (fused kernels), "reference" (plain PyTorch), "compile" (torch.compile of it).
+    """
+    _check(z, gamma, beta, residual, running_mean, running_var, training, normalize)
+    if impl == "reference":
+        return bn_film_relu_reference(
+            z, gamma, beta, residual, running_mean, running_var,
+            training=training, momentum=momentum, eps=eps, normalize=normalize,
+        )  # fmt: skip
+    if impl == "compile":
+        global _compiled_reference
+        if _compiled_reference is None:
+            _compiled_reference = torch.compile(bn_film_relu_reference, dynamic=False)
+        return _compiled_reference(
+            z, gamma, beta, residual, running_mean, running_var,
+            training=training, momentum=momentum, eps=eps, normalize=normalize,
+        )  # fmt: skip
+    if impl != "triton":
+        raise ValueError(f"bn_film_relu: impl must be 'triton', 'reference' or 'compile', got '{impl}'")
+    check_device(z, gamma, beta, residual, running_mean, running_var)
+    for name, t in (("z", z), ("residual", residual)):
+        if t is not None:
+            hw_stride(t, name)
+    mode = MODE_NO_NORM if not normalize else (MODE_BATCH_STATS if training else MODE_RUNNING_STATS)
+    return BnFilmReluFunction.apply(z, gamma, beta, residual, running_mean, running_var, mode, momentum, eps)
