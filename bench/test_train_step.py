@@ -1,0 +1,77 @@
+"""One full training step of the raw-pixel FiLM model, per kernels mode, in bf16 (autocast) and float32.
+
+The step is the trainer's: `torch.autocast` forward (bf16 runs), float32 cross-entropy, backward, and the
+optimizer the trainer hands to DeepSpeed (`fastfilm.train.build_optimizer`: Adam with coupled L2; fused on
+CUDA). The DeepSpeed engine itself is left out: with ZeRO stage 0 its `step()` calls that optimizer and adds
+bookkeeping, and its `backward()` is `loss.backward()`. Inputs are one fixed synthetic batch on the device,
+so the loader is not in this number (it has its own group). GPU: configs/clevr.json (the paper's model,
+224×224 pixels, batch 64, questions padded to 46 tokens). CPU: a small model of the same structure.
+
+CUDA graphs: the config has no `train.cuda_graphs` key (fastfilm.config.TrainConfig), so the step runs
+eagerly; extra_info["cuda_graphs"] says so in the JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import benchlib
+import pytest
+import torch
+
+
+def cuda_graphs_note(cfg) -> str:
+    if not hasattr(cfg.train, "cuda_graphs"):
+        return "not used: the config has no train.cuda_graphs key"
+    return "train.cuda_graphs is set, but this harness has no graph-capture path yet: eager step"
+
+
+@pytest.mark.parametrize("kernels_mode", ["reference", "triton", "compile"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_train_step(benchmark, settings, kernels_mode, dtype):
+    reason = benchlib.skip_reason(kernels_mode, settings)
+    if reason:
+        pytest.skip(reason)
+    if settings.quick and not settings.cuda and kernels_mode == "compile" and dtype == "fp32":
+        pytest.skip("--bench-quick on a CPU: compile step only in bf16 (each compilation costs ~15 s here)")
+    cfg = benchlib.bench_config(settings)
+    benchlib.fresh_compile_state(kernels_mode)
+    graphs_before = benchlib.compiled_graphs()
+    model = benchlib.build_model(cfg, kernels_mode)
+    optimizer = benchlib.build_optimizer(model, cfg)
+    batch = benchlib.synthetic_batch(cfg)
+    amp = benchlib.DTYPES[dtype]
+    step = benchlib.make_train_step(model, optimizer, batch, amp)
+
+    loss = step()
+    assert torch.isfinite(loss).item(), "the benchmark's own step diverged"
+
+    n = batch["question"].shape[0]
+    benchmark.group = f"train_step/{dtype} image={cfg.model.image_size} batch={n}"
+    benchmark.extra_info.update(
+        kind="train_step",
+        impl=kernels_mode,
+        dtype=dtype,
+        batch=n,
+        image_size=cfg.model.image_size,
+        question_len=batch["question"].shape[1],
+        model="configs/clevr.json" if settings.cuda else "small (bench/benchlib.py SMALL_MODEL_OVERRIDES)",
+        optimizer=type(optimizer).__module__ + "." + type(optimizer).__name__,
+        cuda_graphs=cuda_graphs_note(cfg),
+        device=benchlib.device_name(),
+    )
+    # compile: the first calls compile forward and backward graphs; they are warm-up, never timed.
+    warmup = settings.warmup + (2 if kernels_mode == "compile" else 0)
+    benchlib.run(benchmark, step, settings, warmup=warmup)
+    median = benchlib.median_seconds(benchmark)
+    if median:
+        benchmark.extra_info["questions_per_s"] = n / median
+    if kernels_mode == "compile":
+        benchmark.extra_info["dynamo_graphs"] = benchlib.compiled_graphs() - graphs_before
+        assert benchmark.extra_info["dynamo_graphs"] >= 1, (
+            "kernels=compile compiled nothing: not a compile timing"
+        )
+    del model, optimizer, step
+    gc.collect()
+    if settings.cuda:
+        torch.cuda.empty_cache()
