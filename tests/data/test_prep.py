@@ -17,7 +17,15 @@ from PIL import Image
 
 from fastfilm.data import DataError, load_split, load_vocab, prep
 
-SAMPLES = "/work/shared/clevr_samples"
+SAMPLES = os.environ.get(
+    "FASTFILM_CLEVR_SAMPLES",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "..",
+        "shared",
+        "clevr_samples",
+    ),
+)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
