@@ -341,6 +341,10 @@ def to_markdown(s: dict[str, Any]) -> str:
             f"accuracy {100 * a['accuracy_arithmetic']:.1f}% vs {100 * a['accuracy_plain']:.1f}% with the "
             f"target's own γ,β ({a['images']} images)"
         )
+        if a["unknown"]:
+            lines.append(
+                f"**Warning:** words outside this model's vocabulary (read as <UNK>): {', '.join(a['unknown'])}"
+            )
     lines += [
         "",
         "Plots: "
