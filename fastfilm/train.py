@@ -259,7 +259,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         engine.module.train()
         return result
 
+    saved_at: dict[str, int] = {}
+
     def save(tag: str) -> None:
+        if saved_at.get(tag) == state["step"]:
+            return  # this tag already holds this step (e.g. the final epoch's evaluation just saved it)
+        saved_at[tag] = state["step"]
         sync_bn_buffers(engine.module)
         ckpt.save(engine, ckpt_dir, tag, state, cfg, vocab)
 
@@ -326,7 +331,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 if end_of_epoch:
                     state["epoch"] += 1
                     state["batch"] = 0
-                if state["step"] % eval_every == 0 or end_of_epoch and tc.eval_every == 0:
+                if state["step"] % eval_every == 0:  # eval_every = steps per epoch by default
                     result = run_eval()
                     improved = result["accuracy"] > state["best_acc"]
                     if improved:

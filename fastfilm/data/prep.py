@@ -145,15 +145,20 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+def _read_json(path: str) -> Any:
+    """The parsed JSON file, or a DataError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_questions(path: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Parse and validate a CLEVR questions file: (questions as checked dicts, the file's `info`)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: questions file not found (prepare other splits with --splits)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    doc = _read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
         raise DataError(f'{path}: expected an object with a "questions" list (CLEVR v1.0 format)')
     info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
@@ -413,11 +418,7 @@ def load_vocab(cache_dir: str) -> dict[str, Any]:
     path = os.path.join(cache_dir, "vocab.json")
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found (run `fastfilm prep --clevr DIR --out {cache_dir}` first)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            v = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    v = _read_json(path)
     for key in ("question_token_to_idx", "answer_token_to_idx", "hash"):
         if key not in v:
             raise DataError(f"{path}: missing '{key}' (rerun fastfilm prep)")
