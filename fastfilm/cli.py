@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions-per-image", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--min-objects", type=int, default=3, help="fewest objects per scene (CLEVR: 3)")
+    p.add_argument("--max-objects", type=int, default=10, help="most objects per scene (CLEVR: 10)")
+    p.add_argument(
+        "--object-scale", type=float, default=1.0, help="draw objects this much larger than CLEVR's (1.0)"
+    )
+    p.add_argument(
+        "--families", default=None, help="comma-separated question families to ask (default: all 11)"
+    )
+    p.add_argument(
+        "--max-filters",
+        type=int,
+        default=3,
+        help="most attribute words in one object description, e.g. 'large red metal cube' has 3 (CLEVR: 3)",
+    )
 
     p = sub.add_parser("prep", help="tokenise questions and build the vocabulary / image cache")
     p.add_argument("--clevr", required=True, help="a CLEVR v1.0 folder (real or synthetic)")

@@ -160,8 +160,37 @@ class Config:
 
     @property
     def batch_size(self) -> int:
-        """Micro-batch per rank (DeepSpeed's train_micro_batch_size_per_gpu)."""
-        return int(self.deepspeed.get("train_micro_batch_size_per_gpu", 64))
+        """Micro-batch per rank (DeepSpeed's train_micro_batch_size_per_gpu; from train_batch_size on one rank
+        when only that is given, until `resolve_batch` knows the number of ranks)."""
+        ds = self.deepspeed
+        if "train_micro_batch_size_per_gpu" in ds:
+            return int(ds["train_micro_batch_size_per_gpu"])
+        if "train_batch_size" in ds:
+            return max(1, int(ds["train_batch_size"]) // int(ds.get("gradient_accumulation_steps", 1)))
+        return 64
+
+    def resolve_batch(self, world: int) -> None:
+        """Make DeepSpeed's batch keys agree for `world` ranks (global = micro × accumulation × ranks), filling in
+        the micro-batch from `train_batch_size` when only that is given; raises ConfigError when they cannot."""
+        ds = self.deepspeed
+        accum = int(ds.get("gradient_accumulation_steps", 1))
+        if "train_batch_size" not in ds:
+            return
+        tb = ds["train_batch_size"]
+        if "train_micro_batch_size_per_gpu" in ds:
+            micro = ds["train_micro_batch_size_per_gpu"]
+            if tb != micro * accum * world:
+                raise ConfigError(
+                    f"{self.source}: deepspeed.train_batch_size={tb} is not train_micro_batch_size_per_gpu "
+                    f"({micro}) × gradient_accumulation_steps ({accum}) × {world} rank(s) = {micro * accum * world}"
+                )
+        elif tb % (accum * world):
+            raise ConfigError(
+                f"{self.source}: deepspeed.train_batch_size={tb} is not divisible by gradient_accumulation_steps "
+                f"({accum}) × {world} rank(s); use a multiple of {accum * world}"
+            )
+        else:
+            ds["train_micro_batch_size_per_gpu"] = tb // (accum * world)
 
     @property
     def lr(self) -> float:
@@ -334,16 +363,18 @@ def validate(cfg: Config) -> None:
     opt = ds.get("optimizer", {})
     if "params" in opt and not isinstance(opt["params"], dict):
         raise bad("deepspeed.optimizer.params", f"expected an object, got {type(opt['params']).__name__}")
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         v = ds.get(key, 1)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise bad(f"deepspeed.{key}", f"must be a positive integer, got {v!r}")
-    if "train_batch_size" in ds:
-        raise bad(
-            "deepspeed.train_batch_size",
-            "set train_micro_batch_size_per_gpu and gradient_accumulation_steps instead "
-            "(the global batch then follows the number of ranks)",
-        )
+    if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" in ds:
+        per_rank = ds["train_micro_batch_size_per_gpu"] * ds.get("gradient_accumulation_steps", 1)
+        if ds["train_batch_size"] % per_rank:  # no number of ranks makes them agree
+            raise bad(
+                "deepspeed.train_batch_size",
+                f"{ds['train_batch_size']} is not a multiple of train_micro_batch_size_per_gpu × "
+                f"gradient_accumulation_steps = {per_rank}",
+            )
     params = opt.get("params", {})
     lr = params.get("lr", 3e-4)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):
@@ -356,6 +387,18 @@ def validate(cfg: Config) -> None:
         raise bad("deepspeed.optimizer.type", f"'{opt_type}': fastfilm supports Adam (the paper) and AdamW")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise bad("deepspeed", "bf16.enabled and fp16.enabled are both true: pick one")
+    if ds.get("fp16", {}).get("enabled"):
+        if ds.get("zero_optimization", {}).get("stage", 0) != 0:
+            raise bad(
+                "deepspeed.fp16",
+                "needs zero_optimization.stage 0 (DeepSpeed scales the loss of autocast runs only without "
+                "ZeRO); use bf16 with ZeRO",
+            )
+        if ds["fp16"].get("loss_scale", 0) not in (0, 0.0):
+            raise bad(
+                "deepspeed.fp16.loss_scale",
+                f"only dynamic loss scaling (0) is supported, got {ds['fp16']['loss_scale']!r}",
+            )
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

@@ -61,6 +61,33 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that need the launch environment or the disk, before any work starts (ConfigError / DataError):
+    the batch keys against the number of ranks, and the data folders."""
+    from fastfilm.data import load_vocab
+    from fastfilm.data.prep import split_file
+
+    cfg.resolve_batch(int(os.environ.get("WORLD_SIZE", "1")))
+    dc = cfg.data
+    if not os.path.isdir(dc.cache):
+        raise ConfigError(
+            f"{cfg.source}: data.cache: no such folder '{dc.cache}' "
+            f"(make it with `fastfilm prep --clevr {dc.root} --out {dc.cache}`)"
+        )
+    if dc.image_source in ("png", "features") and not os.path.isdir(dc.root):
+        raise ConfigError(
+            f"{cfg.source}: data.root: no such folder '{dc.root}' (data.image_source={dc.image_source!r} "
+            "reads the CLEVR folder)"
+        )
+    load_vocab(dc.cache)  # a missing or edited vocabulary fails here, naming the file
+    for key in ("train_split", "val_split"):
+        path = split_file(dc.cache, getattr(dc, key))
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"{cfg.source}: data.{key}: '{getattr(dc, key)}' is not prepared in {dc.cache} ({path} not found)"
+            )
+
+
 def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.Optimizer:
     """Adam with coupled L2 weight decay as the paper (apex's fused Adam when importable, else torch's)."""
     opt = ds.get("optimizer", {"type": "Adam", "params": {}})
@@ -87,9 +114,12 @@ def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.O
 def deepspeed_config(cfg: Config, world: int) -> tuple[dict[str, Any], torch.dtype | None]:
     """The DeepSpeed section as handed to `deepspeed.initialize`, and the autocast dtype of the forward.
 
-    The optimizer is built here (see `build_optimizer`), so its section is removed. bf16 runs as DeepSpeed's
-    `torch_autocast` (parameters, BN buffers and optimizer in float32; convs and GEMMs in bf16); DeepSpeed's
-    `bf16` mode would cast BN's affine parameters but not its float32 running stats.
+    The optimizer is built here (see `build_optimizer`), so its section is removed. Mixed precision runs as
+    DeepSpeed's `torch_autocast`: parameters, BN buffers and the optimizer stay float32, convs and GEMMs run in
+    the low precision. `bf16` needs nothing more; `fp16` adds DeepSpeed's dynamic loss scaling (a
+    `torch.amp.GradScaler`: steps whose gradients overflow are skipped and the scale backs off). DeepSpeed's own
+    `bf16`/`fp16` modes would cast BN's affine parameters but not its float32 running stats, so they are not
+    used.
     """
     ds = json.loads(json.dumps(cfg.deepspeed))
     ds.pop("optimizer", None)
@@ -97,17 +127,31 @@ def deepspeed_config(cfg: Config, world: int) -> tuple[dict[str, Any], torch.dty
     if ds.get("bf16", {}).get("enabled"):
         ds["bf16"] = {"enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(
-            f"{cfg.source}: deepspeed.fp16: float16 training is not supported yet; use bf16 "
-            '("bf16": {"enabled": true}) which needs no loss scaling'
-        )
+    if ds.get("fp16", {}).get("enabled"):  # stage 0 and dynamic scaling: checked by config.validate
+        ds["fp16"] = {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "float16"}
     ac = ds.get("torch_autocast", {})
     if ac.get("enabled"):
         dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}.get(
             str(ac.get("dtype", "bfloat16")).replace("torch.", "")
         )
     return ds, dtype
+
+
+def configure_loss_scaler(engine, cfg: Config) -> torch.amp.GradScaler | None:
+    """The fp16 loss scaler DeepSpeed made (None without fp16), set from `deepspeed.fp16`'s
+    `initial_scale_power` (default 16) and `loss_scale_window` (default 1000)."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is None:
+        return None
+    fp16 = cfg.deepspeed.get("fp16", {})
+    new = torch.amp.GradScaler(
+        device=scaler._device,
+        init_scale=2.0 ** fp16.get("initial_scale_power", 16),
+        growth_interval=int(fp16.get("loss_scale_window", 1000)),
+    )
+    engine.torch_autocast_z0_gradscaler = new
+    return new
 
 
 def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float) -> torch.Tensor:
@@ -167,6 +211,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from fastfilm.data import build_loader, load_vocab
 
     t_start = time.time()
+    preflight(cfg)
     rank, world, device = setup_distributed(cfg)
     tc, dc = cfg.train, cfg.data
     is_main = rank == 0
@@ -210,6 +255,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.deepspeed)
     ds_config, amp_dtype = deepspeed_config(cfg, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    scaler = configure_loss_scaler(engine, cfg)  # fp16 only
 
     run_dir = tc.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -219,6 +265,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if loaded is None:
             raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume to start anew)")
         state.update(loaded)
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         if is_main:
             print(
                 f"resumed from {ckpt_dir}/last at step {state['step']} (epoch {state['epoch']})", flush=True
@@ -241,10 +289,11 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def all_agree(flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
+    def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
+        """Each flag OR-ed over the ranks: one collective and one host sync per call."""
+        t = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return [bool(v) for v in t.tolist()]
 
     def run_eval() -> dict[str, Any]:
         sync_bn_buffers(engine.module)
@@ -265,6 +314,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if saved_at.get(tag) == state["step"]:
             return  # this tag already holds this step (e.g. the final epoch's evaluation just saved it)
         saved_at[tag] = state["step"]
+        if scaler is not None:  # DeepSpeed's checkpoint leaves the autocast loss scaler out
+            state["grad_scaler"] = scaler.state_dict()
         sync_bn_buffers(engine.module)
         ckpt.save(engine, ckpt_dir, tag, state, cfg, vocab)
 
@@ -294,17 +345,26 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                     loss = loss + tc.film_reg_weight * film_regulariser(
                         gammas, betas, cfg.model.gamma_baseline
                     )
-                if all_agree(not torch.isfinite(loss).item()):
-                    raise TrainingStopped(
-                        f"non-finite loss ({loss.item()}) at step {state['step']} (epoch {state['epoch'] + 1}); "
-                        f"stopped without saving, the last good checkpoint in {ckpt_dir} is kept"
-                    )
                 engine.backward(loss)
                 grad_norm = None
                 if (state["step"] + 1) % tc.log_every == 0:
                     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                     grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                    if scaler is not None:  # fp16: the gradients are still multiplied by the loss scale
+                        grad_norm /= scaler.get_scale()
                 engine.step()
+                # One collective per step: a non-finite loss anywhere stops every rank before anything is
+                # saved (the update just applied lives only in memory), and a stop request is agreed on.
+                out_of_time = tc.max_minutes and (time.time() - t_start) / 60 >= tc.max_minutes
+                out_of_steps = tc.max_steps and state["step"] + 1 >= tc.max_steps
+                bad_loss, stopping = any_rank(
+                    ~torch.isfinite(loss.detach()), bool(stop["signal"] or out_of_time or out_of_steps)
+                )
+                if bad_loss:
+                    raise TrainingStopped(
+                        f"non-finite loss ({loss.item()}) at step {state['step']} (epoch {state['epoch'] + 1}); "
+                        f"stopped without saving, the last good checkpoint in {ckpt_dir} is kept"
+                    )
                 state["step"] += 1
                 state["batch"] += 1
                 q_log += answers.numel() * world
@@ -358,9 +418,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                     if tc.patience and state["evals_since_best"] >= tc.patience:
                         reason = f"early stopping (no better val accuracy in {tc.patience} evaluations)"
                         break
-                out_of_time = tc.max_minutes and (time.time() - t_start) / 60 >= tc.max_minutes
-                out_of_steps = tc.max_steps and state["step"] >= tc.max_steps
-                if all_agree(bool(stop["signal"] or out_of_time or out_of_steps)):
+                if stopping:
                     reason = (
                         f"signal {stop['signal']}"
                         if stop["signal"]
@@ -425,11 +483,19 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python fastfilm/train.py` and `deepspeed fastfilm/train.py`."""
+    from fastfilm.data import DataError
+
     args = parse_args(argv)
     try:
         return run(args)
     except ConfigError as e:
         print(f"fastfilm: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"fastfilm: data error: {e}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as e:
+        print(f"fastfilm: checkpoint error: {e}", file=sys.stderr)
         return 2
 
 

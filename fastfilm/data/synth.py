@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,10 +108,13 @@ PATTERNS_PER_SLOT = (
 
 
 # ------------------------------------------------------------------------------------------------ scenes
-def make_scene(rng: random.Random) -> list[dict[str, Any]]:
-    """3–10 objects with random attributes, placed without overlap and with unambiguous relations."""
+def make_scene(
+    rng: random.Random, min_objects: int = 3, max_objects: int = 10, object_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """`min_objects`–`max_objects` objects (CLEVR: 3–10) with random attributes, placed without overlap and
+    with unambiguous relations; `object_scale` > 1 draws them larger than CLEVR's."""
     while True:
-        n = rng.randint(3, 10)
+        n = rng.randint(min_objects, max_objects)
         objs: list[dict[str, Any]] = []
         for _ in range(400):
             if len(objs) == n:
@@ -120,7 +123,7 @@ def make_scene(rng: random.Random) -> list[dict[str, Any]]:
             x3, y3 = rng.uniform(-2.8, 2.8), rng.uniform(-3.0, 3.0)
             t = (y3 + 3.0) / 6.0
             scale = 0.65 + 0.45 * t
-            r = (34.0 if size == "large" else 19.0) * scale
+            r = (34.0 if size == "large" else 19.0) * scale * object_scale
             ground = 110.0 + 180.0 * t
             px, py = 240.0 + x3 * 62.0 * scale, ground - r
             ok = all(
@@ -146,7 +149,7 @@ def make_scene(rng: random.Random) -> list[dict[str, Any]]:
                     "_ground": ground,
                 }
             )
-        if len(objs) >= 3:
+        if len(objs) >= min_objects:
             return objs
 
 
@@ -584,8 +587,8 @@ def _scene_task(task: tuple) -> tuple:
 
     from PIL import Image
 
-    out_dir, split, index, seed, k = task
-    objs = make_scene(_rng(seed, split, index, "scene"))
+    out_dir, split, index, seed, k, scene_opts, (fams, max_filters) = task
+    objs = make_scene(_rng(seed, split, index, "scene"), *scene_opts)
     rel = relationships(objs)
     buf = io.BytesIO()
     Image.fromarray(draw_scene(objs), "RGBA").save(buf, format="PNG", compress_level=1)
@@ -594,10 +597,10 @@ def _scene_task(task: tuple) -> tuple:
     slots = []
     for slot in range(k):
         rng = _rng(seed, split, index, slot)
-        family_index = (index * k + slot) % len(FAMILIES)
-        for shift in range(len(FAMILIES)):  # a family no pattern of which fits this scene gives way
-            fam = FAMILIES[(family_index + shift) % len(FAMILIES)]
-            pats = patterns(fam)
+        family_index = (index * k + slot) % len(fams)
+        for shift in range(len(fams)):  # a family no pattern of which fits this scene gives way
+            fam = fams[(family_index + shift) % len(fams)]
+            pats = [p for p in patterns(fam) if len(p[-1]) <= max_filters]
             if len(pats) > PATTERNS_PER_SLOT:
                 pats = rng.sample(pats, PATTERNS_PER_SLOT)
             feasible = {p: opts for p in pats if (opts := options(ix, p, rng))}
@@ -741,6 +744,11 @@ def generate(
     questions_per_image: int,
     seed: int,
     workers: int | None = None,
+    min_objects: int = 3,
+    max_objects: int = 10,
+    object_scale: float = 1.0,
+    families: Sequence[str] | None = None,
+    max_filters: int = 3,
 ) -> dict[str, Any]:
     """Write a CLEVR v1.0-format data set (images, questions, scenes) to `out_dir`; returns the summary.
 
@@ -758,6 +766,19 @@ def generate(
             raise DataError(f"synth: {name} must be a non-negative integer, got {v!r}")
     if questions_per_image < 1:
         raise DataError("synth: questions_per_image must be at least 1")
+    if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 2 <= min_objects <= max_objects <= 12):
+        raise DataError(
+            f"synth: objects per scene must satisfy 2 <= min <= max <= 12, got {min_objects}-{max_objects}"
+        )
+    if not (isinstance(object_scale, (int, float)) and 0.5 <= object_scale <= 2.0):
+        raise DataError(f"synth: object_scale must be in [0.5, 2.0], got {object_scale!r}")
+    scene_opts = (min_objects, max_objects, float(object_scale))
+    fams = tuple(FAMILIES if families is None else families)
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown or not fams or len(set(fams)) != len(fams):
+        raise DataError(
+            f"synth: families must be distinct names from {', '.join(FAMILIES)}; got {', '.join(fams) or 'none'}"
+        )
     t0 = time.time()
     k = questions_per_image
     for split in SPLITS:
@@ -771,7 +792,9 @@ def generate(
     os.makedirs(os.path.join(out_dir, "questions"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "scenes"), exist_ok=True)
 
-    tasks = [(out_dir, s, i, seed, k) for s in SPLITS for i in range(sizes[s])]
+    if not (isinstance(max_filters, int) and 1 <= max_filters <= 3):
+        raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
+    tasks = [(out_dir, s, i, seed, k, scene_opts, (fams, max_filters)) for s in SPLITS for i in range(sizes[s])]
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(tasks))))
     pool = None
     if workers > 1:
@@ -782,7 +805,10 @@ def generate(
         "out": os.path.abspath(out_dir),
         "seed": seed,
         "questions_per_image": k,
-        "families": list(FAMILIES),
+        "objects": [min_objects, max_objects],
+        "object_scale": float(object_scale),
+        "families": list(fams),
+        "max_filters": max_filters,
         "splits": {},
     }
     scenes: dict[str, list] = {s: [] for s in SPLITS}
@@ -887,6 +913,11 @@ def run(args: argparse.Namespace) -> int:
             questions_per_image=args.questions_per_image,
             seed=args.seed,
             workers=getattr(args, "workers", None),
+            min_objects=getattr(args, "min_objects", 3),
+            max_objects=getattr(args, "max_objects", 10),
+            object_scale=getattr(args, "object_scale", 1.0),
+            families=args.families.split(",") if getattr(args, "families", None) else None,
+            max_filters=getattr(args, "max_filters", 3),
         )
     except DataError as e:
         print(f"fastfilm: data error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ After each, the previous checkpoint stays loadable and a resume goes on correctl
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import config_from_dict
-from fastfilm.train import train
+from fastfilm.train import TrainingStopped, train
 from tests.test_train import ROOT, clean_env, tiny_config, weights
 
 
@@ -145,3 +146,73 @@ def test_odd_questions_through_the_model(dataset):
     with torch.no_grad():
         out = m(torch.rand(2, 3, 32, 32), q)
     assert out.shape == (2, len(vocab["answer_token_to_idx"])) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "delay", [0.0, random.Random(os.getpid()).uniform(0.05, 0.6)], ids=["early", "random"]
+)
+def test_sigterm_at_any_step_saves_and_resume_continues_exactly(dataset, tmp_path, delay):
+    """SIGTERM finishes the step, saves `last`, exits 0; a resume then ends bit-identical to an uninterrupted run."""
+    steps = 40
+    straight = tmp_path / "straight"
+    train(config_from_dict(tiny_config(dataset, straight, epochs=1000, max_steps=steps)))
+
+    run, cfg = tmp_path / "sig", tmp_path / "sig.json"
+    cfg.write_text(json.dumps(tiny_config(dataset, run, epochs=1000, max_steps=steps)))
+    proc = subprocess.Popen(
+        [sys.executable, "fastfilm/train.py", "--config", str(cfg)],
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline, metrics = time.time() + 300, run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = state(run)["step"]
+    assert "signal SIGTERM" in out and 2 <= stopped < steps, (stopped, out[-2000:])
+
+    train(config_from_dict(tiny_config(dataset, run, epochs=1000, max_steps=steps)), resume=True)
+    assert state(run)["step"] == steps
+    a, b = weights(straight), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"resume after SIGTERM at step {stopped} diverged"
+
+
+def test_nan_batch_stops_keeps_the_last_good_checkpoint_and_resume_continues(dataset, tmp_path, monkeypatch):
+    import fastfilm.data as data
+
+    real = data.build_loader
+    poison = {"on": True}
+
+    class Poisoned:
+        def __init__(self, loader):
+            self.loader = loader
+            self.num_questions = loader.num_questions
+
+        def __len__(self):
+            return len(self.loader)
+
+        def epoch(self, epoch, start_batch=0):
+            for i, b in enumerate(self.loader.epoch(epoch, start_batch)):
+                if poison["on"] and epoch == 1 and i == 2:
+                    b = dict(b, image=torch.full_like(b["image"], float("nan")))
+                yield b
+
+    def build(cache, split, *a, **k):
+        loader = real(cache, split, *a, **k)
+        return Poisoned(loader) if split == "train" else loader
+
+    monkeypatch.setattr(data, "build_loader", build)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingStopped, match="non-finite loss.*last good checkpoint"):
+        train(config_from_dict(tiny_config(dataset, run, epochs=3)))
+    assert state(run)["step"] == 6  # the epoch-1 checkpoint, verified
+    good = weights(run)
+    assert all(torch.isfinite(t).all() for t in good.values() if t.is_floating_point())
+
+    poison["on"] = False  # the bad batch is fixed: resume from the kept checkpoint and finish
+    summary = train(config_from_dict(tiny_config(dataset, run, epochs=3)), resume=True)
+    assert summary["step"] == 18 and state(run)["step"] == 18
+    assert all(torch.isfinite(t).all() for t in weights(run).values() if t.is_floating_point())

@@ -10,7 +10,7 @@ import time
 
 from tests.test_train import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPSPEED = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
 
 
