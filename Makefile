@@ -35,7 +35,8 @@ $(STAMP): setup.py pyproject.toml
 	  || $(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev,analysis]'
 	@# DeepSpeed JIT-builds a small C++ op on its first init on a CPU (~1 min); build it once here, cached.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
+	@# (with the venv's ninja first on PATH, as fastfilm/train.py does: another ninja version would rebuild it)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
 	@touch $(STAMP)
 
 data: $(STAMP)

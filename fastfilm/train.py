@@ -41,9 +41,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_this_venvs_ninja() -> None:
+    """Put this interpreter's `bin` folder first on PATH when it holds `ninja`.
+
+    On a CPU, DeepSpeed JIT-builds a small C++ op on its first init, and torch runs whichever `ninja` PATH finds.
+    With two ninja versions on a machine (the venv's, from pip, and the system's), each switch between them
+    rebuilds the op (about 45 s on 2 cores): a launcher run and a plain run would take turns paying for it.
+    """
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """Join the process group (gloo on CPU, nccl on GPU); works with and without the deepspeed launcher."""
     import deepspeed
+
+    use_this_venvs_ninja()
 
     if "RANK" not in os.environ:  # plain `python fastfilm/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -391,7 +406,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 if end_of_epoch:
                     state["epoch"] += 1
                     state["batch"] = 0
-                if state["step"] % eval_every == 0:  # eval_every = steps per epoch by default
+                # Evaluate every eval_every steps (one epoch by default), and once more when the time budget
+                # (train.max_minutes) ends the run, so that its last minutes count.
+                if state["step"] % eval_every == 0 or (stopping and out_of_time and not stop["signal"]):
                     result = run_eval()
                     improved = result["accuracy"] > state["best_acc"]
                     if improved:

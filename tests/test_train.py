@@ -172,3 +172,12 @@ def test_eval_count_exact_export_and_predict(dataset, tmp_path):
     assert len(rows) == 5
     probs = [float(r[-1]) for r in rows]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_time_budget_ends_the_run_with_an_evaluation(dataset, tmp_path):
+    run = tmp_path / "budget"
+    summary = train(config_from_dict(tiny_config(dataset, run, max_minutes=1e-6)))
+    assert summary["reason"] == "train.max_minutes" and summary["step"] == 1
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val/acc" in x]
+    assert [e["step"] for e in evals] == [1] and summary["best_step"] == 1
+    ckpt.verify(str(run / "checkpoints" / "best"))

@@ -2,6 +2,9 @@
 
 Scenes hold 3–10 non-overlapping objects with CLEVR's attributes (8 colours, 3 shapes, 2 sizes, 2 materials),
 drawn with numpy/PIL (simple diffuse shading; metal adds a specular highlight) on a 480×320 RGBA canvas.
+Difficulty knobs (defaults are CLEVR's): objects per scene (`min_objects`/`max_objects`), `object_scale`
+(draw objects larger), `families` (ask only some families) and `max_filters` (at most this many attribute
+words in one object description; CLEVR: 3).
 Questions come from 11 families (below) with CLEVR's 28 answers, and are balanced so that the question alone
 says little about the answer:
 
