@@ -134,9 +134,11 @@ def plot_tsne(gammas, betas, family, names: dict[int, str], out: str, max_points
             n_components=2, perplexity=min(30.0, max(2.0, (n - 1) / 3)), random_state=seed
         ).fit_transform(x)
         fig, ax = plt.subplots(figsize=(6, 5))
-        for f in sorted(set(fams.tolist())):
+        present = sorted(set(fams.tolist()))
+        colors = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")  # one colour per family (CLEVR: 90)
+        for j, f in enumerate(present):
             m = fams == f
-            ax.scatter(emb[m, 0], emb[m, 1], s=4, label=names.get(f, str(f)))
+            ax.scatter(emb[m, 0], emb[m, 1], s=4, color=colors(j % colors.N), label=names.get(f, str(f)))
         ax.set_title(f"t-SNE of (γ, β), block {i + 1}")
         ax.legend(fontsize=6, markerscale=3, loc="best")
         fig.tight_layout()
