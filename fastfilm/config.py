@@ -394,6 +394,10 @@ def validate(cfg: Config) -> None:
                 "needs zero_optimization.stage 0 (DeepSpeed scales the loss of autocast runs only without "
                 "ZeRO); use bf16 with ZeRO",
             )
+        for key, low in (("initial_scale_power", 0), ("loss_scale_window", 1)):
+            v = ds["fp16"].get(key, low)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise bad(f"deepspeed.fp16.{key}", f"must be an integer >= {low}, got {v!r}")
         if ds["fp16"].get("loss_scale", 0) not in (0, 0.0):
             raise bad(
                 "deepspeed.fp16.loss_scale",

@@ -153,7 +153,7 @@ def deepspeed_config(cfg: Config, world: int) -> tuple[dict[str, Any], torch.dty
     return ds, dtype
 
 
-def configure_loss_scaler(engine, cfg: Config) -> torch.amp.GradScaler | None:
+def configure_loss_scaler(engine, cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
     """The fp16 loss scaler DeepSpeed made (None without fp16), set from `deepspeed.fp16`'s
     `initial_scale_power` (default 16) and `loss_scale_window` (default 1000)."""
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
@@ -161,7 +161,7 @@ def configure_loss_scaler(engine, cfg: Config) -> torch.amp.GradScaler | None:
         return None
     fp16 = cfg.deepspeed.get("fp16", {})
     new = torch.amp.GradScaler(
-        device=scaler._device,
+        device=device.type,
         init_scale=2.0 ** fp16.get("initial_scale_power", 16),
         growth_interval=int(fp16.get("loss_scale_window", 1000)),
     )
@@ -270,7 +270,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.deepspeed)
     ds_config, amp_dtype = deepspeed_config(cfg, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    scaler = configure_loss_scaler(engine, cfg)  # fp16 only
+    scaler = configure_loss_scaler(engine, cfg, device)  # fp16 only
 
     run_dir = tc.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")

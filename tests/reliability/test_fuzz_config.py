@@ -25,7 +25,8 @@ def section_keys(cls):
 
 
 DS_KEYS = ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler", "bf16",
-           "fp16", "zero_optimization", "params", "lr", "weight_decay", "type", "enabled", "torch_autocast"]  # fmt: skip
+           "fp16", "zero_optimization", "params", "lr", "weight_decay", "type", "enabled", "torch_autocast",
+           "train_batch_size", "stage", "loss_scale", "initial_scale_power", "loss_scale_window"]  # fmt: skip
 shaped = st.fixed_dictionaries(
     {},
     optional={
@@ -44,7 +45,9 @@ shaped = st.fixed_dictionaries(
 @given(shaped)
 def test_schema_shaped_configs_raise_only_config_error(raw):
     try:
-        config_from_dict(raw, source="fuzz.json")
+        cfg = config_from_dict(raw, source="fuzz.json")
+        cfg.resolve_batch(2)  # what the trainer does once it knows the number of ranks
+        assert cfg.batch_size >= 1
     except ConfigError:
         pass
 
@@ -60,6 +63,8 @@ def test_schema_shaped_configs_raise_only_config_error(raw):
         {"model": {"classifier_fc_dims": [0]}},
         {"model": {"condition_pattern": [2, 1, 1, 1]}},
         {"model": {"stem_stride": 0}},
+        {"deepspeed": {"fp16": {"enabled": True, "initial_scale_power": "16"}}},
+        {"deepspeed": {"train_batch_size": 65, "train_micro_batch_size_per_gpu": 8}},
     ],
 )
 def test_known_crashers_are_config_errors(raw):
