@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +19,7 @@ from PIL import Image
 
 from fastfilm.cli import main as cli
 from fastfilm.data import load_split, load_vocab
-
-
-def png(w: int, h: int, depth: int, color_type: int, channels: int) -> bytes:
-    """A minimal valid PNG of any bit depth / colour type (PIL cannot write 16-bit RGB)."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        )
-
-    raw = b"".join(b"\x00" + bytes(w * channels * depth // 8) for _ in range(h))
-    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
+from tests.data.test_prep import png
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
