@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
+    """Run a command; a config, data or checkpoint error becomes one line on stderr and exit status 2."""
+    from fastfilm.checkpoint import CheckpointError
+    from fastfilm.config import ConfigError
+    from fastfilm.data import DataError
+
+    kinds = ((ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"))
+    try:
+        return fn()
+    except tuple(k for k, _ in kinds) as e:
+        name = next(n for k, n in kinds if isinstance(e, k))
+        print(f"fastfilm: {name}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fastfilm` console script."""
     parser = build_parser()
@@ -103,11 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from fastfilm.checkpoint import CheckpointError
-    from fastfilm.config import ConfigError
-    from fastfilm.data import DataError
 
-    try:
+    def dispatch() -> int | None:
         if args.command == "train":
             from fastfilm import train
 
@@ -136,15 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastfilm import analyze
 
             return analyze.run(args)
-    except ConfigError as e:
-        print(f"fastfilm: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"fastfilm: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"fastfilm: checkpoint error: {e}", file=sys.stderr)
-        return 2
+        return None
+
+    status = with_one_line_errors(dispatch)
+    if status is not None:
+        return status
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -500,20 +500,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python fastfilm/train.py` and `deepspeed fastfilm/train.py`."""
-    from fastfilm.data import DataError
+    from fastfilm.cli import with_one_line_errors
 
     args = parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"fastfilm: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"fastfilm: data error: {e}", file=sys.stderr)
-        return 2
-    except ckpt.CheckpointError as e:
-        print(f"fastfilm: checkpoint error: {e}", file=sys.stderr)
-        return 2
+    return with_one_line_errors(lambda: run(args))
 
 
 if __name__ == "__main__":
