@@ -70,6 +70,34 @@ class CoordConv(nn.Module):
         )
 
 
+def real_lengths(questions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The number of real tokens of each question, as a CPU int64 tensor [N] (what packing needs).
+
+    Given `lengths` win: the tokens after them are padding whatever their ids, and a NULL inside them is
+    read as a token; they must be integers in [1, T] for questions [N, T] (else ValueError). Lengths on a GPU
+    cost one device-to-host copy; the loader's are on the CPU. Without `lengths` they come from the padding:
+    the number of non-NULL tokens (at least 1), as the original's `before_rnn` found <END>.
+    """
+    n, t = questions.shape
+    if lengths is None:
+        return (questions != NULL).sum(1).clamp(min=1).to("cpu", torch.int64)
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"question lengths must be integers, got {lengths.dtype}")
+    lengths = lengths.to("cpu", torch.int64)
+    if lengths.shape != (n,):
+        raise ValueError(
+            f"question lengths: expected shape [{n}] for questions {list(questions.shape)}, "
+            f"got {list(lengths.shape)}"
+        )
+    if n and (int(lengths.min()) < 1 or int(lengths.max()) > t):
+        raise ValueError(
+            f"question lengths must lie in [1, {t}] (the questions' padded length), got "
+            f"{int(lengths.min())}..{int(lengths.max())}"
+        )
+    return lengths
+
+
 class FiLMGen(nn.Module):
     """Question → FiLM parameters: embeddings → GRU (last real token's state) → one linear layer → (γ, β)."""
 
@@ -91,17 +119,41 @@ class FiLMGen(nn.Module):
         )
         self.decoder_linear = nn.Linear(hidden * self.num_dir, cfg.num_blocks * self.cond_feat_size)
 
-    def encode(self, questions: torch.Tensor) -> torch.Tensor:
-        """The question feature: the RNN output at the last non-NULL token (the END token)."""
-        n, t = questions.shape
-        idx = ((questions != NULL).sum(1) - 1).clamp(min=0)
-        out, _ = self.encoder_rnn(self.encoder_embed(questions))
-        return out.gather(1, idx.view(n, 1, 1).expand(n, 1, out.size(2))).view(n, out.size(2))
+    def encode(self, questions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The question feature [N, rnn_hidden_dim]: the RNN reads each question's real tokens only.
 
-    def forward(self, questions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        `lengths` (real tokens per question, <START> … <END>) decide what is read: the padding after them is
+        never looked at, whatever it holds (see `real_lengths`). The RNN runs on a packed sequence, so no
+        FLOP is spent on padding. Unidirectional: the last layer's state after the last real token (the
+        original's state at <END>; equal to it, since the RNN is causal). Bidirectional: the forward
+        direction's state at <END> and the backward direction's state after it has read the question from
+        <END> back to <START> (the original gathered the backward direction at <END> after it had read the
+        padding: see README, "Bidirectional encoder").
+        """
+        n, t = questions.shape
+        rnn = self.encoder_rnn
+        width = rnn.hidden_size * self.num_dir
+        if n == 0:
+            return self.encoder_embed.weight.new_zeros(0, width)
+        lengths = real_lengths(questions, lengths)
+        embed = self.encoder_embed(questions)
+        if int(lengths.min()) == t:  # no padding in this batch: the same computation without the packing
+            _, h = rnn(embed)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
+            _, h = rnn(packed)  # h_n comes back in the batch's order
+        if isinstance(h, tuple):  # LSTM: (h_n, c_n)
+            h = h[0]
+        last = h.view(rnn.num_layers, self.num_dir, n, rnn.hidden_size)[-1]  # the last layer's directions
+        return last.transpose(0, 1).reshape(n, width)
+
+    def forward(
+        self, questions: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, β), each [N, num_blocks, module_dim], with the γ option and baseline applied."""
         cfg = self.cfg
-        film = self.decoder_linear(self.encode(questions)).view(-1, cfg.num_blocks, self.cond_feat_size)
+        feature = self.encode(questions, lengths)
+        film = self.decoder_linear(feature).view(-1, cfg.num_blocks, self.cond_feat_size)
         gammas, betas = film.split(cfg.module_dim, dim=-1)
         fn = {"linear": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}[
             cfg.gamma_option
@@ -311,7 +363,7 @@ class FiLMModel(nn.Module):
         self, questions: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ, β) for each question, each [N, num_blocks, module_dim] (γ includes its baseline)."""
-        return self.generator(questions)
+        return self.generator(questions, lengths)
 
     def forward(
         self,
@@ -322,7 +374,7 @@ class FiLMModel(nn.Module):
         return_film: bool = False,
     ):
         """Answer logits; with `film=(γ, β)` those FiLM parameters replace the generator's."""
-        gammas, betas = film if film is not None else self.generator(questions)
+        gammas, betas = film if film is not None else self.generator(questions, lengths)
         logits = self.net(images, gammas, betas)
         return (logits, (gammas, betas)) if return_film else logits
 
