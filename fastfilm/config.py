@@ -101,6 +101,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The training loop: epochs, early stopping, evaluation, checkpoints and logging."""
+    # Training batches of similar question lengths (fastfilm/data/buckets.py): fewer RNN steps per batch, batch
+    # composition correlated with length. Off by default (the paper's uniformly shuffled batches).
+    bucket_by_length: bool = False
 
     run_dir: str = "runs/clevr"
     epochs: int = 80  # at most; early stopping usually ends sooner
