@@ -96,14 +96,14 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 2
     max_val_questions: int = 0  # 0 = the whole split (exact count); >0 only for quick runs
+    # Training batches of similar question lengths (fastfilm/data/buckets.py): fewer RNN steps per batch, batch
+    # composition correlated with length. Off by default (the paper's uniformly shuffled batches).
+    bucket_by_length: bool = False
 
 
 @dataclass
 class TrainConfig:
     """The training loop: epochs, early stopping, evaluation, checkpoints and logging."""
-    # Training batches of similar question lengths (fastfilm/data/buckets.py): fewer RNN steps per batch, batch
-    # composition correlated with length. Off by default (the paper's uniformly shuffled batches).
-    bucket_by_length: bool = False
 
     run_dir: str = "runs/clevr"
     epochs: int = 80  # at most; early stopping usually ends sooner
