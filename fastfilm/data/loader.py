@@ -14,11 +14,15 @@ a batch together, so the two always belong to the same questions; DALI does the 
   `scripts/extract_features.py` (ResNet-101 up to layer3 → 1024×14×14): `np.save(f"{cache}/{split}_features.npy",
   h5py.File("train_features.h5")["features"][:].astype(np.float16))`. Cast to float32.
 
-Order and sharding: an epoch is a permutation of all of the split's questions seeded by (seed, epoch) (or the
-file order with `shuffle=False`); shard `s` of `n` takes the contiguous slice `[s·Q/n, (s+1)·Q/n)` of it.
-Training (`drop_last=True`) cuts every shard to `floor(Q / (batch_size·n))` full batches, so all ranks run
-the same number of steps; evaluation (`drop_last=False`) yields every question exactly once across the shards,
-the last batch of a shard partial. Questions are padded with 0 to the longest in each batch.
+Order and sharding: an epoch's global order is a permutation of all of the split's questions seeded by
+(seed, epoch) (or the file order with `shuffle=False`), the same for any number of ranks and any batch size.
+Step k of the epoch takes the next global batch of `batch_size·n` questions of that order, and shard `s` of `n`
+the s-th `batch_size` of them. A position in the epoch is therefore a number of questions consumed
+(`start_question`), valid for every layout: a run resumed on other ranks or another micro-batch goes on with
+exactly the questions not yet seen. Training (`drop_last=True`) runs full global batches only, so all ranks
+run the same number of steps (the epoch's last `Q mod (batch_size·n)` questions are left out); evaluation
+(`drop_last=False`) splits the last, partial global batch evenly over the shards, so every question is yielded
+exactly once. Questions are padded with 0 to the longest in each batch.
 
 Why batch mode: in per-sample mode DALI's external source silently dropped a shard's last partial batch; a
 batch-mode source returning a short last batch, read until it raises StopIteration, gives every sample once.
@@ -161,11 +165,9 @@ class Loader:
             if not os.path.isdir(self._folder):
                 raise DataError(f"{self._folder}: images folder not found")
 
-        q, b, n = self.total, batch_size, num_shards
-        self.steps = q // (b * n) if drop_last else None
-        lo, hi = q * shard_id // n, q * (shard_id + 1) // n
-        self.num_questions = self.steps * b if drop_last else hi - lo
-        self.num_batches = -(-self.num_questions // b)
+        self.global_batch = batch_size * num_shards  # questions one step consumes over all shards
+        self.num_questions = self.questions_from(0)
+        self.num_batches = -(-self.num_questions // batch_size)
 
     def _memmap(self, path: str, num_images: int) -> np.ndarray:
         try:
@@ -181,12 +183,43 @@ class Loader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def rows(self, epoch: int) -> np.ndarray:
-        """The question rows (indices into the split) this shard yields in `epoch`, in order."""
-        q, n = self.total, self.num_shards
-        order = np.random.default_rng([self.seed, epoch]).permutation(q) if self.shuffle else np.arange(q)
-        lo, hi = q * self.shard_id // n, q * (self.shard_id + 1) // n
-        return order[lo:hi][: self.num_questions]
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order of the split's questions (rows), independent of shards and batch size."""
+        q = self.total
+        return np.random.default_rng([self.seed, epoch]).permutation(q) if self.shuffle else np.arange(q)
+
+    def _split(self, remaining: int) -> tuple[int, int, int]:
+        """(full global batches, start and end of this shard's part of the partial last one) of `remaining`."""
+        full, tail = divmod(remaining, self.global_batch)
+        if self.drop_last:
+            return full, 0, 0
+        s, n = self.shard_id, self.num_shards
+        return full, tail * s // n, tail * (s + 1) // n
+
+    def _check_start(self, start_question: int) -> None:
+        if not (isinstance(start_question, (int, np.integer)) and 0 <= start_question <= self.total):
+            raise ValueError(f"start_question must be in [0, {self.total}], got {start_question!r}")
+
+    def questions_from(self, start_question: int = 0) -> int:
+        """How many questions this shard yields in an epoch whose first `start_question` were consumed."""
+        self._check_start(start_question)
+        full, lo, hi = self._split(self.total - start_question)
+        return full * self.batch_size + hi - lo
+
+    def steps_from(self, start_question: int = 0) -> int:
+        """How many batches this shard yields in an epoch whose first `start_question` were consumed (for
+        training, the same on every shard)."""
+        return -(-self.questions_from(start_question) // self.batch_size)
+
+    def rows(self, epoch: int, start_question: int = 0) -> np.ndarray:
+        """The question rows (indices into the split) this shard yields in `epoch`, in order, once the first
+        `start_question` questions of the epoch's global order have been consumed (by any layout)."""
+        self._check_start(start_question)
+        rest = self.order(epoch)[start_question:]
+        b, n, s = self.batch_size, self.num_shards, self.shard_id
+        full, lo, hi = self._split(len(rest))
+        body = rest[: full * b * n].reshape(full, n, b)[:, s].reshape(-1)
+        return np.concatenate([body, rest[full * b * n :][lo:hi]])
 
     def read_images(self, image_index: np.ndarray) -> Any:
         """The image data of a batch as the pipeline's source gets it."""
@@ -246,8 +279,10 @@ class Loader:
 
         return pipe()
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
-        """The batches of `epoch` on this shard, from batch `start_batch` (earlier batches are not read).
+    def epoch(self, epoch: int, start_batch: int = 0, start_question: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` on this shard, from the position `start_question` (questions of the epoch's
+        global order already consumed, by any layout) and then batch `start_batch` (earlier batches are not
+        read). After k training steps from `start_question` the position is `start_question + k·global_batch`.
 
         Each batch: image float32 [B, 3, S, S] (or features [B, C, H, W]), question int64 [B, L] padded with 0
         to the batch's longest, and int64 [B] length, answer (-1 where none), family, index (row in the split).
@@ -256,9 +291,9 @@ class Loader:
         _, _, _, DALIGenericIterator, LastBatchPolicy = _dali()
         if epoch < 0 or start_batch < 0:
             raise ValueError(f"epoch and start_batch must be non-negative, got {epoch}, {start_batch}")
-        if start_batch >= self.num_batches:
+        if start_batch >= self.steps_from(start_question):
             return
-        rows = self.rows(epoch)
+        rows = self.rows(epoch, start_question)
         pipe = self._pipeline(_Source(self, rows, start_batch))
         it = None
         done = start_batch
