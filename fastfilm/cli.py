@@ -61,13 +61,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="most attribute words in one object description, e.g. 'large red metal cube' has 3 (CLEVR: 3)",
     )
+    p.add_argument(
+        "--cogent",
+        action="store_true",
+        help="CLEVR-CoGenT-style splits trainA, valA, valB, testA, testB: in condition A cubes are gray, blue, "
+        "brown or yellow and cylinders red, green, purple or cyan; in B the other way round (spheres any colour)",
+    )
 
     p = sub.add_parser("prep", help="tokenise questions and build the vocabulary / image cache")
     p.add_argument("--clevr", required=True, help="a CLEVR v1.0 folder (real or synthetic)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--image-size", type=int, default=None, help="also write a resized uint8 image cache")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--splits", default="train,val,test", help="comma-separated splits to prepare")
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="comma-separated splits to prepare (default: every questions/CLEVR_{split}_questions.json present)",
+    )
+    p.add_argument(
+        "--vocab-from",
+        default=None,
+        metavar="VOCAB_OR_CACHE",
+        help="reuse a vocabulary: a vocab.json (fastfilm's or the original's), a cache or model folder, or an "
+        "original checkpoint",
+    )
+    p.add_argument(
+        "--expand-vocab",
+        action="store_true",
+        help="with --vocab-from: append the train split's new words (old ids kept), as the original's --expand_vocab",
+    )
+    p.add_argument(
+        "--unk-threshold",
+        type=int,
+        default=1,
+        help="a word enters the vocabulary when the train split has it at least N times (others → <UNK>)",
+    )
+    p.add_argument(
+        "--features-h5",
+        action="append",
+        default=[],
+        metavar="[SPLIT=]FILE",
+        help="convert the original's ResNet feature file (HDF5 'features' [N, C, H, W]) into the cache, in "
+        "chunks; SPLIT defaults to the file name's prefix ({split}_features.h5); repeatable",
+    )
 
     p = sub.add_parser("eval", help="accuracy overall and per question family")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -75,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     p.add_argument("--kernels", choices=["reference", "triton", "compile"], default=None)
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="FILE",
+        help="write the predicted answer of every question, one a line, in the questions file's order "
+        "(CLEVR's answer-file format; also for a split without answers)",
+    )
+    p.add_argument(
+        "--predictions-json",
+        default=None,
+        metavar="FILE",
+        help="write question index, image, question, answer and top-5 probabilities per question (JSON lines)",
+    )
 
     p = sub.add_parser("export", help="export weights as safetensors + config.json + vocab.json")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -84,8 +133,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="answer a question about an image with an exported model")
     p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
     p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", default=None, help="the question (or use --interactive)")
     p.add_argument("--top", type=int, default=5)
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="a prompt on the image: type questions, ':image PATH' for another image, ':quit' or end of input",
+    )
+    p.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="answer questions with words outside the training vocabulary (as <UNK>) instead of naming them",
+    )
+    p.add_argument(
+        "--resnet-weights",
+        default=None,
+        metavar="FILE",
+        help="for a feature-stem model: the ResNet-101 weights that turn the image into features (see `features`)",
+    )
+
+    p = sub.add_parser("import-original", help="an original FiLM checkpoint (ethanjperez/film) → an exported model")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file saved by the original's scripts/train_model.py")
+    p.add_argument("--out", required=True, help="output folder (as `fastfilm export` writes)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="adjust the written config, e.g. --set data.cache=data/cache/clevr",
+    )
+
+    p = sub.add_parser("features", help="ResNet-101 conv4 features of a CLEVR folder's images, as the original")
+    p.add_argument("--clevr", required=True, help="a CLEVR v1.0 folder")
+    p.add_argument("--out", required=True, help="cache folder: writes {split}_features.npy")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="ResNet-101 ImageNet weights, a local file (torchvision's state dict .pth or .safetensors)",
+    )
+    p.add_argument("--splits", default=None, help="comma-separated splits (default: every images/ folder)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    p.add_argument("--image-size", type=int, default=224, help="resize (bicubic) before the network (224)")
 
     p = sub.add_parser("analyze", help="the paper's FiLM analyses (histograms, t-SNE, ablations, arithmetic)")
     p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
@@ -148,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastfilm import analyze
 
             return analyze.run(args)
+        if args.command == "import-original":
+            from fastfilm import original
+
+            return original.run_import(args)
+        if args.command == "features":
+            from fastfilm import features
+
+            return features.run(args)
         return None
 
     status = with_one_line_errors(dispatch)

@@ -117,6 +117,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     dist_timeout_s: int = 600  # collective timeout: a dead rank takes the job down instead of hanging
+    # Start from trained weights: a run folder, an exported model or an original checkpoint ("" = from scratch);
+    # see fastfilm/init_from.py (a vocabulary that extends the source's grows the word embedding).
+    init_from: str = ""
+    trainable: str = "all"  # all | generator (FiLMed network frozen) | network (generator frozen)
+    frozen_mode: str = "train"  # the frozen part's mode while training: train (BN stats adapt) | eval (fixed)
 
 
 @dataclass
@@ -357,6 +362,8 @@ def validate(cfg: Config) -> None:
         raise bad("train", "patience, max_steps, eval_every and max_minutes must be >= 0")
     if t.film_reg_weight < 0:
         raise bad("train.film_reg_weight", "must be >= 0")
+    choice("train.trainable", t.trainable, ("all", "generator", "network"))
+    choice("train.frozen_mode", t.frozen_mode, ("train", "eval"))
     ds = cfg.deepspeed
     if not isinstance(ds, dict):
         raise bad("deepspeed", "expected an object (a standard DeepSpeed config)")

@@ -221,10 +221,28 @@ def family_names(questions: list[dict[str, Any]], info: dict[str, Any]) -> dict[
     return {str(f): c.most_common(1)[0][0] for f, c in sorted(by_family.items())}
 
 
-def make_vocab(train: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
-    """The vocabulary of a train split (questions and answers), with family names and its hash."""
-    q2i = build_vocab(tokenize(q["question"]) for q in train)
-    a2i = build_vocab([q["answer"]] for q in train if q["answer"] is not None)
+def make_vocab(
+    train: list[dict[str, Any]],
+    info: dict[str, Any],
+    min_count: int = 1,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The vocabulary of a train split (questions and answers), with family names and its hash.
+
+    Words seen fewer than `min_count` times are left out (they encode as `<UNK>`; the original's
+    `--unk_threshold`). With `base` (another vocabulary): its ids and answers are kept and the split's words it
+    lacks are appended in sorted order (the original's `preprocess_questions.py --expand_vocab 1`).
+    """
+    counts = Counter(t for q in train for t in tokenize(q["question"]))
+    kept = [t for t, c in counts.items() if c >= min_count]
+    if base is None:
+        q2i = build_vocab([kept])
+        a2i = build_vocab([q["answer"]] for q in train if q["answer"] is not None)
+    else:
+        q2i = dict(base["question_token_to_idx"])
+        for t in sorted(kept):
+            q2i.setdefault(t, len(q2i))
+        a2i = dict(base["answer_token_to_idx"])
     return {
         "format": FORMAT_VERSION,
         "question_token_to_idx": q2i,
@@ -232,6 +250,61 @@ def make_vocab(train: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, A
         "question_family_names": family_names(train, info),
         "hash": vocab_hash(q2i, a2i),
     }
+
+
+def read_vocab_source(path: str) -> dict[str, Any]:
+    """The vocabulary `--vocab-from` names: a vocab.json (fastfilm's, or the original's with program tokens), a
+    folder holding one (a cache, an exported model, a checkpoint tag), or a checkpoint of the original code."""
+    from fastfilm.data.tokenize import SPECIAL_TOKENS
+
+    file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise DataError(
+            f"{file}: not found (--vocab-from takes a vocab.json, a cache or model folder, or an original checkpoint)"
+        )
+    if file.endswith(".json"):
+        raw = _read_json(file)
+    else:
+        from fastfilm.checkpoint import CheckpointError
+        from fastfilm.original import read_original_checkpoint
+
+        try:
+            raw = read_original_checkpoint(file)["vocab"]
+        except CheckpointError as e:
+            raise DataError(str(e)) from None
+    out: dict[str, Any] = {}
+    for key in ("question_token_to_idx", "answer_token_to_idx"):
+        tok = raw.get(key) if isinstance(raw, dict) else None
+        if not isinstance(tok, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in tok.values()
+        ):
+            raise DataError(f"{file}: '{key}' missing or not a token → id mapping")
+        if sorted(tok.values()) != list(range(len(tok))):
+            raise DataError(f"{file}: {key}: the ids are not 0..{len(tok) - 1}")
+        out[key] = {str(k): v for k, v in sorted(tok.items(), key=lambda kv: kv[1])}
+    for special, idx in SPECIAL_TOKENS.items():
+        if out["question_token_to_idx"].get(special) != idx:
+            raise DataError(f"{file}: question_token_to_idx: {special} must be {idx}")
+    names = raw.get("question_family_names") if isinstance(raw, dict) else None
+    out["question_family_names"] = names if isinstance(names, dict) else {}
+    return out
+
+
+def discover_splits(clevr_dir: str) -> list[str]:
+    """Every split with a `questions/CLEVR_{split}_questions.json` (train splits first, then by name)."""
+    folder = os.path.join(clevr_dir, "questions")
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"{folder}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
+        )
+    found = []
+    for name in os.listdir(folder):
+        m = re.fullmatch(r"CLEVR_(.+)_questions\.json", name)
+        if m and _SPLIT_RE.match(m.group(1)):
+            found.append(m.group(1))
+    if not found:
+        raise DataError(f"{folder}: no CLEVR_{{split}}_questions.json files")
+    return sorted(found, key=lambda s: (not s.startswith("train"), s))
 
 
 def encode_split(
@@ -465,9 +538,22 @@ def prepare(
     image_size: int | None = None,
     workers: int | None = None,
     splits: Sequence[str] = ("train", "val", "test"),
+    vocab_from: str | None = None,
+    expand_vocab: bool = False,
+    unk_threshold: int = 1,
 ) -> dict[str, Any]:
-    """Build (or bring up to date) the cache of a CLEVR-format folder; returns a summary of what it did."""
+    """Build (or bring up to date) the cache of a CLEVR-format folder; returns a summary of what it did.
+
+    The vocabulary is built from the first split whose name starts with `train` (words seen at least
+    `unk_threshold` times), or taken from `vocab_from` (see `read_vocab_source`); with `expand_vocab` the train
+    split's new words are appended to it.
+    """
     t0 = time.time()
+    if not isinstance(unk_threshold, int) or isinstance(unk_threshold, bool) or unk_threshold < 1:
+        raise DataError(f"prep: --unk-threshold must be a positive integer, got {unk_threshold!r}")
+    if expand_vocab and not vocab_from:
+        raise DataError("prep: --expand-vocab needs --vocab-from (the vocabulary to expand)")
+    base = read_vocab_source(vocab_from) if vocab_from else None
     splits = list(dict.fromkeys(splits))
     if not splits:
         raise DataError("prep: no splits given")
@@ -507,10 +593,27 @@ def prepare(
         listings[s], dir_fp = _dir_listing(folder)
         src[s] = {"questions": _file_fp(qp), "images": dir_fp}
     vocab_path = os.path.join(out_dir, "vocab.json")
-    vocab_src = src[vocab_split]["questions"] if vocab_split else None
+    if expand_vocab and vocab_split is None:
+        raise DataError("prep: --expand-vocab needs a train split (a name starting with 'train') in --splits")
+    build_split = vocab_split if base is None or expand_vocab else None  # the split the vocabulary reads
+    vocab_src: Any = src[build_split]["questions"] if build_split else None
+    vocab_opts: dict[str, Any] = {}
+    if base is not None:
+        vf = os.path.join(vocab_from, "vocab.json") if os.path.isdir(vocab_from) else vocab_from
+        vocab_opts = {
+            "vocab_from": os.path.abspath(vf),
+            "vocab_from_file": _file_fp(vf),
+            "expand": expand_vocab,
+        }
+    if unk_threshold != 1:
+        vocab_opts["unk_threshold"] = unk_threshold
+    if vocab_opts:
+        vocab_src = {"questions": vocab_src, **vocab_opts}
     old_vocab = old.get("vocab", {})
-    vocab_ok = os.path.isfile(vocab_path) and (vocab_split is None or old_vocab.get("source") == vocab_src)
-    if vocab_split is None and not os.path.isfile(vocab_path):
+    vocab_ok = os.path.isfile(vocab_path) and (
+        (vocab_split is None and not vocab_opts) or old_vocab.get("source") == vocab_src
+    )
+    if vocab_split is None and base is None and not os.path.isfile(vocab_path):
         raise DataError(f"prep: {vocab_path} does not exist and no train split was given to build it from")
 
     def split_ok(s: str, vhash: str | None) -> bool:
@@ -545,21 +648,39 @@ def prepare(
     try:
         if vocab_ok:
             vocab = load_vocab(out_dir)
+        elif build_split is None:  # --vocab-from as it is
+            q2i, a2i = base["question_token_to_idx"], base["answer_token_to_idx"]
+            vocab = {
+                "format": FORMAT_VERSION,
+                "question_token_to_idx": q2i,
+                "answer_token_to_idx": a2i,
+                "question_family_names": base["question_family_names"],
+                "hash": vocab_hash(q2i, a2i),
+            }
         else:
-            parsed[vocab_split] = read_questions(questions_path(clevr_dir, vocab_split), vocab_split)
-            if not parsed[vocab_split][0]:
-                raise DataError(f"{questions_path(clevr_dir, vocab_split)}: the split has no questions")
-            vocab = make_vocab(*parsed[vocab_split])
+            parsed[build_split] = read_questions(questions_path(clevr_dir, build_split), build_split)
+            if not parsed[build_split][0]:
+                raise DataError(f"{questions_path(clevr_dir, build_split)}: the split has no questions")
+            vocab = make_vocab(*parsed[build_split], min_count=unk_threshold, base=base)
         new_manifest = {
             "versions": _versions(),
             "clevr_dir": os.path.abspath(clevr_dir),
-            "vocab": {"source": vocab_src if vocab_split else old_vocab.get("source"), "hash": vocab["hash"]},
+            "vocab": {
+                "source": vocab_src if (vocab_split or vocab_opts) else old_vocab.get("source"),
+                "hash": vocab["hash"],
+            },
             "vocab_summary": {
                 "question_tokens": len(vocab["question_token_to_idx"]),
                 "answers": len(vocab["answer_token_to_idx"]),
                 "families": len(vocab["question_family_names"]),
                 "hash": vocab["hash"],
-                "built_from": vocab_split or old.get("vocab_summary", {}).get("built_from"),
+                "built_from": build_split
+                or (vocab_opts.get("vocab_from") if base is not None else None)
+                or old.get("vocab_summary", {}).get("built_from"),
+                "vocab_from": vocab_opts.get("vocab_from"),
+                "new_words": len(vocab["question_token_to_idx"]) - len(base["question_token_to_idx"])
+                if base is not None
+                else 0,
             },
             "splits": {k: v for k, v in old.get("splits", {}).items() if k not in splits},
         }
@@ -647,7 +768,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         head,
         f"  vocabulary: {v.get('question_tokens', '?')} question tokens, {v.get('answers', '?')} answer ids "
-        f"(hash {str(v.get('hash', '?'))[:12]})",
+        f"(hash {str(v.get('hash', '?'))[:12]})"
+        + (f"; from {v['vocab_from']}, {v.get('new_words', 0)} new word(s)" if v.get("vocab_from") else ""),
     ]
     for name, st in s["splits"].items():
         if not st:
@@ -670,13 +792,29 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm prep`: prepare the cache and print what was done (or that nothing needed doing)."""
-    splits = [s.strip() for s in str(getattr(args, "splits", "train,val,test")).split(",") if s.strip()]
-    try:
-        s = prepare(args.clevr, args.out, image_size=args.image_size, workers=args.workers, splits=splits)
-    except DataError as e:
-        print(f"fastfilm: data error: {e}", file=sys.stderr)
-        return 2
+    given = getattr(args, "splits", None)
+    if given is None:
+        splits = discover_splits(args.clevr)
+    else:
+        splits = [s.strip() for s in str(given).split(",") if s.strip()]
+    s = prepare(
+        args.clevr,
+        args.out,
+        image_size=args.image_size,
+        workers=args.workers,
+        splits=splits,
+        vocab_from=getattr(args, "vocab_from", None),
+        expand_vocab=getattr(args, "expand_vocab", False),
+        unk_threshold=getattr(args, "unk_threshold", 1),
+    )
     print(format_summary(s))
+    if getattr(args, "features_h5", None):
+        from fastfilm.features import convert_features_h5, features_file, h5_split
+
+        for spec in args.features_h5:
+            split, h5 = h5_split(spec)
+            shape, dtype = convert_features_h5(h5, features_file(args.out, split))
+            print(f"  {split}: {h5} → {features_file(args.out, split)} ({dtype} {list(shape)})")
     for name, st in s["splits"].items():
         if st.get("skipped_examples"):
             print(f"  {name}: skipped e.g. {', '.join(st['skipped_examples'][:3])}", file=sys.stderr)

@@ -1,0 +1,407 @@
+"""Checkpoints of the original FiLM code (`ethanjperez/film`): read them safely, map them, import them.
+
+`scripts/train_model.py` of the original saves, with `torch.save`, one dict: `args` (its command line, a plain
+dict), `program_generator_kwargs` and `program_generator_state` (FiLMGen), `execution_engine_kwargs` and
+`execution_engine_state` (FiLMedNet), `vocab` and its training statistics (`best_val_acc`, `model_t`, ...).
+Files from 2017 are in torch's legacy (non-zip) format. Both formats are read with
+`torch.load(weights_only=True)`, which rebuilds tensors and plain containers and runs no pickled code; a file
+that needs anything else (a pickled class, a function) is refused with one line.
+
+`fastfilm import-original CKPT --out DIR` maps every model argument of the two kwargs dicts onto fastfilm's
+`model` config (an argument fastfilm has no switch for is an error that names it), the vocabulary onto
+fastfilm's `vocab.json` (ids unchanged: both codes build vocabularies the same way), the weights through
+`fastfilm.model.from_original_state_dict`, and writes an exported-model folder (`model.safetensors`,
+`config.json`, `vocab.json`, `manifest.json`, plus `original.json` saying where it came from) that `predict`,
+`eval`, `analyze` and `train.init_from` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fastfilm.checkpoint import CheckpointError
+from fastfilm.config import CONDITION_METHODS, Config, ConfigError, config_from_dict
+
+ORIGINAL_KEYS = (
+    "program_generator_kwargs",
+    "program_generator_state",
+    "execution_engine_kwargs",
+    "execution_engine_state",
+    "vocab",
+)
+
+# The original's renamed argument values (`vr/utils.py` `arg_value_updates`), applied as it applies them.
+_VALUE_UPDATES = {
+    "condition_method": {
+        "block-input-fac": "block-input-film",
+        "block-output-fac": "block-output-film",
+        "cbn": "bn-film",
+        "conv-fac": "conv-film",
+        "relu-fac": "relu-film",
+    },
+}
+# Arguments that only change printing or debugging in the original, never the computation.
+_NO_EFFECT = {"debug_every", "print_verbose_every", "verbose"}
+
+
+def read_original_checkpoint(path: str) -> dict[str, Any]:
+    """The dict an original `scripts/train_model.py` saved (legacy or zip format), read without unpickling code.
+
+    Raises CheckpointError (one line, naming the file) for a missing file, a file that needs anything beyond
+    tensors and plain containers, or a dict without the original's keys.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file (expected a checkpoint of the original FiLM code)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all mean "refuse"
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: not loadable with weights_only=True ({first}); fastfilm never unpickles "
+            "objects other than tensors and plain containers"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected the original's checkpoint dict, found {type(ckpt).__name__}")
+    missing = [k for k in ORIGINAL_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of the original FiLM code (missing {', '.join(missing)}); "
+            "fastfilm run folders and exported models are read directly"
+        )
+    for k in ("program_generator_state", "execution_engine_state"):
+        if not isinstance(ckpt[k], Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt[k].values()):
+            raise CheckpointError(f"{path}: '{k}' is not a state dict of tensors")
+    return ckpt
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{where}: expected 0/1 or true/false, got {value!r}")
+
+
+def original_model_config(pg: Mapping[str, Any], ee: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """fastfilm's `model` section for the original's FiLMGen and FiLMedNet kwargs.
+
+    Every argument is mapped or checked; one fastfilm cannot express raises ConfigError naming it.
+    """
+    m: dict[str, Any] = {}
+
+    def bad(arg: str, value: Any, why: str) -> ConfigError:
+        return ConfigError(f"{source}: original argument {arg}={value!r}: {why}")
+
+    ee = dict(ee)
+    pg = dict(pg)
+    for kw in (ee, pg):
+        for arg, updates in _VALUE_UPDATES.items():
+            if arg in kw and kw[arg] in updates:
+                kw[arg] = updates[kw[arg]]
+
+    # ---- FiLMedNet (execution_engine_kwargs)
+    for arg, value in ee.items():
+        where = f"{source}: execution_engine_kwargs.{arg}"
+        if arg in _NO_EFFECT or arg == "vocab":
+            continue
+        if arg == "feature_dim":
+            dims = list(value)
+            if len(dims) != 3 or dims[1] != dims[2]:
+                raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm needs (C, H, W) with H == W")
+            if dims[0] == 3:
+                m.update(stem="pixels", image_size=int(dims[1]))
+            else:
+                m.update(stem="features", feature_channels=int(dims[0]), feature_size=int(dims[1]))
+        elif arg in (
+            "stem_num_layers",
+            "stem_kernel_size",
+            "stem_stride",
+            "module_dim",
+            "module_kernel_size",
+        ):
+            m[arg] = int(value)
+        elif arg == "stem_padding":
+            m[arg] = None if value is None else int(value)
+        elif arg in ("stem_batchnorm", "module_residual", "module_batchnorm", "module_batchnorm_affine"):
+            m[arg] = _flag(value, where)
+        elif arg == "classifier_batchnorm":
+            m[arg] = _flag(value, where)
+        elif arg in ("use_gamma", "use_beta"):
+            m[arg] = _flag(value, where)
+        elif arg == "use_coords":
+            if value not in (0, 1, True, False):
+                raise bad(
+                    f"execution_engine_kwargs.{arg}",
+                    value,
+                    "fastfilm has coordinate maps on (1) or off (0) only",
+                )
+            m[arg] = bool(value)
+        elif arg in ("module_dropout", "classifier_dropout"):
+            m[arg] = float(value)
+        elif arg == "module_input_proj":
+            m[arg] = int(value)  # True (older files) → 1
+        elif arg == "num_modules":
+            m["num_blocks"] = int(value)
+        elif arg == "module_num_layers":
+            if int(value) != 1:
+                raise bad(
+                    f"execution_engine_kwargs.{arg}", value, "fastfilm has one conv layer per ResBlock (1)"
+                )
+        elif arg == "classifier_proj_dim":
+            m[arg] = int(value) if value is not None else 0
+        elif arg == "classifier_downsample":
+            ok = value == "maxpoolfull" or value == "avgpoolfull"
+            ok = ok or (
+                isinstance(value, str) and value[:7] in ("maxpool", "avgpool") and value[7:].isdigit()
+            )
+            if not ok:
+                raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm has maxpool/avgpool K or full")
+            m[arg] = value
+        elif arg == "classifier_fc_layers":
+            m["classifier_fc_dims"] = [int(v) for v in value]
+        elif arg == "condition_method":
+            if value not in CONDITION_METHODS:
+                raise bad(
+                    f"execution_engine_kwargs.{arg}", value, f"fastfilm has {', '.join(CONDITION_METHODS)}"
+                )
+            m[arg] = value
+        elif arg == "condition_pattern":
+            pattern = [1 if int(v) > 0 else 0 for v in value] if value else []
+            m[arg] = pattern or None
+        else:
+            raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm has no switch for this argument")
+    if "feature_dim" not in ee:
+        m.update(stem="features", feature_channels=1024, feature_size=14)  # the original's default
+    if m.get("stem_padding") is None:
+        k = m.get("stem_kernel_size", 3)
+        if k % 2 == 0:
+            raise bad(
+                "execution_engine_kwargs.stem_padding", None, f"the original has no default for kernel {k}"
+            )
+        m["stem_padding"] = k // 2
+    m.setdefault("stem_num_layers", 2)  # the original FiLMedNet's defaults for arguments a file may lack
+    m.setdefault("stem_kernel_size", 3)
+    m.setdefault("stem_stride", 1)
+    m.setdefault("stem_batchnorm", False)
+    m.setdefault("module_batchnorm", False)
+    m.setdefault("classifier_downsample", "maxpool2")
+    m.setdefault("classifier_batchnorm", False)
+    m.setdefault("module_dropout", 0.0)
+
+    # ---- FiLMGen (program_generator_kwargs)
+    for arg, value in pg.items():
+        where = f"program_generator_kwargs.{arg}"
+        if arg in _NO_EFFECT or arg in ("encoder_vocab_size", "decoder_vocab_size"):
+            continue  # vocabulary sizes come from the weights and the vocabulary
+        if arg in ("null_token", "start_token", "end_token"):
+            if value != {"null_token": 0, "start_token": 1, "end_token": 2}[arg]:
+                raise bad(where, value, "fastfilm's special tokens are <NULL>=0, <START>=1, <END>=2")
+        elif arg == "encoder_embed":
+            if value is not None:
+                raise bad(where, "…", "pretrained word vectors are not an option of fastfilm")
+        elif arg == "wordvec_dim":
+            m["wordvec_dim"] = int(value)
+        elif arg == "hidden_dim":
+            m["rnn_hidden_dim"] = int(value)
+        elif arg == "rnn_num_layers":
+            m["rnn_num_layers"] = int(value)
+        elif arg == "rnn_dropout":
+            m["rnn_dropout"] = float(value)
+        elif arg == "output_batchnorm":
+            if _flag(value, f"{source}: {where}"):
+                raise bad(where, value, "fastfilm has no BatchNorm on the generator's output")
+        elif arg == "bidirectional":
+            m["bidirectional"] = _flag(value, f"{source}: {where}")
+        elif arg == "encoder_type":
+            if value not in ("gru", "lstm"):
+                raise bad(where, value, "fastfilm's question encoder is a gru or an lstm")
+            m["encoder_type"] = value
+        elif arg == "decoder_type":
+            if value != "linear":
+                raise bad(where, value, "fastfilm's FiLM decoder is one linear layer ('linear')")
+        elif arg == "gamma_option":
+            m["gamma_option"] = value
+        elif arg == "gamma_baseline":
+            m["gamma_baseline"] = float(value)
+        elif arg == "parameter_efficient":
+            if not _flag(value, f"{source}: {where}"):
+                raise bad(where, value, "fastfilm's generator has the parameter-efficient layout (1) only")
+        elif arg in ("num_modules", "module_dim", "module_num_layers"):
+            ours = {"num_modules": m.get("num_blocks", 4), "module_dim": m.get("module_dim", 128)}
+            ours["module_num_layers"] = 1
+            if int(value) != ours[arg]:
+                raise bad(where, value, f"differs from the FiLMed network's ({ours[arg]})")
+        else:
+            raise bad(where, value, "fastfilm has no switch for this argument")
+    if "parameter_efficient" not in pg:  # the FiLMGen default (False) is a layout fastfilm does not have
+        raise bad(
+            "program_generator_kwargs.parameter_efficient", None, "absent means False, which fastfilm lacks"
+        )
+    m.setdefault("wordvec_dim", 200)
+    m.setdefault("rnn_hidden_dim", 512)
+    m.setdefault("rnn_num_layers", 1)
+    m.setdefault("gamma_baseline", 1.0)
+    return m
+
+
+def original_vocab(vocab: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """fastfilm's vocab.json for the original's vocabulary (same ids; program tokens dropped)."""
+    from fastfilm.data.tokenize import SPECIAL_TOKENS, vocab_hash
+
+    out: dict[str, Any] = {"format": 1}
+    for key in ("question_token_to_idx", "answer_token_to_idx"):
+        tok = vocab.get(key) if isinstance(vocab, Mapping) else None
+        if not isinstance(tok, Mapping) or not all(isinstance(v, int) for v in tok.values()):
+            raise CheckpointError(f"{source}: vocab.{key} missing or not a token → id mapping")
+        ids = sorted(tok.values())
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"{source}: vocab.{key}: ids are not 0..{len(ids) - 1}")
+        out[key] = {str(k): int(v) for k, v in sorted(tok.items(), key=lambda kv: kv[1])}
+    for special, idx in SPECIAL_TOKENS.items():
+        if out["question_token_to_idx"].get(special, idx) != idx:
+            raise CheckpointError(f"{source}: vocab.question_token_to_idx: {special} is not {idx}")
+    out["question_family_names"] = {}
+    out["hash"] = vocab_hash(out["question_token_to_idx"], out["answer_token_to_idx"])
+    return out
+
+
+def _deepspeed_from_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The original's optimisation arguments as fastfilm's DeepSpeed section (Adam only; else the defaults)."""
+    from fastfilm.config import default_deepspeed
+
+    ds = default_deepspeed()
+    if str(args.get("optimizer", "Adam")) == "Adam":
+        params = ds["optimizer"]["params"]
+        if isinstance(args.get("learning_rate"), (int, float)):
+            params["lr"] = float(args["learning_rate"])
+        if isinstance(args.get("weight_decay"), (int, float)):
+            params["weight_decay"] = float(args["weight_decay"])
+    if isinstance(args.get("batch_size"), int) and args["batch_size"] > 0:
+        ds["train_micro_batch_size_per_gpu"] = int(args["batch_size"])
+    return ds
+
+
+def load_original(path: str) -> tuple[torch.nn.Module, Config, dict[str, Any], dict[str, Any]]:
+    """(fastfilm model with the original's weights, its config, its vocab, provenance) for an original file."""
+    from fastfilm.model import FiLMModel, from_original_state_dict
+
+    ckpt = read_original_checkpoint(path)
+    model_section = original_model_config(
+        ckpt["program_generator_kwargs"], ckpt["execution_engine_kwargs"], path
+    )
+    vocab = original_vocab(ckpt["vocab"], path)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
+    raw = {
+        "model": model_section,
+        "data": {"image_source": "features" if model_section["stem"] == "features" else "cache"},
+        "deepspeed": _deepspeed_from_args(args),
+    }
+    cfg = config_from_dict(raw, source=f"{path} (mapped)")
+    state = from_original_state_dict(
+        {
+            "program_generator_state": ckpt["program_generator_state"],
+            "execution_engine_state": ckpt["execution_engine_state"],
+        }
+    )
+    model = FiLMModel(
+        cfg.model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]), kernels="reference"
+    )
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its arguments describe (unexpected: "
+            f"{', '.join(unexpected[:5]) or 'none'}; missing: {', '.join(missing[:5]) or 'none'})"
+        )
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: weight shapes do not fit the model (vocabulary of {len(vocab['question_token_to_idx'])} "
+            f"words, {len(vocab['answer_token_to_idx'])} answers): {'; '.join(wrong[:3])}"
+        )
+    # 2017 files predate BatchNorm's num_batches_tracked: those keep the new model's zeros.
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)
+    model.eval()
+    info = {
+        "imported_from": os.path.abspath(path),
+        "best_val_acc": ckpt.get("best_val_acc"),
+        "model_t": ckpt.get("model_t"),
+        "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))},
+    }
+    return model, cfg, vocab, info
+
+
+def write_model_folder(
+    model: torch.nn.Module, cfg: Config, vocab: dict, out: str, extra: dict | None = None
+) -> str:
+    """Write an exported-model folder (what `fastfilm export` writes, plus a manifest) atomically."""
+    from fastfilm.checkpoint import atomic_save_safetensors, atomic_write_json, model_state, write_manifest
+
+    out = out.rstrip("/") or out
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        atomic_save_safetensors(model_state(model), os.path.join(tmp, "model.safetensors"))
+        atomic_write_json(os.path.join(tmp, "config.json"), cfg.to_dict())
+        atomic_write_json(os.path.join(tmp, "vocab.json"), vocab)
+        if extra is not None:
+            atomic_write_json(os.path.join(tmp, "original.json"), extra)
+        write_manifest(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def import_original(path: str, out: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Import an original checkpoint into an exported-model folder; returns a summary.
+
+    `overrides` (`section.key=value`, as `--set`) adjust the written config, e.g. `data.cache=...`, the cache
+    `fastfilm eval` reads for this model.
+    """
+    from fastfilm.config import apply_overrides
+    from fastfilm.export import load_model_folder
+    from fastfilm.model import count_parameters
+
+    model, cfg, vocab, info = load_original(path)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source=f"{path} (mapped, --set)")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    write_model_folder(model, cfg, vocab, out, extra=info)
+    load_model_folder(out)  # proves the folder loads into the described model
+    return {
+        "out": out,
+        "stem": cfg.model.stem,
+        "parameters": count_parameters(model),
+        "question_tokens": len(vocab["question_token_to_idx"]),
+        "answers": len(vocab["answer_token_to_idx"]),
+        "best_val_acc": info["best_val_acc"],
+    }
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """`fastfilm import-original CKPT --out DIR`."""
+    s = import_original(args.checkpoint, args.out, getattr(args, "overrides", ()))
+    acc = (
+        f", best val acc {s['best_val_acc']:.4f} in the original run"
+        if isinstance(s["best_val_acc"], float)
+        else ""
+    )
+    print(
+        f"imported {args.checkpoint} → {s['out']}/ ({s['stem']} stem, {s['parameters']:,} parameters, "
+        f"{s['question_tokens']} question tokens, {s['answers']} answer ids{acc})"
+    )
+    print(f"  evaluate it with: fastfilm eval --checkpoint {s['out']} --split val")
+    return 0
