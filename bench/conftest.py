@@ -52,6 +52,7 @@ def pytest_addoption(parser):
         default=False,
         help="also time the Triton cases on a CPU, in the Triton interpreter (very slow, not a real timing)",
     )
+    _add_workload_options(group)
 
 
 def _settings(config) -> benchlib.Settings:
@@ -129,3 +130,20 @@ def bench_dataset(tmp_path_factory, settings):
     prep_kw = {k: v for k, v in workers.items() if k in inspect.signature(prep.prepare).parameters}
     prep.prepare(str(root / "clevr"), str(root / "cache"), image_size=spec["image_size"], **prep_kw)
     return {"clevr": str(root / "clevr"), "cache": str(root / "cache"), **spec}
+
+
+def _add_workload_options(group) -> None:
+    """Options of the workload and original-code benchmarks (bench/test_flops.py, bench/test_original.py)."""
+    group.addoption(
+        "--bench-lengths",
+        default=None,
+        metavar="CACHE",
+        help="a CLEVR `fastfilm prep` cache: FLOPs per question at its train split's real length distribution",
+    )
+    group.addoption(
+        "--original-film",
+        default=os.environ.get("FASTFILM_ORIGINAL_FILM"),
+        metavar="PATH",
+        help="a checkout of the original FiLM code (github.com/ethanjperez/film, never vendored): compare "
+        "logits and train-step speed with it in the same run (also FASTFILM_ORIGINAL_FILM)",
+    )

@@ -25,9 +25,12 @@ KIND_TITLES = {
     "train_step": "One training step of the raw-pixel model (forward, loss, backward, Adam)",
     "generator": "FiLM generator alone (embedding → GRU → linear)",
     "loader": "Loader alone (one epoch of the train split)",
+    "flops": "Work per question: GFLOP (FlopCounterMode, matmuls and convolutions)",
+    "ceiling": "The machine's ceiling: 2048² matmul, same threads, same run",
+    "original": "Against the original code (ethanjperez/film), same machine, same run",
     "other": "Other benchmarks",
 }
-KIND_ORDER = ["op", "train_step", "generator", "loader", "other"]
+KIND_ORDER = ["flops", "ceiling", "original", "op", "train_step", "generator", "loader", "other"]
 
 
 def fmt_time(s: float | None) -> str:
@@ -66,7 +69,12 @@ def impl_of(b: dict[str, Any]) -> str:
 def throughput(b: dict[str, Any]) -> tuple[str, float | None]:
     """(unit, value) of the benchmark's throughput from extra_info (None: none recorded)."""
     info = b.get("extra_info", {})
-    for key, unit in (("gb_per_s", "GB/s"), ("tflop_per_s", "TFLOP/s"), ("questions_per_s", "questions/s")):
+    for key, unit in (
+        ("gb_per_s", "GB/s"),
+        ("tflop_per_s", "TFLOP/s"),
+        ("questions_per_s", "questions/s"),
+        ("gflop_per_s", "GFLOP/s"),
+    ):
         if info.get(key) is not None:
             return unit, float(info[key])
     return "", None
@@ -74,7 +82,7 @@ def throughput(b: dict[str, Any]) -> tuple[str, float | None]:
 
 def natural_key(text: str) -> list:
     """Sort "N=64" before "N=256" (numbers as numbers)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+    return [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", text)]
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -218,6 +226,102 @@ def generator_share(benches: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def flops_section(benches: list[dict[str, Any]]) -> list[str]:
+    """GFLOP per question per shipped config: packed (now), padded to a batch's longest (before packing),
+    padded to the dataset's longest (the original), forward and forward + backward."""
+    rows = []
+    for b in sorted(benches, key=lambda b: b["extra_info"].get("config", "")):
+        i = b["extra_info"]
+        orig = i.get("original_fwdbwd_gflop")
+        packed = i.get("packed_fwdbwd_gflop")
+        tokens = (
+            f"{i.get('mean_tokens', 0):.1f} / "
+            + (f"{i['batch_longest_tokens']:.1f}" if "batch_longest_tokens" in i else "—")
+            + f" / {i.get('padded_tokens', 0):.0f}"
+        )
+        rows.append(
+            f"| {i.get('config')} | {i.get('lengths_source', '?')} | {tokens} "
+            f"| {_g(i.get('packed_fwd_gflop'))} / {_g(i.get('batch_longest_fwd_gflop'))} / "
+            f"{_g(i.get('original_fwd_gflop'))} "
+            f"| **{_g(packed)}** / {_g(i.get('batch_longest_fwdbwd_gflop'))} / {_g(orig)} "
+            f"| {fmt_ratio(packed / orig if packed and orig else None)} |"
+        )
+    return [
+        "Tokens include <START>/<END>. *Packed*: fastfilm now, each question's own tokens (at the mean length). "
+        "*Batch-longest*: fastfilm before packing, padded to a shuffled batch's expected longest question "
+        "(needs the length distribution: `--bench-lengths CACHE` for CLEVR). *Original*: padded to the dataset's "
+        "longest, as `ethanjperez/film` runs. Counted on the meta device: matmuls and convolutions only.",
+        "",
+        "| config | lengths | tokens: mean / batch-longest / padded | GFLOP fwd: packed / batch-longest / "
+        "original | GFLOP fwd+bwd: packed / batch-longest / original | packed ÷ original |",
+        "| --- | --- | --- | --- | --- | ---: |",
+        *rows,
+    ]
+
+
+def ceiling_section(benches: list[dict[str, Any]]) -> list[str]:
+    """Each train step's achieved GFLOP/s (its counted forward + backward ÷ median time) beside the machine's
+    own matmul GFLOP/s in the step's dtype, measured in the same run."""
+    ceil = {
+        b["extra_info"].get("dtype"): b["extra_info"].get("gflop_per_s")
+        for b in benches
+        if kind_of(b) == "ceiling" and b["extra_info"].get("gflop_per_s")
+    }
+    rows = []
+    for b in benches:
+        i = b.get("extra_info", {})
+        if i.get("gflop_per_step") is None or kind_of(b) == "ceiling":
+            continue
+        med = b["stats"]["median"]
+        achieved = i["gflop_per_step"] / med if med else None
+        c = ceil.get(i.get("dtype"))
+        rows.append(
+            f"| {b.get('group') or b['name']} | {i.get('impl', '?')} | {_g(i['gflop_per_step'])} "
+            f"| {fmt_time(med)} | {_g(achieved)} | {_g(c)} "
+            f"| {f'{achieved / c:.1%}' if achieved and c else '—'} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Achieved: the step's counted GFLOP (forward + backward, packed) ÷ its median time; optimizer, BN and "
+        "elementwise work are not counted, so the ratio is a lower bound on how busy the machine was.",
+        "",
+        "| train step | kernels | GFLOP / step | median | achieved GFLOP/s | matmul GFLOP/s (same dtype) "
+        "| achieved ÷ matmul |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+
+
+def original_section(benches: list[dict[str, Any]]) -> list[str]:
+    """Questions/s of the original code's train step and of fastfilm's, same batch, same run."""
+    origs = [b for b in benches if b["extra_info"].get("impl") == "original"]
+    rows = []
+    for o in origs:
+        oi = o["extra_info"]
+        for b in benches:
+            i = b["extra_info"]
+            if i.get("batch") != oi.get("batch") or i.get("setup") != oi.get("setup"):
+                continue
+            q = i.get("questions_per_s")
+            ratio = q / oi["questions_per_s"] if q and oi.get("questions_per_s") else None
+            rows.append(
+                f"| {i.get('setup', '?')} | {i.get('impl')} {i.get('dtype', '')} | {fmt_time(b['stats']['median'])} "
+                f"| {fmt_num(q)} | {fmt_ratio(ratio)} |"
+            )
+    if not rows:
+        return []
+    return [
+        "| setup | code | median step | questions/s | × the original |",
+        "| --- | --- | ---: | ---: | ---: |",
+        *rows,
+    ]
+
+
 def render(data: dict[str, Any], source: str = "") -> str:
     benches = data.get("benchmarks", [])
     env, is_cpu = environment(data)
@@ -249,6 +353,13 @@ def render(data: dict[str, Any], source: str = "") -> str:
             continue
         groups = dict(sorted(groups.items(), key=lambda kv: natural_key(kv[0])))
         out += [f"## {KIND_TITLES[kind]}", ""]
+        if kind == "flops":
+            out += [*flops_section([b for g in groups.values() for b in g]), ""]
+            continue
+        if kind == "ceiling":
+            out += [*ceiling_section(benches), ""]
+        if kind == "original":
+            out += [*original_section([b for g in groups.values() for b in g]), ""]
         if kind in ("op", "train_step"):
             out += ["Summary (median time per call / throughput):", "", *summary_table(kind, groups), ""]
         if kind == "generator":

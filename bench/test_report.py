@@ -126,3 +126,29 @@ def test_profile_step_runs_one_tiny_step(tmp_path):
     assert [r["mode"] for r in summary["results"]] == ["reference"]
     assert (tmp_path / "profile_summary.md").read_text().startswith("# Train-step profile")
     assert (tmp_path / "profile_reference_bf16.txt").exists()
+
+
+def test_report_flops_and_ceiling_columns():
+    data = fabricated("cpu")
+    flops = {
+        "config": "clevr.json",
+        "lengths_source": "CLEVR's mean",
+        "mean_tokens": 20.4,
+        "padded_tokens": 46.0,
+        "packed_fwd_gflop": 4.76,
+        "packed_fwdbwd_gflop": 14.0,
+        "original_fwd_gflop": 7.46,
+        "original_fwdbwd_gflop": 21.0,
+    }
+    data["benchmarks"] += [
+        _bench("flops/clevr.json", "flops", "count", 1.0, flops),
+        _bench("ceiling/matmul 2048x2048", "ceiling", "bf16", 0.04, {"gflop_per_s": 400.0}, dtype="bf16"),
+    ]
+    # The reference bf16 step: 0.2 s median, 8 GFLOP per step -> 40 GFLOP/s achieved, 10% of 400.
+    data["benchmarks"][3]["extra_info"]["gflop_per_step"] = 8.0
+    md = report.render(data)
+    assert md.index("Work per question") < md.index("Fused ResBlock op")  # work and ceiling come first
+    row = next(line for line in md.splitlines() if line.startswith("| clevr.json"))
+    assert "**14**" in row and "0.67×" in row and "20.4 / — / 46" in row
+    ceiling = next(line for line in md.splitlines() if "| reference |" in line and "| 40 |" in line)
+    assert "| 400 |" in ceiling and "10.0%" in ceiling

@@ -18,6 +18,7 @@ import gc
 import benchlib
 import pytest
 import torch
+import workload
 
 
 def cuda_graphs_note(cfg) -> str:
@@ -60,12 +61,17 @@ def test_train_step(benchmark, settings, kernels_mode, dtype):
         cuda_graphs=cuda_graphs_note(cfg),
         device=benchlib.device_name(),
     )
+    # The step's work, for its achieved GFLOP/s beside the machine's matmul ceiling (bench/report.py).
+    benchmark.extra_info["gflop_per_step"] = workload.step_gflop(
+        cfg.model, batch["length"], batch["question"].shape[1]
+    )
     # compile: the first calls compile forward and backward graphs; they are warm-up, never timed.
     warmup = settings.warmup + (2 if kernels_mode == "compile" else 0)
     benchlib.run(benchmark, step, settings, warmup=warmup)
     median = benchlib.median_seconds(benchmark)
     if median:
         benchmark.extra_info["questions_per_s"] = n / median
+        benchmark.extra_info["gflop_per_s"] = benchmark.extra_info["gflop_per_step"] / median
     if kernels_mode == "compile":
         benchmark.extra_info["dynamo_graphs"] = benchlib.compiled_graphs() - graphs_before
         assert benchmark.extra_info["dynamo_graphs"] >= 1, (

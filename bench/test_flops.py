@@ -1,0 +1,75 @@
+"""Work per question and the machine's ceiling (not timings of fastfilm code):
+
+- `flops/…`: GFLOP per question, forward and forward + backward, for every shipped config (configs/*.json):
+  packed (fastfilm now), padded to a batch's expected longest question (fastfilm before packing) and padded to
+  the dataset's longest (the original code). Counted on the meta device (`bench/workload.py`). Lengths: the
+  synthetic set built for this session for configs/synthetic.json; CLEVR's mean (20.4 tokens) for the CLEVR
+  configs, or the real distribution of a CLEVR prep cache given with `--bench-lengths CACHE`.
+- `ceiling/…`: the machine's own 2048² matmul GFLOP/s in fp32 and bf16, on the same threads as the other
+  benchmarks, so `bench/report.py` can put each train step's achieved GFLOP/s beside it as a ratio.
+"""
+
+from __future__ import annotations
+
+import os
+
+import benchlib
+import pytest
+import torch
+import workload
+
+CONFIGS = [os.path.basename(p) for p in workload.shipped_configs(benchlib.ROOT)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_flops_per_question(benchmark, request, bench_dataset, config):
+    from fastfilm.config import load_config
+
+    cfg = load_config(os.path.join(benchlib.ROOT, "configs", config))
+    cache = request.config.getoption("--bench-lengths")
+    if "synthetic" in config:
+        lengths, source = workload.lengths_of_cache(bench_dataset["cache"]), "this session's synthetic set"
+    elif cache:
+        lengths, source = workload.lengths_of_cache(cache), f"{cache} (train split)"
+    else:
+        lengths, source = None, "CLEVR's mean, 20.4 tokens (18.4 words + <START>/<END>)"
+    padded = int(lengths.max()) if lengths is not None else workload.CLEVR_PADDED_TOKENS
+    table = benchmark.pedantic(
+        workload.flops_table, args=(cfg.model, lengths, cfg.batch_size, padded), rounds=1, iterations=1
+    )
+    # The count must see the work: packing reads fewer tokens than the dataset-wide padding.
+    assert 0 < table["packed_fwd_gflop"] < table["packed_fwdbwd_gflop"]
+    assert table["packed_fwdbwd_gflop"] < table["original_fwdbwd_gflop"]
+    benchmark.group = f"flops/{config}"
+    benchmark.extra_info.update(
+        kind="flops",
+        impl="count",
+        config=config,
+        batch=cfg.batch_size,
+        lengths_source=source,
+        device="meta (FlopCounterMode)",
+        **table,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_matmul_ceiling(benchmark, settings, dtype):
+    dt = benchlib.DTYPES[dtype]
+    n = 2048
+    dev = benchlib.device()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dev, dt)
+    b = torch.randn(n, n, generator=g).to(dev, dt)
+    benchmark.group = "ceiling/matmul 2048x2048"
+    benchmark.extra_info.update(
+        kind="ceiling",
+        impl=dtype,
+        dtype=dtype,
+        n=n,
+        threads=torch.get_num_threads(),
+        device=benchlib.device_name(),
+    )
+    benchlib.run(benchmark, lambda: torch.mm(a, b), settings)
+    median = benchlib.median_seconds(benchmark)
+    if median:
+        benchmark.extra_info["gflop_per_s"] = 2 * n**3 / median / 1e9
