@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastfilm.precision import autocast, autocast_dtype
+
 NOISE_SIGMAS = (0.1, 0.5, 1.0)
 
 # A ready FiLM-arithmetic example on CLEVR-format scenes (paper §5.3 uses CLEVR-CoGenT's colour/shape swaps):
@@ -251,27 +253,31 @@ def analyze(
     model_dir: str, split: str, out: str, cache: str | None = None, max_questions: int = 2000
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
-    from fastfilm.data import build_loader
+    from fastfilm.data import loader_for
     from fastfilm.export import load_model_folder
 
     os.makedirs(out, exist_ok=True)
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")
     device = torch.device("cpu")
-    cache = cache or cfg.data.cache
     names = {int(k): v for k, v in (vocab.get("question_family_names") or {}).items()}
-    common = dict(
-        image_source=cfg.data.image_source,
-        clevr_dir=cfg.data.root,
-        image_size=cfg.model.image_size,
-        shuffle=False,
-        drop_last=False,
-        num_threads=cfg.data.num_threads,
-    )
     bs = min(cfg.batch_size, 64)
-    val = build_loader(cache, split, bs, **common)
-    train = build_loader(cache, cfg.data.train_split, bs, **common)
+    val = loader_for(cfg, split, train=False, batch_size=bs, cache_dir=cache)
+    train = loader_for(cfg, cfg.data.train_split, train=False, batch_size=bs, cache_dir=cache)
+    with autocast(device, autocast_dtype(cfg.deepspeed)):
+        summary = _analyses(model, cfg, vocab, val, train, names, split, out, cache, max_questions, device)
+    summary = {"model": model_dir, **summary}
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(to_markdown(summary))
+    return summary
 
-    summary: dict[str, Any] = {"model": model_dir, "split": split}
+
+def _analyses(
+    model, cfg, vocab, val, train, names, split, out, cache, max_questions, device
+) -> dict[str, Any]:
+    """Every analysis of `analyze`, on loaders already built; the summary without the model path."""
+    summary: dict[str, Any] = {"split": split}
     base = _collect(model, val, device, max_questions)
     summary["questions"] = int(base["hit"].numel())
     summary["layer_stats"] = layer_stats(base["gammas"], base["betas"])
@@ -293,7 +299,7 @@ def analyze(
             scenes = json.load(f)["scenes"]
         from fastfilm.data import load_split
 
-        rows = load_split(cache, split)
+        rows = load_split(cache or cfg.data.cache, split)
         first_rows = [int(i) for i in batch["index"]]
         image_idx = [int(rows["image_index"][r]) for r in first_rows]
         by_index = {s["image_index"]: s for s in scenes}
@@ -302,11 +308,6 @@ def analyze(
         )
     else:
         summary["arithmetic"] = {"skipped": f"needs {scenes_path} and a raw-pixel model"}
-
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(to_markdown(summary))
     return summary
 
 

@@ -29,11 +29,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastfilm.errors import FastfilmError
+
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FastfilmError, RuntimeError):
     """A checkpoint is missing, incomplete or altered; the message names the folder and the file."""
+
+    label = "checkpoint error"
 
 
 def _sha256(path: str) -> str:

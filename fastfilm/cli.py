@@ -3,26 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="JSON config file (see configs/)")
-    p.add_argument(
-        "--kernels",
-        choices=["reference", "triton", "compile"],
-        default=None,
-        help="hot-path implementation (overrides kernels.mode in the config)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.epochs=3",
-    )
+from fastfilm.config import add_config_args
+from fastfilm.errors import with_one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a model (one process; use `deepspeed fastfilm/train.py` for many)"
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
 
     p = sub.add_parser("synth", help="write a CLEVR-format synthetic data set")
@@ -184,21 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="preprocessed cache (default: the model's data.cache)")
     p.add_argument("--max-questions", type=int, default=2000)
     return parser
-
-
-def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
-    """Run a command; a config, data or checkpoint error becomes one line on stderr and exit status 2."""
-    from fastfilm.checkpoint import CheckpointError
-    from fastfilm.config import ConfigError
-    from fastfilm.data import DataError
-
-    kinds = ((ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"))
-    try:
-        return fn()
-    except tuple(k for k, _ in kinds) as e:
-        name = next(n for k, n in kinds if isinstance(e, k))
-        print(f"fastfilm: {name}: {e}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ unmodified DeepSpeed config and is passed to `deepspeed.initialize` as it is.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -17,13 +18,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastfilm.errors import FastfilmError
+
 KERNEL_MODES = ("reference", "triton", "compile")
 CONDITION_METHODS = ("bn-film", "conv-film", "relu-film", "block-input-film", "block-output-film")
 GAMMA_OPTIONS = ("linear", "sigmoid", "tanh", "exp")
 
 
-class ConfigError(ValueError):
+class ConfigError(FastfilmError, ValueError):
     """A config file or override is invalid; the message names the file, the key and what was expected."""
+
+    label = "config error"
 
 
 @dataclass
@@ -111,7 +116,11 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no limit
     max_minutes: float = 0.0  # 0 = no limit; stops cleanly (checkpoint) when reached
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
-    log_every: int = 50
+    log_every: int = 50  # optimizer steps between training-metric records
+    # Optimizer steps between the ranks' agreement on stopping (signal, time budget) and on a non-finite loss:
+    # one collective and one host sync per agreement, and always one before an evaluation or a save, so nothing
+    # non-finite is ever saved. 1 = every step; larger lets a GPU queue steps without waiting (see README).
+    sync_every: int = 10
     seed: int = 0
     film_reg_weight: float = 0.0  # beyond the paper: TADAM-style L2 on Δγ and β (0 = off)
     progress: bool = True
@@ -134,7 +143,7 @@ class KernelsConfig:
 def default_deepspeed() -> dict[str, Any]:
     """The paper's optimisation as a standard DeepSpeed config (Adam 3e-4, coupled L2 1e-5, batch 64, fp32)."""
     return {
-        "train_micro_batch_size_per_gpu": 64,
+        "train_micro_batch_size_per_gpu": 64,  # left out when the user gives only train_batch_size
         "gradient_accumulation_steps": 1,
         "optimizer": {
             "type": "Adam",
@@ -202,7 +211,8 @@ class Config:
 
     @property
     def lr(self) -> float:
-        return float(self.deepspeed.get("optimizer", {}).get("params", {}).get("lr", 3e-4))
+        """The optimizer's learning rate (the merged DeepSpeed section always has it)."""
+        return float(self.deepspeed["optimizer"]["params"]["lr"])
 
 
 _SECTIONS: dict[str, type] = {
@@ -211,6 +221,45 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "kernels": KernelsConfig,
 }
+
+
+def merge_deepspeed(user: dict[str, Any]) -> dict[str, Any]:
+    """The user's DeepSpeed section over `default_deepspeed()`, key by key (nested objects merged, not replaced).
+
+    The one place defaults enter the section: `optimizer.params.weight_decay` stays the paper's 1e-5 when the user
+    sets only the learning rate. A user-given `train_batch_size` without a micro-batch keeps DeepSpeed's meaning
+    (the micro-batch is derived from it per world size), so the default micro-batch is not added then.
+    """
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    base = default_deepspeed()
+    if "train_batch_size" in user and "train_micro_batch_size_per_gpu" not in user:
+        del base["train_micro_batch_size_per_gpu"]
+    return merge(base, copy.deepcopy(user))
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that reads a config takes: --config, --kernels and repeatable --set."""
+    p.add_argument("--config", required=True, help="JSON config file (see configs/)")
+    p.add_argument(
+        "--kernels",
+        choices=list(KERNEL_MODES),
+        default=None,
+        help="hot-path implementation (overrides kernels.mode in the config)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.epochs=3",
+    )
 
 
 def _closest(name: str, options: Iterable[str]) -> str:
@@ -360,6 +409,8 @@ def validate(cfg: Config) -> None:
         raise bad("train.epochs", f"must be > 0, got {t.epochs}")
     if t.patience < 0 or t.max_steps < 0 or t.eval_every < 0 or t.max_minutes < 0:
         raise bad("train", "patience, max_steps, eval_every and max_minutes must be >= 0")
+    if t.log_every < 1 or t.sync_every < 1:
+        raise bad("train", f"log_every and sync_every must be >= 1, got {t.log_every} and {t.sync_every}")
     if t.film_reg_weight < 0:
         raise bad("train.film_reg_weight", "must be >= 0")
     choice("train.trainable", t.trainable, ("all", "generator", "network"))
@@ -389,7 +440,7 @@ def validate(cfg: Config) -> None:
     lr = params.get("lr", 3e-4)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr == float("inf"):
         raise bad("deepspeed.optimizer.params.lr", f"must be a number > 0, got {lr!r}")
-    wd = params.get("weight_decay", 0.0)
+    wd = params.get("weight_decay", 1e-5)
     if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not wd >= 0:
         raise bad("deepspeed.optimizer.params.weight_decay", f"must be a number >= 0, got {wd!r}")
     opt_type = str(opt.get("type", "Adam")).lower()
@@ -425,12 +476,16 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     sections = {}
     for name, cls in _SECTIONS.items():
         sections[name] = _build_section(cls, raw.get(name, {}), f"{source}: {name}")
-    ds = default_deepspeed()
-    if "deepspeed" in raw:
-        if not isinstance(raw["deepspeed"], dict):
-            raise ConfigError(f"{source}: deepspeed: expected an object (a standard DeepSpeed config)")
-        ds = copy.deepcopy(raw["deepspeed"])
-    cfg = Config(**sections, deepspeed=ds, source=source)
+    user_ds = raw.get("deepspeed", {})
+    if not isinstance(user_ds, dict):
+        raise ConfigError(f"{source}: deepspeed: expected an object (a standard DeepSpeed config)")
+    for name in ("optimizer", "scheduler", "bf16", "fp16", "zero_optimization", "torch_autocast"):
+        if name in user_ds and not isinstance(user_ds[name], dict):
+            raise ConfigError(
+                f"{source}: deepspeed.{name}: expected an object, got {type(user_ds[name]).__name__} "
+                f"{user_ds[name]!r}"
+            )
+    cfg = Config(**sections, deepspeed=merge_deepspeed(user_ds), source=source)
     validate(cfg)
     return cfg
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -11,11 +10,10 @@ from typing import Any
 
 import torch
 
+from fastfilm.precision import autocast, autocast_dtype
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+MAX_FAMILIES = 1024  # question_family_index values 0..1023; -1 (prep: not in the questions file) is "unknown"
+UNKNOWN_FAMILY = "unknown"
 
 
 @torch.no_grad()
@@ -29,23 +27,30 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy of `model` on every question the loader yields (summed over ranks when distributed).
 
-    Returns {"accuracy", "correct", "total", "families": {name: {"accuracy", "correct", "total"}}}.
+    Returns {"accuracy", "correct", "total", "families": {name: {"accuracy", "correct", "total"}}}; questions
+    without a family (-1) are counted in their own row, "unknown".
     """
     import torch.distributed as dist
 
+    from fastfilm.data import DataError
+
     model.eval()
-    n_fam = 1024
-    correct = torch.zeros(n_fam, dtype=torch.float64)
-    total = torch.zeros(n_fam, dtype=torch.float64)
+    correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)  # the last slot: unknown family
+    total = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
     seen = 0
     for batch in loader.epoch(0):
         answers = batch["answer"]
         if (answers < 0).any():
-            raise ValueError("this split has no answers (CLEVR's test split): it cannot be evaluated")
-        with _autocast(device, amp_dtype):
+            raise DataError(
+                f"{loader.split}: this split has no answers (as CLEVR's test split): it cannot be scored"
+            )
+        fam = batch["family"]
+        if (fam >= MAX_FAMILIES).any():
+            raise DataError(f"{loader.split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
+        with autocast(device, amp_dtype):
             logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
         hit = (logits.argmax(1).cpu() == answers).double()
-        fam = batch["family"].clamp(0, n_fam - 1)
+        fam = torch.where(fam < 0, MAX_FAMILIES, fam)
         correct.index_add_(0, fam, hit)
         total.index_add_(0, fam, torch.ones_like(hit))
         seen += answers.numel()
@@ -61,7 +66,7 @@ def evaluate(
     names = {int(k): v for k, v in names.items()}
     families: dict[str, dict[str, float]] = {}
     for f in torch.nonzero(total).flatten().tolist():
-        name = names.get(f, f"family_{f}")
+        name = UNKNOWN_FAMILY if f == MAX_FAMILIES else names.get(f, f"family_{f}")
         entry = families.setdefault(name, {"correct": 0, "total": 0})
         entry["correct"] += int(correct[f])
         entry["total"] += int(total[f])
@@ -90,29 +95,22 @@ def format_table(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
     from fastfilm.checkpoint import find_checkpoint
-    from fastfilm.data import build_loader, load_split
+    from fastfilm.data import loader_for
     from fastfilm.export import load_model_folder
 
     folder = find_checkpoint(args.checkpoint, args.tag)
     model, cfg, vocab = load_model_folder(folder, kernels=args.kernels)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    dc = cfg.data
-    loader = build_loader(
-        dc.cache,
-        args.split,
-        cfg.batch_size,
-        image_source=dc.image_source,
-        clevr_dir=dc.root,
-        image_size=cfg.model.image_size,
-        shuffle=False,
-        drop_last=False,
-        device_id=device.index if device.type == "cuda" else None,
-        num_threads=dc.num_threads,
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
     )
-    amp = torch.bfloat16 if cfg.deepspeed.get("bf16", {}).get("enabled") else None
-    result = evaluate(model, loader, device, amp, vocab.get("question_family_names"))
-    expected = len(load_split(dc.cache, args.split)["answers"])
+    model.to(device)
+    loader = loader_for(cfg, args.split, train=False, device=device)
+    result = evaluate(
+        model, loader, device, autocast_dtype(cfg.deepspeed), vocab.get("question_family_names")
+    )
+    expected = loader.total
     result["split"], result["checkpoint"] = args.split, folder
     print(format_table(result))
     if result["total"] != expected:

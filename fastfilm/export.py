@@ -9,37 +9,52 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fastfilm.config import Config, config_from_dict
+from fastfilm.errors import UsageError
 from fastfilm.model import FiLMModel
+from fastfilm.precision import autocast, autocast_dtype
 
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 
 
 def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMModel, Config, dict]:
     """Build the model described by `folder`'s config.json/vocab.json and load its model.safetensors."""
+    from fastfilm.checkpoint import CheckpointError
+
     for name in EXPORT_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{folder}: missing {name} (expected a folder written by `fastfilm export`)"
             )
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        cfg = config_from_dict(json.load(f), source=os.path.join(folder, "config.json"))
-    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
+
+    def read_json(name: str):
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+    cfg = config_from_dict(read_json("config.json"), source=os.path.join(folder, "config.json"))
+    vocab = read_json("vocab.json")
     model = FiLMModel(
         cfg.model,
         len(vocab["question_token_to_idx"]),
         len(vocab["answer_token_to_idx"]),
         kernels=kernels or cfg.kernels.mode,
     )
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    model.load_state_dict(state, strict=True)
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        model.load_state_dict(load_file(path), strict=True)
+    except (OSError, RuntimeError, SafetensorError) as e:  # unreadable file, or tensors that do not fit the described model
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: does not load into the model of config.json ({first})") from None
     model.eval()
     return model, cfg, vocab
 
@@ -72,7 +87,9 @@ def load_image(path: str, size: int) -> torch.Tensor:
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+        from fastfilm.data import DataError
+
+        raise DataError(f"{path}: cannot read the image ({e})") from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -82,10 +99,12 @@ def predict(model: FiLMModel, cfg: Config, vocab: dict, image: str, question: st
     from fastfilm.data.tokenize import encode_question
 
     if cfg.model.stem != "pixels":
-        raise ValueError("predict needs a raw-pixel model (stem=pixels); this one reads precomputed features")
+        raise UsageError("predict needs a raw-pixel model (stem=pixels); this one reads precomputed features")
     ids = torch.tensor([encode_question(question, vocab)], dtype=torch.long)
     img = load_image(image, cfg.model.image_size)
-    probs = torch.softmax(model(img, ids, torch.tensor([ids.shape[1]])).float(), dim=1)[0]
+    with autocast(img.device, autocast_dtype(cfg.deepspeed)):
+        logits = model(img, ids, torch.tensor([ids.shape[1]]))
+    probs = torch.softmax(logits.float(), dim=1)[0]
     idx_to_answer = {v: k for k, v in vocab["answer_token_to_idx"].items()}
     p, i = probs.topk(min(top, probs.numel()))
     return [(idx_to_answer.get(int(j), str(int(j))), float(q)) for q, j in zip(p, i)]
@@ -94,11 +113,7 @@ def predict(model: FiLMModel, cfg: Config, vocab: dict, image: str, question: st
 def run_predict(args: argparse.Namespace) -> int:
     """`fastfilm predict`: print the top answers with their probabilities."""
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
-    try:
-        answers = predict(model, cfg, vocab, args.image, args.question, args.top)
-    except ValueError as e:
-        print(f"fastfilm: {e}", file=sys.stderr)
-        return 2
+    answers = predict(model, cfg, vocab, args.image, args.question, args.top)
     for answer, p in answers:
         print(f"{answer:<12} {p:.4f}")
     return 0

@@ -1,18 +1,23 @@
 """Train FiLM: `deepspeed fastfilm/train.py --config configs/clevr.json` (N ranks) or `fastfilm train` (one).
 
-Read top to bottom: parse config → DALI loaders for this rank → model → `deepspeed.initialize` → loop (forward,
-`engine.backward`, `engine.step`) → periodic evaluation → checkpoints (`last`, `best`) → early stopping.
+Read top to bottom: `setup` (preflight checks, ranks, DALI loaders, model, `deepspeed.initialize`, resume) →
+`train_loop`: `train_step` per micro-batch (forward, loss, `engine.backward`, `engine.step`), and per optimizer
+step the logging, the ranks' agreement on stopping (`agree`), `evaluate` and `save` (`last`, `best`), early
+stopping. Steps are optimizer steps throughout: `max_steps`, `eval_every`, `log_every`, `sync_every` and the
+saved position count them, whatever `gradient_accumulation_steps` is.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -23,24 +28,93 @@ import torch
 import torch.nn.functional as F
 
 from fastfilm import checkpoint as ckpt
-from fastfilm.config import Config, ConfigError, load_config
-from fastfilm.evaluate import evaluate
+from fastfilm.config import Config, ConfigError, add_config_args, load_config
+from fastfilm.errors import FastfilmError, with_one_line_errors
+from fastfilm.evaluate import evaluate as evaluate_model
 from fastfilm.model import FiLMModel, count_parameters
+from fastfilm.precision import autocast_dtype
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(FastfilmError):
     """Training could not go on (a non-finite loss); the last good checkpoint is kept."""
 
-
-# --------------------------------------------------------------------------------------------- set-up helpers
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    label = "training stopped"
+    exit_status = 3
 
 
+@dataclass
+class TrainState:
+    """Where a run stands: what each checkpoint's `trainer_state.json` holds, and what `--resume` restores."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # micro-batches of the current epoch consumed on each rank (the loader's position)
+    best_acc: float = -1.0
+    best_step: int = 0
+    evals_since_best: int = 0
+    grad_scaler: dict | None = None  # fp16: the loss scaler's state (DeepSpeed's checkpoint leaves it out)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> TrainState:
+        """The state saved in `where` (a trainer_state.json); unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ckpt.CheckpointError(f"{where}: unknown trainer-state keys {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["grad_scaler"] is None:
+            del d["grad_scaler"]
+        return d
+
+
+@dataclass
+class StepResult:
+    """What one micro-batch's `train_step` returns (tensors detached, still on the device: no host sync)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    answers: torch.Tensor
+    boundary: bool  # an optimizer step was taken (the last micro-batch of a gradient accumulation)
+    grad_norm: float | None  # at a boundary when asked for: the global gradient norm before the step
+
+
+@dataclass
+class Run:
+    """Everything a set-up training run holds (built by `setup`, read by the loop and its parts)."""
+
+    cfg: Config
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    rank: int
+    world: int
+    vocab: dict
+    train_loader: Any
+    val_loader: Any
+    logger: ckpt.RunLogger
+    t_start: float
+    signal: list[str] = field(default_factory=list)  # set by SIGTERM / SIGINT
+    nonfinite: torch.Tensor | None = None  # any non-finite loss since the last agreement (on the device)
+    saved_at: dict[str, int] = field(default_factory=dict)  # tag → step it holds
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.train.run_dir, "checkpoints")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def minutes(self) -> float:
+        return (time.time() - self.t_start) / 60
+
+
+# --------------------------------------------------------------------------------------------- set-up
 def use_this_venvs_ninja() -> None:
     """Put this interpreter's `bin` folder first on PATH when it holds `ninja`.
 
@@ -54,12 +128,20 @@ def use_this_venvs_ninja() -> None:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """Join the process group (gloo on CPU, nccl on GPU); works with and without the deepspeed launcher."""
     import deepspeed
+    import torch.distributed as dist
 
     use_this_venvs_ninja()
-
     if "RANK" not in os.environ:  # plain `python fastfilm/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -67,22 +149,43 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if cuda else "gloo",
-        timeout=timedelta(seconds=cfg.train.dist_timeout_s),
-    )
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.train.dist_timeout_s)
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return rank, world, device
+    return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
-def preflight(cfg: Config) -> None:
+def check_kernels_mode(cfg: Config) -> None:
+    """`kernels.mode=triton` without a GPU: switch Triton's interpreter on (slow, with a one-line warning) while
+    the kernels are not yet imported, or refuse with one line when they were imported without it."""
+    if cfg.kernels.mode != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "kernels._common" in sys.modules:
+        raise ConfigError(
+            f"{cfg.source}: kernels.mode: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before the kernels "
+            "are imported (use kernels.mode=reference on a CPU)"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            "fastfilm: warning: kernels=triton without a GPU: the Triton kernels run in Triton's interpreter "
+            "(TRITON_INTERPRET=1), far slower than kernels=reference",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def preflight(cfg: Config) -> dict:
     """Checks that need the launch environment or the disk, before any work starts (ConfigError / DataError):
-    the batch keys against the number of ranks, and the data folders."""
+    the batch keys against the number of ranks, the kernels against the machine, the data folders. Returns the
+    cache's vocabulary (read and hash-checked once here)."""
     from fastfilm.data import load_vocab
     from fastfilm.data.prep import split_file
 
     cfg.resolve_batch(int(os.environ.get("WORLD_SIZE", "1")))
+    check_kernels_mode(cfg)
     dc = cfg.data
     if not os.path.isdir(dc.cache):
         raise ConfigError(
@@ -94,26 +197,23 @@ def preflight(cfg: Config) -> None:
             f"{cfg.source}: data.root: no such folder '{dc.root}' (data.image_source={dc.image_source!r} "
             "reads the CLEVR folder)"
         )
-    load_vocab(dc.cache)  # a missing or edited vocabulary fails here, naming the file
+    vocab = load_vocab(dc.cache)  # a missing or edited vocabulary fails here, naming the file
     for key in ("train_split", "val_split"):
         path = split_file(dc.cache, getattr(dc, key))
         if not os.path.isfile(path):
             raise ConfigError(
                 f"{cfg.source}: data.{key}: '{getattr(dc, key)}' is not prepared in {dc.cache} ({path} not found)"
             )
+    return vocab
 
 
 def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.Optimizer:
-    """Adam with coupled L2 weight decay as the paper (apex's fused Adam when importable, else torch's)."""
-    opt = ds.get("optimizer", {"type": "Adam", "params": {}})
-    params = dict(opt.get("params", {}))
-    decoupled = str(opt.get("type", "Adam")).lower() == "adamw"
-    kwargs = {
-        "lr": params.get("lr", 3e-4),
-        "betas": tuple(params.get("betas", (0.9, 0.999))),
-        "eps": params.get("eps", 1e-8),
-        "weight_decay": params.get("weight_decay", 1e-5),
-    }
+    """Adam with coupled L2 weight decay as the paper (apex's fused Adam when importable, else torch's), from
+    the (default-merged) DeepSpeed section's `optimizer`."""
+    opt = ds["optimizer"]
+    p = opt["params"]
+    kwargs = {"lr": p["lr"], "betas": tuple(p["betas"]), "eps": p["eps"], "weight_decay": p["weight_decay"]}
+    decoupled = str(opt["type"]).lower() == "adamw"
     cuda = next(model.parameters()).is_cuda or torch.cuda.is_available()
     if cuda:
         try:
@@ -126,138 +226,28 @@ def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.O
     return cls(model.parameters(), fused=cuda, **kwargs)
 
 
-def deepspeed_config(cfg: Config, world: int) -> tuple[dict[str, Any], torch.dtype | None]:
-    """The DeepSpeed section as handed to `deepspeed.initialize`, and the autocast dtype of the forward.
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed section as handed to `deepspeed.initialize`.
 
     The optimizer is built here (see `build_optimizer`), so its section is removed. Mixed precision runs as
     DeepSpeed's `torch_autocast`: parameters, BN buffers and the optimizer stay float32, convs and GEMMs run in
     the low precision. `bf16` needs nothing more; `fp16` adds DeepSpeed's dynamic loss scaling (a
     `torch.amp.GradScaler`: steps whose gradients overflow are skipped and the scale backs off). DeepSpeed's own
-    `bf16`/`fp16` modes would cast BN's affine parameters but not its float32 running stats, so they are not
-    used.
+    `bf16`/`fp16` modes would cast BN's affine parameters but not its float32 running stats, so they are not used.
     """
     ds = json.loads(json.dumps(cfg.deepspeed))
     ds.pop("optimizer", None)
-    dtype = None
-    if ds.get("bf16", {}).get("enabled"):
-        ds["bf16"] = {"enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if ds.get("fp16", {}).get("enabled"):  # stage 0 and dynamic scaling: checked by config.validate
-        ds["fp16"] = {"enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": "float16"}
-    ac = ds.get("torch_autocast", {})
-    if ac.get("enabled"):
-        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}.get(
-            str(ac.get("dtype", "bfloat16")).replace("torch.", "")
-        )
-    return ds, dtype
+    dtype = autocast_dtype(cfg.deepspeed)
+    if dtype is not None:
+        ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": str(dtype).replace("torch.", "")}
+    return ds
 
 
-def configure_loss_scaler(engine, cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
-    """The fp16 loss scaler DeepSpeed made (None without fp16), set from `deepspeed.fp16`'s
-    `initial_scale_power` (default 16) and `loss_scale_window` (default 1000)."""
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if scaler is None:
-        return None
-    fp16 = cfg.deepspeed.get("fp16", {})
-    new = torch.amp.GradScaler(
-        device=device.type,
-        init_scale=2.0 ** fp16.get("initial_scale_power", 16),
-        growth_interval=int(fp16.get("loss_scale_window", 1000)),
-    )
-    engine.torch_autocast_z0_gradscaler = new
-    return new
-
-
-def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float) -> torch.Tensor:
-    """TADAM-style L2 pull of Δγ and β toward zero (beyond the paper; weight `train.film_reg_weight`)."""
-    return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
-
-
-def sync_bn_buffers(module: torch.nn.Module) -> None:
-    """Average BatchNorm running statistics over ranks (each rank's come from its own shard of the data).
-
-    Parameters stay identical through the gradient all-reduce; buffers do not, so evaluation and checkpoints
-    would otherwise depend on the rank. Called before every evaluation and save.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(world)
-
-
-def param_checksums(module: torch.nn.Module) -> dict[str, list[float]]:
-    """Per rank, one checksum of the parameters and one of the buffers (equal on every rank when in step)."""
-    import torch.distributed as dist
-
-    def checksum(tensors) -> torch.Tensor:
-        total = torch.zeros(2, dtype=torch.float64)
-        for i, t in enumerate(tensors):
-            if t.is_floating_point():
-                v = t.detach().double().cpu().flatten()
-                total += torch.stack([v.sum(), (v * (1 + (i % 7))).abs().sum()])
-        return total
-
-    local = torch.cat([checksum(module.parameters()), checksum(module.buffers())])
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        gathered = [local]
-    else:
-        dev = next(module.parameters()).device
-        gathered = [torch.zeros_like(local, device=dev) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local.to(dev))
-    return {
-        "parameters": [float(g[0] + g[1]) for g in gathered],
-        "buffers": [float(g[2] + g[3]) for g in gathered],
-    }
-
-
-# --------------------------------------------------------------------------------------------------- training
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Run one training job as configured; returns a summary (best val accuracy, steps, stop reason)."""
+def build_engine(cfg: Config, vocab: dict, device: torch.device):
+    """The FiLM model wrapped by `deepspeed.initialize`; returns (engine, optimizer, fp16 loss scaler or None)."""
     import deepspeed
-    import torch.distributed as dist
 
-    from fastfilm.data import build_loader, load_vocab
-
-    t_start = time.time()
-    preflight(cfg)
-    rank, world, device = setup_distributed(cfg)
-    tc, dc = cfg.train, cfg.data
-    is_main = rank == 0
-    torch.manual_seed(tc.seed)
-
-    # Data: this rank's shard of train (equal step counts on every rank) and of val (every question once).
-    vocab = load_vocab(dc.cache)
-    common = dict(
-        image_source=dc.image_source,
-        clevr_dir=dc.root,
-        image_size=cfg.model.image_size,
-        shard_id=rank,
-        num_shards=world,
-        seed=tc.seed,
-        device_id=device.index if device.type == "cuda" else None,
-        num_threads=dc.num_threads,
-        prefetch=dc.prefetch,
-    )
-    train_loader = build_loader(
-        dc.cache, dc.train_split, cfg.batch_size, shuffle=True, drop_last=True, **common
-    )
-    val_loader = build_loader(
-        dc.cache, dc.val_split, cfg.batch_size, shuffle=False, drop_last=False, **common
-    )
-    if len(train_loader) == 0:
-        raise ConfigError(
-            f"{cfg.source}: deepspeed.train_micro_batch_size_per_gpu={cfg.batch_size} × {world} ranks is larger "
-            f"than the {dc.train_split} split ({train_loader.num_questions} questions on this rank)"
-        )
-
-    # Model, optimizer, engine.
     model = FiLMModel(
         cfg.model,
         len(vocab["question_token_to_idx"]),
@@ -268,220 +258,350 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
     optimizer = build_optimizer(model, cfg.deepspeed)
-    ds_config, amp_dtype = deepspeed_config(cfg, world)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    scaler = configure_loss_scaler(engine, cfg, device)  # fp16 only
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg)
+    )
+    return engine, optimizer, configure_loss_scaler(engine, cfg, device)
 
-    run_dir = tc.run_dir
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_acc": -1.0, "best_step": 0, "evals_since_best": 0}
+
+def configure_loss_scaler(engine, cfg: Config, device: torch.device) -> torch.amp.GradScaler | None:
+    """The fp16 loss scaler DeepSpeed made (None without fp16), set from `deepspeed.fp16`'s
+    `initial_scale_power` (default 16) and `loss_scale_window` (default 1000)."""
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is None:
+        return None
+    fp16 = cfg.deepspeed.get("fp16", {})
+    scaler = torch.amp.GradScaler(
+        device=device.type,
+        init_scale=2.0 ** fp16.get("initial_scale_power", 16),
+        growth_interval=int(fp16.get("loss_scale_window", 1000)),
+    )
+    engine.torch_autocast_z0_gradscaler = scaler
+    return scaler
+
+
+def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
+    """Preflight, process group, this rank's loaders, the engine, and the state to start from."""
+    from fastfilm.data import loader_for
+
+    t_start = time.time()
+    vocab = preflight(cfg)
+    rank, world, device = setup_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    shard = dict(device=device, shard_id=rank, num_shards=world, vocab=vocab)
+    train_loader = loader_for(cfg, cfg.data.train_split, train=True, **shard)
+    val_loader = loader_for(cfg, cfg.data.val_split, train=False, **shard)
+    engine, optimizer, scaler = build_engine(cfg, vocab, device)
+    if len(train_loader) < engine.gradient_accumulation_steps():
+        raise ConfigError(
+            f"{cfg.source}: deepspeed.train_micro_batch_size_per_gpu={cfg.batch_size} × "
+            f"gradient_accumulation_steps={engine.gradient_accumulation_steps()} × {world} rank(s) is larger than "
+            f"the {cfg.data.train_split} split ({train_loader.total} questions)"
+        )
+    state = TrainState()
+    run = Run(
+        cfg,
+        engine,
+        optimizer,
+        scaler,
+        autocast_dtype(cfg.deepspeed),
+        device,
+        rank,
+        world,
+        vocab,
+        train_loader,
+        val_loader,
+        None,
+        t_start,
+    )
     if resume:
-        loaded = ckpt.load(engine, ckpt_dir, "last")
-        if loaded is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (train without --resume to start anew)")
-        state.update(loaded)
-        if scaler is not None and "grad_scaler" in state:
-            scaler.load_state_dict(state["grad_scaler"])
-        if is_main:
-            print(
-                f"resumed from {ckpt_dir}/last at step {state['step']} (epoch {state['epoch']})", flush=True
-            )
-    logger = ckpt.RunLogger(run_dir, cfg, enabled=is_main, tensorboard=tc.tensorboard)
-    if is_main:
-        n_params = count_parameters(model)
+        state = restore(run)
+    run.logger = ckpt.RunLogger(
+        cfg.train.run_dir, cfg, enabled=run.is_main, tensorboard=cfg.train.tensorboard
+    )
+    if run.is_main:
+        gas = engine.gradient_accumulation_steps()
         print(
-            f"fastfilm: {n_params:,} parameters, kernels={cfg.kernels.mode}, precision="
-            f"{amp_dtype or torch.float32}, {world} rank(s) on {device.type}, "
-            f"{len(train_loader)} steps/epoch × batch {cfg.batch_size}",
+            f"fastfilm: {count_parameters(engine.module):,} parameters, kernels={cfg.kernels.mode}, precision="
+            f"{run.amp_dtype or torch.float32}, {world} rank(s) on {device.type}; global batch "
+            f"{cfg.batch_size * gas * world} ({cfg.batch_size} × {gas} accumulation × {world} ranks), lr {cfg.lr:g}, "
+            f"{len(train_loader) // gas} steps/epoch",
             flush=True,
         )
+    return run, state
 
-    # SIGTERM / SIGINT: finish the current step, save `last`, exit cleanly.
-    stop = {"signal": None}
 
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
+def restore(run: Run) -> TrainState:
+    """The state of the run folder's `last` checkpoint, with engine, RNG and loss scaler restored from it."""
+    loaded = ckpt.load(run.engine, run.ckpt_dir, "last")
+    if loaded is None:
+        raise ConfigError(f"--resume: no checkpoint in {run.ckpt_dir} (train without --resume to start anew)")
+    state = TrainState.from_dict(loaded, os.path.join(run.ckpt_dir, "last", "trainer_state.json"))
+    if run.scaler is not None and state.grad_scaler is not None:
+        run.scaler.load_state_dict(state.grad_scaler)
+    if run.is_main:
+        print(f"resumed from {run.ckpt_dir}/last at step {state.step} (epoch {state.epoch})", flush=True)
+    return state
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
-        """Each flag OR-ed over the ranks: one collective and one host sync per call."""
-        t = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+# ------------------------------------------------------------------------------------------ one step
+def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float) -> torch.Tensor:
+    """TADAM-style L2 pull of Δγ and β toward zero (beyond the paper; weight `train.film_reg_weight`)."""
+    return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
 
-    def run_eval() -> dict[str, Any]:
-        sync_bn_buffers(engine.module)
-        result = evaluate(
-            engine.module,
-            val_loader,
-            device,
-            amp_dtype,
-            vocab.get("question_family_names"),
-            max_questions=dc.max_val_questions,
+
+def grad_norm(engine) -> float | None:
+    """The global L2 norm of the accumulated gradients, unscaled (fp16); None when ZeRO holds them elsewhere."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return norm / scaler.get_scale() if scaler is not None else norm
+
+
+def train_step(
+    engine,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    *,
+    film_reg_weight: float = 0.0,
+    gamma_baseline: float = 1.0,
+    want_grad_norm: bool = False,
+) -> StepResult:
+    """One micro-batch as the trainer runs it: forward (autocast by the engine), float32 cross-entropy (+ the
+    optional FiLM regulariser), `engine.backward`, `engine.step` — an optimizer step at the accumulation boundary."""
+    images = batch["image"].to(device, non_blocking=True)
+    questions = batch["question"].to(device, non_blocking=True)
+    answers = batch["answer"].to(device, non_blocking=True)
+    logits, (gammas, betas) = engine(images, questions, batch["length"], return_film=True)
+    loss = F.cross_entropy(logits.float(), answers)
+    if film_reg_weight > 0:
+        loss = loss + film_reg_weight * film_regulariser(gammas, betas, gamma_baseline)
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = grad_norm(engine) if boundary and want_grad_norm else None
+    engine.step()
+    if boundary and want_grad_norm and norm is None:  # ZeRO: DeepSpeed computed it during the step
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+    return StepResult(loss.detach(), logits.detach(), answers, boundary, norm)
+
+
+# ------------------------------------------------------------------------ agreement, evaluation, saving
+def sync_bn_buffers(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks, in one collective (no host sync on a GPU).
+
+    Each rank's statistics come from its own shard; parameters stay identical through the gradient all-reduce,
+    buffers would not. Called after every optimizer step, so evaluation and checkpoints never depend on the rank,
+    and a resumed run averages at the same steps as an uninterrupted one (bit-exact). The running update is
+    linear, so this equals one momentum update with the ranks' mean batch statistics.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    bufs = [
+        buf
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for buf in (m.running_mean, m.running_var)
+    ]
+    if not bufs:
+        return
+    flat = torch.cat([b.flatten() for b in bufs])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+
+
+def agree(run: Run, state: TrainState) -> str | None:
+    """The ranks' agreement (one collective, one host sync): raises TrainingStopped if any rank saw a non-finite
+    loss since the last agreement; else the reason to stop now (a signal, the time budget) or None."""
+    import torch.distributed as dist
+
+    tc = run.cfg.train
+    out_of_time = bool(tc.max_minutes) and run.minutes() >= tc.max_minutes
+    bad = run.nonfinite if run.nonfinite is not None else torch.zeros((), device=run.device, dtype=torch.bool)
+    flags = torch.stack(
+        [
+            bad.float(),
+            torch.tensor(float(bool(run.signal)), device=run.device),
+            torch.tensor(float(out_of_time), device=run.device),
+        ]
+    )
+    if dist.is_initialized() and run.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, signalled, out_of_time = (bool(v) for v in flags.tolist())
+    run.nonfinite = None
+    if bad_loss:
+        raise TrainingStopped(
+            f"non-finite loss in the {tc.sync_every} step(s) up to step {state.step} (epoch {state.epoch + 1}); "
+            f"stopped without saving, the last good checkpoint in {run.ckpt_dir} is kept"
         )
-        engine.module.train()
-        return result
+    if signalled:
+        return f"signal {run.signal[0] if run.signal else 'on another rank'}"
+    return "train.max_minutes" if out_of_time else None
 
-    saved_at: dict[str, int] = {}
 
-    def save(tag: str) -> None:
-        if saved_at.get(tag) == state["step"]:
-            return  # this tag already holds this step (e.g. the final epoch's evaluation just saved it)
-        saved_at[tag] = state["step"]
-        if scaler is not None:  # DeepSpeed's checkpoint leaves the autocast loss scaler out
-            state["grad_scaler"] = scaler.state_dict()
-        sync_bn_buffers(engine.module)
-        ckpt.save(engine, ckpt_dir, tag, state, cfg, vocab)
+def evaluate(run: Run, state: TrainState) -> dict[str, Any]:
+    """Val accuracy (every question once across ranks); logged."""
+    result = evaluate_model(
+        run.engine.module,
+        run.val_loader,
+        run.device,
+        run.amp_dtype,
+        run.vocab.get("question_family_names"),
+        max_questions=run.cfg.data.max_val_questions,
+    )
+    run.engine.module.train()
+    improved = result["accuracy"] > state.best_acc
+    if improved:
+        state.best_acc, state.best_step, state.evals_since_best = result["accuracy"], state.step, 0
+    else:
+        state.evals_since_best += 1
+    record = {"val/acc": result["accuracy"], "val/best_acc": state.best_acc, "epoch": state.epoch}
+    run.logger.log(state.step, {**record, "time/minutes": run.minutes()})
+    if run.is_main:
+        print(
+            f"step {state.step}: val acc {result['accuracy']:.4f} (best {state.best_acc:.4f} at step "
+            f"{state.best_step})",
+            flush=True,
+        )
+    return {**result, "improved": improved}
 
-    reason = "max epochs"
-    steps_per_epoch = len(train_loader)
+
+def save(run: Run, state: TrainState, tag: str) -> None:
+    """Checkpoint `tag` atomically (collective), after the ranks agree that no loss was non-finite."""
+    if run.saved_at.get(tag) == state.step:
+        return  # this tag already holds this step (e.g. the final epoch's evaluation just saved it)
+    agree(run, state)
+    if run.scaler is not None:
+        state.grad_scaler = run.scaler.state_dict()
+    ckpt.save(run.engine, run.ckpt_dir, tag, state.to_dict(), run.cfg, run.vocab)
+    run.saved_at[tag] = state.step
+
+
+def log_train(run: Run, state: TrainState, out: StepResult, questions: int, seconds: float) -> None:
+    """One training record (loss, accuracy, lr, throughput, grad norm) from the step just taken."""
+    acc = (out.logits.argmax(1) == out.answers).float().mean().item()
+    run.logger.log(
+        state.step,
+        {
+            "train/loss": out.loss.item(),
+            "train/acc": acc,
+            "train/lr": run.optimizer.param_groups[0]["lr"],
+            "train/questions_per_s": questions / max(seconds, 1e-9),
+            "train/grad_norm": out.grad_norm,
+            "time/minutes": run.minutes(),
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def train_loop(run: Run, state: TrainState) -> str:
+    """Optimizer steps until `train.epochs`, `max_steps`, the time budget, a signal or early stopping; returns
+    why it stopped. Evaluates every `eval_every` steps (once per epoch by default), saving `last` (and `best`)."""
+    from tqdm import tqdm
+
+    tc, engine = run.cfg.train, run.engine
+    gas = engine.gradient_accumulation_steps()
+    micro_per_epoch = len(run.train_loader) // gas * gas  # an epoch ends on an optimizer step
+    steps_per_epoch = micro_per_epoch // gas
     eval_every = tc.eval_every or steps_per_epoch
+    per_step = run.cfg.batch_size * gas * run.world
     engine.module.train()
-    try:
-        while state["epoch"] < tc.epochs:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=state["batch"],
-                desc=f"epoch {state['epoch'] + 1}/{tc.epochs}",
-                disable=not (is_main and tc.progress),
-                dynamic_ncols=True,
+    while state.epoch < tc.epochs:
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=state.batch // gas,
+            desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+            disable=not (run.is_main and tc.progress),
+            dynamic_ncols=True,
+        )
+        t_log, steps_since_log = time.time(), 0
+        for batch in run.train_loader.epoch(state.epoch, start_batch=state.batch):
+            out = train_step(
+                engine,
+                batch,
+                run.device,
+                film_reg_weight=tc.film_reg_weight,
+                gamma_baseline=run.cfg.model.gamma_baseline,
+                want_grad_norm=(state.step + 1) % tc.log_every == 0,
             )
-            t_log, q_log = time.time(), 0
-            for batch in train_loader.epoch(state["epoch"], start_batch=state["batch"]):
-                images = batch["image"].to(device, non_blocking=True)
-                questions = batch["question"].to(device, non_blocking=True)
-                answers = batch["answer"].to(device, non_blocking=True)
-                logits, (gammas, betas) = engine(images, questions, batch["length"], return_film=True)
-                loss = F.cross_entropy(logits.float(), answers)
-                if tc.film_reg_weight > 0:
-                    loss = loss + tc.film_reg_weight * film_regulariser(
-                        gammas, betas, cfg.model.gamma_baseline
-                    )
-                engine.backward(loss)
-                grad_norm = None
-                if (state["step"] + 1) % tc.log_every == 0:
-                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                    if scaler is not None:  # fp16: the gradients are still multiplied by the loss scale
-                        grad_norm /= scaler.get_scale()
-                engine.step()
-                # One collective per step: a non-finite loss anywhere stops every rank before anything is
-                # saved (the update just applied lives only in memory), and a stop request is agreed on.
-                out_of_time = tc.max_minutes and (time.time() - t_start) / 60 >= tc.max_minutes
-                out_of_steps = tc.max_steps and state["step"] + 1 >= tc.max_steps
-                bad_loss, stopping = any_rank(
-                    ~torch.isfinite(loss.detach()), bool(stop["signal"] or out_of_time or out_of_steps)
-                )
-                if bad_loss:
-                    raise TrainingStopped(
-                        f"non-finite loss ({loss.item()}) at step {state['step']} (epoch {state['epoch'] + 1}); "
-                        f"stopped without saving, the last good checkpoint in {ckpt_dir} is kept"
-                    )
-                state["step"] += 1
-                state["batch"] += 1
-                q_log += answers.numel() * world
-                bar.update(1)
-
-                if state["step"] % tc.log_every == 0:
-                    acc = (logits.argmax(1) == answers).float().mean().item()
-                    qps = q_log / max(time.time() - t_log, 1e-9)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", qps=f"{qps:,.0f}")
-                    logger.log(
-                        state["step"],
-                        {
-                            "train/loss": loss.item(),
-                            "train/acc": acc,
-                            "train/lr": optimizer.param_groups[0]["lr"],
-                            "train/questions_per_s": qps,
-                            "train/grad_norm": grad_norm,
-                            "time/minutes": (time.time() - t_start) / 60,
-                        },
-                    )
-                    t_log, q_log = time.time(), 0
-
-                end_of_epoch = state["batch"] >= steps_per_epoch
-                if end_of_epoch:
-                    state["epoch"] += 1
-                    state["batch"] = 0
-                # Evaluate every eval_every steps (one epoch by default), and once more when the time budget
-                # (train.max_minutes) ends the run, so that its last minutes count.
-                if state["step"] % eval_every == 0 or (stopping and out_of_time and not stop["signal"]):
-                    result = run_eval()
-                    improved = result["accuracy"] > state["best_acc"]
-                    if improved:
-                        state.update(best_acc=result["accuracy"], best_step=state["step"], evals_since_best=0)
-                    else:
-                        state["evals_since_best"] += 1
-                    logger.log(
-                        state["step"],
-                        {
-                            "val/acc": result["accuracy"],
-                            "val/best_acc": state["best_acc"],
-                            "epoch": state["epoch"],
-                            "time/minutes": (time.time() - t_start) / 60,
-                        },
-                    )
-                    if is_main:
-                        bar.write(
-                            f"step {state['step']}: val acc {result['accuracy']:.4f} "
-                            f"(best {state['best_acc']:.4f} at step {state['best_step']})"
-                        )
-                    save("last")
-                    if improved:
-                        save("best")
-                    if tc.patience and state["evals_since_best"] >= tc.patience:
-                        reason = f"early stopping (no better val accuracy in {tc.patience} evaluations)"
-                        break
-                if stopping:
-                    reason = (
-                        f"signal {stop['signal']}"
-                        if stop["signal"]
-                        else ("train.max_minutes" if out_of_time else "train.max_steps")
-                    )
-                    save("last")
-                    break
-                if end_of_epoch:
-                    break
-            bar.close()
-            if reason != "max epochs":
+            bad = ~torch.isfinite(out.loss)
+            run.nonfinite = bad if run.nonfinite is None else run.nonfinite | bad
+            state.batch += 1
+            if not out.boundary:
+                continue
+            state.step += 1
+            sync_bn_buffers(engine.module)
+            steps_since_log += 1
+            bar.update(1)
+            end_of_epoch = state.batch >= micro_per_epoch
+            if end_of_epoch:
+                state.epoch, state.batch = state.epoch + 1, 0
+            if state.step % tc.log_every == 0:
+                log_train(run, state, out, steps_since_log * per_step, time.time() - t_log)
+                t_log, steps_since_log = time.time(), 0
+            stop = agree(run, state) if state.step % tc.sync_every == 0 else None
+            if stop is None and tc.max_steps and state.step >= tc.max_steps:
+                stop = "train.max_steps"
+            # Evaluate every eval_every steps, and once more when the time budget ends the run (its last minutes
+            # count); a signal or max_steps does not evaluate, so a resumed run stays exact.
+            if state.step % eval_every == 0 or stop == "train.max_minutes":
+                result = evaluate(run, state)
+                save(run, state, "last")
+                if result["improved"]:
+                    save(run, state, "best")
+                if tc.patience and state.evals_since_best >= tc.patience:
+                    return f"early stopping (no better val accuracy in {tc.patience} evaluations)"
+            if stop is not None:
+                save(run, state, "last")
+                return stop
+            if end_of_epoch:
                 break
-        else:
-            save("last")
+        bar.close()
+    save(run, state, "last")
+    return "max epochs"
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run one training job as configured; returns a summary (why it stopped, steps, best val accuracy)."""
+    run, state = setup(cfg, resume)
+    old_handlers = {
+        s: signal.signal(s, lambda n, f: run.signal.append(signal.Signals(n).name))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        reason = train_loop(run, state)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        logger.close()
-
+        run.logger.close()
     summary = {
         "reason": reason,
-        "rank_param_checksums": param_checksums(engine.module),
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "best_val_acc": state["best_acc"],
-        "best_step": state["best_step"],
-        "minutes": (time.time() - t_start) / 60,
-        "run_dir": run_dir,
+        "step": state.step,
+        "epoch": state.epoch,
+        "best_val_acc": state.best_acc,
+        "best_step": state.best_step,
+        "minutes": run.minutes(),
+        "run_dir": cfg.train.run_dir,
     }
-    if is_main:
+    if run.is_main:
         print(
             f"stopped: {reason}; " + json.dumps({k: v for k, v in summary.items() if k != "reason"}),
             flush=True,
         )
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        ckpt.atomic_write_json(os.path.join(cfg.train.run_dir, "summary.json"), summary)
     return summary
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Arguments of the training script (the deepspeed launcher adds --local_rank)."""
-    from fastfilm.cli import _add_config_args
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -489,19 +609,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Train from parsed command-line arguments; the exit status."""
-    cfg = load_config(args.config, args.overrides, kernels=args.kernels)
-    try:
-        train(cfg, resume=args.resume)
-    except TrainingStopped as e:
-        print(f"fastfilm: training stopped: {e}", file=sys.stderr)
-        return 3
+    train(load_config(args.config, args.overrides, kernels=args.kernels), resume=args.resume)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python fastfilm/train.py` and `deepspeed fastfilm/train.py`."""
-    from fastfilm.cli import with_one_line_errors
-
     args = parse_args(argv)
     return with_one_line_errors(lambda: run(args))
 

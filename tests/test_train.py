@@ -174,10 +174,37 @@ def test_eval_count_exact_export_and_predict(dataset, tmp_path):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
 
 
-def test_time_budget_ends_the_run_with_an_evaluation(dataset, tmp_path):
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_time_budget_ends_the_run_with_an_evaluation(dataset, tmp_path, sync_every):
+    # The ranks agree on the budget every sync_every optimizer steps: the run stops at the first agreement.
     run = tmp_path / "budget"
-    summary = train(config_from_dict(tiny_config(dataset, run, max_minutes=1e-6)))
-    assert summary["reason"] == "train.max_minutes" and summary["step"] == 1
+    summary = train(config_from_dict(tiny_config(dataset, run, max_minutes=1e-6, sync_every=sync_every)))
+    assert summary["reason"] == "train.max_minutes" and summary["step"] == sync_every
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val/acc" in x]
-    assert [e["step"] for e in evals] == [1] and summary["best_step"] == 1
+    assert [e["step"] for e in evals] == [sync_every] and summary["best_step"] == sync_every
     ckpt.verify(str(run / "checkpoints" / "best"))
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_resumes_bit_exact(dataset, tmp_path):
+    # 48 questions, micro-batch 4, accumulation 2: 12 micro-batches = 6 optimizer steps per epoch.
+    def accum(run, **kw):
+        raw = tiny_config(dataset, run, log_every=2, eval_every=3, **kw)
+        raw["deepspeed"].update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+        return config_from_dict(raw)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    summary = train(accum(straight, max_steps=8))
+    assert summary["step"] == 8 and summary["epoch"] == 1
+    records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "val/acc" in r] == [3, 6]
+    assert all(r["train/grad_norm"] > 0 for r in records if "train/loss" in r)  # read at the boundary
+    state = json.loads((straight / "checkpoints/last/trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch"]) == (8, 1, 4)  # 2 steps = 4 micro-batches into epoch 2
+
+    train(accum(split, max_steps=5))
+    assert json.loads((split / "checkpoints/last/trainer_state.json").read_text())["batch"] == 10
+    train(accum(split, max_steps=8), resume=True)
+    a, b = weights(straight), weights(split)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((split / "checkpoints/last/trainer_state.json").read_text()) == state

@@ -102,6 +102,9 @@ class Loader:
         device_id: int | None = None,
         num_threads: int = 2,
         prefetch: int = 2,
+        vocab: dict | None = None,
+        bucket_by_length: bool = False,
+        bucket_batch: int | None = None,
     ):
         _dali()  # fail early, with the install hint
         if image_source not in IMAGE_SOURCES:
@@ -119,7 +122,7 @@ class Loader:
         self.shard_id, self.num_shards = shard_id, num_shards
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.device_id, self.num_threads, self.prefetch = device_id, max(1, num_threads), max(1, prefetch)
-        self.vocab = load_vocab(cache_dir)
+        self.vocab = vocab if vocab is not None else load_vocab(cache_dir)
         self.arrays = load_split(cache_dir, split, vocab_hash=self.vocab["hash"])
         self.total = len(self.arrays["answers"])
         num_images = len(self.arrays["image_files"])
@@ -166,6 +169,10 @@ class Loader:
                 raise DataError(f"{self._folder}: images folder not found")
 
         self.global_batch = batch_size * num_shards  # questions one step consumes over all shards
+        # data.bucket_by_length: global batches of similar question lengths (fastfilm/data/buckets.py), for
+        # global batches of `bucket_batch` questions (default this layout's; a run resumed on another layout
+        # passes the one its epoch started with, so that the epoch's order stays the same).
+        self.bucket_by_length, self.bucket_batch = bool(bucket_by_length), bucket_batch or self.global_batch
         self.num_questions = self.questions_from(0)
         self.num_batches = -(-self.num_questions // batch_size)
 
@@ -186,7 +193,13 @@ class Loader:
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's global order of the split's questions (rows), independent of shards and batch size."""
         q = self.total
-        return np.random.default_rng([self.seed, epoch]).permutation(q) if self.shuffle else np.arange(q)
+        order = np.random.default_rng([self.seed, epoch]).permutation(q) if self.shuffle else np.arange(q)
+        if self.bucket_by_length:  # then it depends on `bucket_batch` too
+            from fastfilm.data.buckets import bucket_rows
+
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            order = bucket_rows(order, self.arrays["lengths"], self.bucket_batch, rng)
+        return order
 
     def _split(self, remaining: int) -> tuple[int, int, int]:
         """(full global batches, start and end of this shard's part of the partial last one) of `remaining`."""
@@ -348,6 +361,9 @@ def build_loader(
     device_id: int | None = None,
     num_threads: int = 2,
     prefetch: int = 2,
+    vocab: dict | None = None,
+    bucket_by_length: bool = False,
+    bucket_batch: int | None = None,
 ) -> Loader:
     """A DALI loader over one split of a `fastfilm prep` cache (see the module docstring).
 
@@ -370,4 +386,52 @@ def build_loader(
         device_id=device_id,
         num_threads=num_threads,
         prefetch=prefetch,
+        vocab=vocab,
+        bucket_by_length=bucket_by_length,
+        bucket_batch=bucket_batch,
+    )
+
+
+def loader_for(
+    cfg: Any,
+    split: str,
+    *,
+    train: bool,
+    device: Any = None,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    batch_size: int | None = None,
+    cache_dir: str | None = None,
+    vocab: dict | None = None,
+) -> Loader:
+    """The loader a run's config (`fastfilm.config.Config`) describes for one split and one rank.
+
+    `train=True`: the seeded shuffled order, cut so that every rank runs the same number of full batches;
+    `train=False`: file order, every question exactly once across the ranks. `device` is the rank's
+    `torch.device`: on a GPU, DALI decodes and resizes there (`torch.device("cuda")` means the current one).
+    `vocab`, when the caller has already read and checked the cache's vocabulary, saves reading it again.
+    """
+    device_id = None
+    if device is not None and device.type == "cuda":
+        import torch
+
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    dc = cfg.data
+    return build_loader(
+        cache_dir or dc.cache,
+        split,
+        batch_size or cfg.batch_size,
+        image_source=dc.image_source,
+        clevr_dir=dc.root,
+        image_size=cfg.model.image_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle=train,
+        seed=cfg.train.seed,
+        drop_last=train,
+        device_id=device_id,
+        num_threads=dc.num_threads,
+        prefetch=dc.prefetch,
+        vocab=vocab,
+        bucket_by_length=train and dc.bucket_by_length,
     )

@@ -782,9 +782,11 @@ def generate(
         raise DataError(
             f"synth: families must be distinct names from {', '.join(FAMILIES)}; got {', '.join(fams) or 'none'}"
         )
+    if not (isinstance(max_filters, int) and 1 <= max_filters <= 3):
+        raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
     t0 = time.time()
     k = questions_per_image
-    for split in SPLITS:
+    for split in SPLITS:  # every option is valid: only now is anything on disk touched
         folder = os.path.join(out_dir, "images", split)
         os.makedirs(folder, exist_ok=True)
         pat = re.compile(rf"CLEVR_{split}_(\d{{6}})\.png$")
@@ -794,9 +796,6 @@ def generate(
                 os.remove(os.path.join(folder, name))
     os.makedirs(os.path.join(out_dir, "questions"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "scenes"), exist_ok=True)
-
-    if not (isinstance(max_filters, int) and 1 <= max_filters <= 3):
-        raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
     tasks = [(out_dir, s, i, seed, k, scene_opts, (fams, max_filters)) for s in SPLITS for i in range(sizes[s])]
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(tasks))))
     pool = None
@@ -907,24 +906,20 @@ def format_baseline(b: dict[str, Any] | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm synth`: generate the data set and print the summary."""
-    try:
-        s = generate(
-            args.out,
-            train_images=args.train_images,
-            val_images=args.val_images,
-            test_images=args.test_images,
-            questions_per_image=args.questions_per_image,
-            seed=args.seed,
-            workers=getattr(args, "workers", None),
-            min_objects=getattr(args, "min_objects", 3),
-            max_objects=getattr(args, "max_objects", 10),
-            object_scale=getattr(args, "object_scale", 1.0),
-            families=args.families.split(",") if getattr(args, "families", None) else None,
-            max_filters=getattr(args, "max_filters", 3),
-        )
-    except DataError as e:
-        print(f"fastfilm: data error: {e}", file=sys.stderr)
-        return 2
+    s = generate(
+        args.out,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        test_images=args.test_images,
+        questions_per_image=args.questions_per_image,
+        seed=args.seed,
+        workers=getattr(args, "workers", None),
+        min_objects=getattr(args, "min_objects", 3),
+        max_objects=getattr(args, "max_objects", 10),
+        object_scale=getattr(args, "object_scale", 1.0),
+        families=args.families.split(",") if getattr(args, "families", None) else None,
+        max_filters=getattr(args, "max_filters", 3),
+    )
     counts = ", ".join(
         f"{k} {v['images']} images / {v['questions']} questions" for k, v in s["splits"].items()
     )

@@ -1,0 +1,31 @@
+"""The errors a user can cause, and the one wrapper that turns them into one line on stderr and an exit status.
+
+Every error that comes from what a user gave (a config, a data set, a checkpoint, a model folder, an option)
+derives from `FastfilmError`; its message names the file, line or key and what was expected. Anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class FastfilmError(Exception):
+    """Something the user can fix; `label` prefixes the stderr line, `exit_status` is the command's status."""
+
+    label = "error"
+    exit_status = 2
+
+
+class UsageError(FastfilmError, ValueError):
+    """A command-line option or an input file does not fit the command (e.g. an image that cannot be read)."""
+
+
+def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
+    """Run a command; a `FastfilmError` becomes `fastfilm: <label>: <message>` on stderr and its exit status."""
+    try:
+        return fn()
+    except FastfilmError as e:
+        print(f"fastfilm: {e.label}: {e}", file=sys.stderr)
+        return e.exit_status
