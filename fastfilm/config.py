@@ -357,15 +357,28 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with one clear line naming the key."""
-    src = cfg.source
-    m, t, d = cfg.model, cfg.train, cfg.data
+    _validate_model(cfg)
+    _validate_run(cfg)
+    _validate_deepspeed(cfg)
+
+
+def _bad(cfg: Config, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{cfg.source}: {key}: {msg}")
+
+
+def _choice(cfg: Config, key: str, value: str, options: Iterable[str]) -> None:
+    if value not in options:
+        raise _bad(cfg, key, f"'{value}' is not one of {', '.join(options)}{_closest(value, options)}")
+
+
+def _validate_model(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
 
     def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{src}: {key}: {msg}")
+        return _bad(cfg, key, msg)
 
     def choice(key: str, value: str, options: Iterable[str]) -> None:
-        if value not in options:
-            raise bad(key, f"'{value}' is not one of {', '.join(options)}{_closest(value, options)}")
+        _choice(cfg, key, value, options)
 
     choice("kernels.mode", cfg.kernels.mode, KERNEL_MODES)
     choice("model.stem", m.stem, ("pixels", "features"))
@@ -405,6 +418,17 @@ def validate(cfg: Config) -> None:
         )
     if (m.stem == "features") != (d.image_source == "features"):
         raise bad("data.image_source", f"'{d.image_source}' does not fit model.stem='{m.stem}'")
+
+
+def _validate_run(cfg: Config) -> None:
+    t = cfg.train
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return _bad(cfg, key, msg)
+
+    def choice(key: str, value: str, options: Iterable[str]) -> None:
+        _choice(cfg, key, value, options)
+
     if t.epochs <= 0:
         raise bad("train.epochs", f"must be > 0, got {t.epochs}")
     if t.patience < 0 or t.max_steps < 0 or t.eval_every < 0 or t.max_minutes < 0:
@@ -415,6 +439,12 @@ def validate(cfg: Config) -> None:
         raise bad("train.film_reg_weight", "must be >= 0")
     choice("train.trainable", t.trainable, ("all", "generator", "network"))
     choice("train.frozen_mode", t.frozen_mode, ("train", "eval"))
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return _bad(cfg, key, msg)
+
     ds = cfg.deepspeed
     if not isinstance(ds, dict):
         raise bad("deepspeed", "expected an object (a standard DeepSpeed config)")
