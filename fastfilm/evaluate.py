@@ -107,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
     )
     model.to(device)
     loader = loader_for(cfg, args.split, train=False, device=device)
+    if getattr(args, "predictions", None) or getattr(args, "predictions_json", None):
+        from fastfilm.predictions import write_for_eval  # issue 17: answer files in CLEVR's format
+
+        if not write_for_eval(args, model, cfg, vocab, loader, device):
+            return 0  # a split without answers (CLEVR's test): predictions only, no accuracy
     result = evaluate(
         model, loader, device, autocast_dtype(cfg.deepspeed), vocab.get("question_family_names")
     )

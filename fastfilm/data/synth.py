@@ -47,6 +47,12 @@ from fastfilm.data import DataError
 
 WIDTH, HEIGHT = 480, 320
 SPLITS = ("train", "val", "test")
+# CLEVR-CoGenT: condition A gives cubes and cylinders these colours, condition B swaps them; spheres take any.
+COGENT_COLORS: dict[str, dict[str, tuple[str, ...]]] = {
+    "A": {"cube": ("gray", "blue", "brown", "yellow"), "cylinder": ("red", "green", "purple", "cyan")},
+    "B": {"cube": ("red", "green", "purple", "cyan"), "cylinder": ("gray", "blue", "brown", "yellow")},
+}
+COGENT_SPLITS = ("trainA", "valA", "valB", "testA", "testB")
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "gray": (87, 87, 87),
@@ -112,10 +118,15 @@ PATTERNS_PER_SLOT = (
 
 # ------------------------------------------------------------------------------------------------ scenes
 def make_scene(
-    rng: random.Random, min_objects: int = 3, max_objects: int = 10, object_scale: float = 1.0
+    rng: random.Random,
+    min_objects: int = 3,
+    max_objects: int = 10,
+    object_scale: float = 1.0,
+    condition: str | None = None,
 ) -> list[dict[str, Any]]:
     """`min_objects`–`max_objects` objects (CLEVR: 3–10) with random attributes, placed without overlap and
-    with unambiguous relations; `object_scale` > 1 draws them larger than CLEVR's."""
+    with unambiguous relations; `object_scale` > 1 draws them larger than CLEVR's. With a CoGenT `condition`
+    ("A" or "B"), cubes and cylinders take only that condition's colours (`COGENT_COLORS`)."""
     while True:
         n = rng.randint(min_objects, max_objects)
         objs: list[dict[str, Any]] = []
@@ -137,10 +148,15 @@ def make_scene(
             )
             if not ok:
                 continue
+            if condition is None:
+                color, shape = rng.choice(VALUES["color"]), rng.choice(SHAPES)
+            else:
+                shape = rng.choice(SHAPES)
+                color = rng.choice(COGENT_COLORS[condition].get(shape, VALUES["color"]))
             objs.append(
                 {
-                    "color": rng.choice(VALUES["color"]),
-                    "shape": rng.choice(SHAPES),
+                    "color": color,
+                    "shape": shape,
                     "size": size,
                     "material": rng.choice(MATERIALS),
                     "3d_coords": [round(x3, 4), round(y3, 4), 0.7 if size == "large" else 0.35],
@@ -752,8 +768,13 @@ def generate(
     object_scale: float = 1.0,
     families: Sequence[str] | None = None,
     max_filters: int = 3,
+    cogent: bool = False,
 ) -> dict[str, Any]:
     """Write a CLEVR v1.0-format data set (images, questions, scenes) to `out_dir`; returns the summary.
+
+    With `cogent`, the splits are CLEVR-CoGenT's: trainA (`train_images`), valA and valB (`val_images` each),
+    testA and testB (`test_images` each), condition A and B colouring cubes and cylinders differently
+    (`COGENT_COLORS`).
 
     The summary (also written to `out_dir/synth_summary.json`) holds the counts, the answer distribution per
     family and the question-only baseline (see `question_only_baseline`).
@@ -769,13 +790,24 @@ def generate(
             raise DataError(f"synth: {name} must be a non-negative integer, got {v!r}")
     if questions_per_image < 1:
         raise DataError("synth: questions_per_image must be at least 1")
-    if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 2 <= min_objects <= max_objects <= 12):
+    if not (
+        isinstance(min_objects, int)
+        and isinstance(max_objects, int)
+        and 2 <= min_objects <= max_objects <= 12
+    ):
         raise DataError(
             f"synth: objects per scene must satisfy 2 <= min <= max <= 12, got {min_objects}-{max_objects}"
         )
     if not (isinstance(object_scale, (int, float)) and 0.5 <= object_scale <= 2.0):
         raise DataError(f"synth: object_scale must be in [0.5, 2.0], got {object_scale!r}")
     scene_opts = (min_objects, max_objects, float(object_scale))
+    # (split, images, CoGenT condition): CLEVR's three splits, or CLEVR-CoGenT's five.
+    plan = (
+        [(s, sizes[s[:-1]], s[-1]) for s in COGENT_SPLITS]
+        if cogent
+        else [(s, sizes[s], None) for s in SPLITS]
+    )
+    split_sizes = {s: n for s, n, _ in plan}
     fams = tuple(FAMILIES if families is None else families)
     unknown = [f for f in fams if f not in FAMILIES]
     if unknown or not fams or len(set(fams)) != len(fams):
@@ -786,17 +818,21 @@ def generate(
         raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
     t0 = time.time()
     k = questions_per_image
-    for split in SPLITS:  # every option is valid: only now is anything on disk touched
+    for split in split_sizes:  # every option is valid: only now is anything on disk touched
         folder = os.path.join(out_dir, "images", split)
         os.makedirs(folder, exist_ok=True)
         pat = re.compile(rf"CLEVR_{split}_(\d{{6}})\.png$")
         for name in os.listdir(folder):  # images of an earlier, larger run
             m = pat.match(name)
-            if (m and int(m.group(1)) >= sizes[split]) or ".png.tmp-" in name:
+            if (m and int(m.group(1)) >= split_sizes[split]) or ".png.tmp-" in name:
                 os.remove(os.path.join(folder, name))
     os.makedirs(os.path.join(out_dir, "questions"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "scenes"), exist_ok=True)
-    tasks = [(out_dir, s, i, seed, k, scene_opts, (fams, max_filters)) for s in SPLITS for i in range(sizes[s])]
+    tasks = [
+        (out_dir, s, i, seed, k, (*scene_opts, cond), (fams, max_filters))
+        for s, n, cond in plan
+        for i in range(n)
+    ]
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(tasks))))
     pool = None
     if workers > 1:
@@ -811,12 +847,13 @@ def generate(
         "object_scale": float(object_scale),
         "families": list(fams),
         "max_filters": max_filters,
+        **({"cogent": COGENT_COLORS} if cogent else {}),
         "splits": {},
     }
-    scenes: dict[str, list] = {s: [] for s in SPLITS}
-    questions: dict[str, list] = {s: [] for s in SPLITS}
-    rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}  # (family, pattern, text, answer)
-    balancers = {s: Balancer() for s in SPLITS}
+    scenes: dict[str, list] = {s: [] for s in split_sizes}
+    questions: dict[str, list] = {s: [] for s in split_sizes}
+    rows: dict[str, list[tuple]] = {s: [] for s in split_sizes}  # (family, pattern, text, answer)
+    balancers = {s: Balancer() for s in split_sizes}
     try:
         # Results come back in task order, so the balancer sees the same sequence for any worker count.
         results = pool.imap(_scene_task, tasks, chunksize=8) if pool is not None else map(_scene_task, tasks)
@@ -835,7 +872,7 @@ def generate(
                     "split": split,
                     "question": text,
                 }
-                if split != "test":
+                if not split.startswith("test"):
                     q["answer"] = answer
                 questions[split].append(q)
                 rows[split].append((FAMILIES[fam], pattern, text, answer))
@@ -846,7 +883,7 @@ def generate(
             pool.terminate()
             pool.join()
 
-    for split in SPLITS:
+    for split in split_sizes:
         _dump_json(
             os.path.join(out_dir, "questions", f"CLEVR_{split}_questions.json"),
             {"info": _info(split, seed), "questions": questions[split]},
@@ -859,12 +896,12 @@ def generate(
         for fam, _, _, answer in rows[split]:
             by_family[fam][answer] += 1
         summary["splits"][split] = {
-            "images": sizes[split],
+            "images": split_sizes[split],
             "questions": len(questions[split]),
-            "answers_written": split != "test",
+            "answers_written": not split.startswith("test"),
             "answers_by_family": {f: dict(sorted(c.items())) for f, c in sorted(by_family.items())},
         }
-    rows_by_split = rows
+    rows_by_split = {"train": rows[plan[0][0]], "val": rows[plan[1][0]]}  # the baseline: fit on train, val
     summary["question_only_baseline"] = (
         question_only_baseline(rows_by_split["train"], rows_by_split["val"])
         if rows_by_split["train"] and rows_by_split["val"]
@@ -919,6 +956,7 @@ def run(args: argparse.Namespace) -> int:
         object_scale=getattr(args, "object_scale", 1.0),
         families=args.families.split(",") if getattr(args, "families", None) else None,
         max_filters=getattr(args, "max_filters", 3),
+        cogent=getattr(args, "cogent", False),
     )
     counts = ", ".join(
         f"{k} {v['images']} images / {v['questions']} questions" for k, v in s["splits"].items()

@@ -1,0 +1,134 @@
+"""`fastfilm predict --model DIR --image PNG --interactive`: ask questions about an image at a prompt.
+
+As the original's `scripts/run_model.py` without `--question`: the image is read (and, for a feature-stem model,
+run through ResNet-101 once, with `--resnet-weights`) and every line typed is a question; the answer and the top
+5 answers with their probabilities come back. `:image PATH` switches to another image, `:quit` or end of input
+(Ctrl-D) ends. Words outside the training vocabulary are named and the question is not answered (the original's
+`--enforce_clevr_vocab 1`), unless `--allow-unknown` (then they are read as `<UNK>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+import torch
+
+from fastfilm.errors import UsageError
+
+HELP = "type a question; ':image PATH' for another image; ':quit' or end of input (Ctrl-D) to stop"
+
+
+class Answerer:
+    """A loaded model and one image's input: `ask(question)` → top (answer, probability) pairs."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any, vocab: dict, resnet_weights: str | None = None):
+        self.model, self.cfg, self.vocab = model.eval(), cfg, vocab
+        self.q2i = vocab["question_token_to_idx"]
+        self.idx_to_answer = {v: k for k, v in vocab["answer_token_to_idx"].items()}
+        self.trunk = None
+        if cfg.model.stem == "features":
+            if not resnet_weights:
+                raise UsageError(
+                    "this model reads ResNet-101 features: pass --resnet-weights FILE (see `fastfilm features`)"
+                )
+            from fastfilm.features import load_trunk
+
+            self.trunk = load_trunk(resnet_weights)
+        self.image: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def load(self, path: str) -> None:
+        """Read an image as the model sees it (pixels, or ResNet features)."""
+        if self.trunk is not None:
+            from fastfilm.features import preprocess
+
+            self.image = self.trunk(torch.from_numpy(preprocess(path))[None])
+        else:
+            from fastfilm.export import load_image
+
+            self.image = load_image(path, self.cfg.model.image_size)
+
+    def unknown_words(self, question: str) -> list[str]:
+        """The question's words that the training vocabulary lacks."""
+        from fastfilm.data.tokenize import tokenize
+
+        return list(dict.fromkeys(t for t in tokenize(question) if t not in self.q2i))
+
+    @torch.no_grad()
+    def ask(self, question: str, top: int = 5) -> list[tuple[str, float]]:
+        """The top answers to `question` about the current image."""
+        from fastfilm.data.tokenize import encode_question
+
+        ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long)
+        logits = self.model(self.image, ids, torch.tensor([ids.shape[1]]))
+        probs = torch.softmax(logits.float(), dim=1)[0]
+        p, i = probs.topk(min(top, probs.numel()))
+        return [(self.idx_to_answer.get(int(j), str(int(j))), float(q)) for q, j in zip(p, i)]
+
+
+def interact(
+    answerer: Answerer,
+    image: str,
+    *,
+    top: int = 5,
+    allow_unknown: bool = False,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """The prompt loop: questions in, answers out, until `:quit` or end of input; returns 0."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+
+    def say(text: str = "") -> None:
+        stdout.write(text + "\n")
+        stdout.flush()
+
+    answerer.load(image)
+    say(f"Ask me something about {image} ({HELP}).")
+    while True:
+        stdout.write(">>> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            say()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in (":quit", ":q", ":exit"):
+            break
+        if text.startswith(":image"):
+            path = text[len(":image") :].strip()
+            try:
+                answerer.load(path)
+            except Exception as e:  # a bad path keeps the current image
+                say(f"cannot use that image: {e}")
+                continue
+            image = path
+            say(f"now asking about {image}")
+            continue
+        if text.startswith(":"):
+            say(HELP)
+            continue
+        unknown = answerer.unknown_words(text)
+        if unknown and not allow_unknown:
+            names = ", ".join(f"'{w}'" for w in unknown)
+            say(
+                f"No one taught me {names} (not in the training vocabulary); rephrase, or use --allow-unknown"
+            )
+            continue
+        answers = answerer.ask(text, top)
+        say(f"answer: {answers[0][0]}")
+        for a, p in answers:
+            say(f"  {a:<12} {p:.4f}")
+    return 0
+
+
+def run_interactive(args: argparse.Namespace) -> int:
+    """`fastfilm predict --interactive`."""
+    from fastfilm.export import load_model_folder
+
+    model, cfg, vocab = load_model_folder(args.model, kernels="reference")
+    answerer = Answerer(model, cfg, vocab, getattr(args, "resnet_weights", None))
+    return interact(answerer, args.image, top=args.top, allow_unknown=getattr(args, "allow_unknown", False))

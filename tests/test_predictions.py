@@ -1,0 +1,86 @@
+"""`fastfilm eval --predictions/--predictions-json`: CLEVR's answer-file format, scored as CLEVR's script does,
+and a CoGenT-style synthetic set through prep → train → eval on valA and valB."""
+
+import json
+import os
+
+import pytest
+
+from fastfilm.cli import main
+from fastfilm.config import config_from_dict
+from fastfilm.train import train
+from tests.test_train import tiny_config
+
+
+def clevr_score(questions_file, answers_file):
+    """What CLEVR_eval_with_q_type.py computes: one answer per line against the questions file's answers."""
+    with open(questions_file) as f:
+        true = [q["answer"] for q in json.load(f)["questions"]]
+    with open(answers_file) as f:
+        pred = [line.strip() for line in f]
+    assert len(true) == len(pred), f"expected {len(true)} answers but got {len(pred)}"
+    return sum(t == p for t, p in zip(true, pred)) / len(true)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pred") / "run"
+    train(config_from_dict(tiny_config(dataset, run, epochs=1)))
+    return run
+
+
+def test_predictions_file_scores_as_eval(dataset, trained, tmp_path):
+    preds, js, res = tmp_path / "val.txt", tmp_path / "val.jsonl", tmp_path / "val.json"
+    args = ["eval", "--checkpoint", str(trained), "--split", "val", "--json", str(res)]
+    assert main([*args, "--predictions", str(preds), "--predictions-json", str(js)]) == 0
+    acc = json.loads(res.read_text())["accuracy"]
+    qfile = dataset / "clevr" / "questions" / "CLEVR_val_questions.json"
+    assert clevr_score(qfile, preds) == acc
+    questions = json.loads(qfile.read_text())["questions"]
+    records = [json.loads(x) for x in js.read_text().splitlines()]
+    assert len(records) == len(questions)
+    for q, r, line in zip(questions, records, preds.read_text().splitlines()):
+        assert r["question_index"] == q["question_index"] and r["question"] == q["question"]
+        assert r["image"] == q["image_filename"] and r["answer"] == line
+        assert r["expected"] in (q["answer"], "<UNK>")  # <UNK>: an answer the tiny train split never has
+        assert len(r["top5"]) == 5 and r["top5"][0][0] == line
+        probs = [p for _, p in r["top5"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_test_split_writes_one_line_per_question(dataset, trained, tmp_path, capsys):
+    preds = tmp_path / "test.txt"
+    assert main(["eval", "--checkpoint", str(trained), "--split", "test", "--predictions", str(preds)]) == 0
+    n = len(json.loads((dataset / "clevr/questions/CLEVR_test_questions.json").read_text())["questions"])
+    lines = preds.read_text().splitlines()
+    assert len(lines) == n and all(lines)
+    out = capsys.readouterr().out
+    assert "no accuracy" in out and "overall" not in out
+
+
+def test_cogent_style_set_prep_train_eval(tmp_path):
+    from fastfilm.data import synth
+
+    root, cache = tmp_path / "cogent", tmp_path / "cache"
+    args = ["synth", "--out", str(root), "--cogent", "--train-images", "16", "--val-images", "6"]
+    assert main([*args, "--test-images", "2", "--questions-per-image", "3", "--workers", "1"]) == 0
+    for split in synth.COGENT_SPLITS:
+        scenes = json.loads((root / "scenes" / f"CLEVR_{split}_scenes.json").read_text())["scenes"]
+        allowed = synth.COGENT_COLORS[split[-1]]
+        for o in (o for s in scenes for o in s["objects"]):
+            assert o["color"] in allowed.get(o["shape"], synth.VALUES["color"]), (split, o)
+    assert not (root / "questions" / "CLEVR_train_questions.json").exists()
+    assert (
+        main(["prep", "--clevr", str(root), "--out", str(cache), "--image-size", "32", "--workers", "1"]) == 0
+    )
+    assert {f"{s}_questions.npz" for s in synth.COGENT_SPLITS} <= set(os.listdir(cache))
+    raw = tiny_config(tmp_path, tmp_path / "run", epochs=1)
+    raw["data"].update(root=str(root), cache=str(cache), train_split="trainA", val_split="valA")
+    train(config_from_dict(raw))
+    for split in ("valA", "valB"):
+        res = tmp_path / f"{split}.json"
+        assert (
+            main(["eval", "--checkpoint", str(tmp_path / "run"), "--split", split, "--json", str(res)]) == 0
+        )
+        r = json.loads(res.read_text())
+        assert r["split"] == split and r["total"] == 18

@@ -1,0 +1,119 @@
+"""`fastfilm predict --interactive`: a prompt that answers questions about an image and exits on end of input."""
+
+import io
+import os
+import subprocess
+import sys
+
+import torch
+
+from fastfilm.config import Config, ModelConfig
+from fastfilm.data.tokenize import vocab_hash
+from fastfilm.export import load_model_folder
+from fastfilm.model import FiLMModel
+from fastfilm.original import write_model_folder
+from fastfilm.prompt import Answerer, interact
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pixel_model_folder(tmp_path):
+    words = ["What", "color", "is", "the", "cube", "How", "many", "things", "are", "there"]
+    q = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, **{w: i + 4 for i, w in enumerate(sorted(words))}}
+    a = {
+        "<NULL>": 0,
+        "<START>": 1,
+        "<END>": 2,
+        "<UNK>": 3,
+        "red": 4,
+        "blue": 5,
+        "2": 6,
+        "3": 7,
+        "yes": 8,
+        "no": 9,
+    }
+    vocab = {"question_token_to_idx": q, "answer_token_to_idx": a, "question_family_names": {}}
+    vocab["hash"] = vocab_hash(q, a)
+    cfg = ModelConfig(
+        image_size=32,
+        stem_num_layers=2,
+        module_dim=8,
+        num_blocks=2,
+        wordvec_dim=8,
+        rnn_hidden_dim=12,
+        classifier_proj_dim=16,
+        classifier_fc_dims=[16],
+    )
+    torch.manual_seed(0)
+    return write_model_folder(
+        FiLMModel(cfg, len(q), len(a)).eval(), Config(model=cfg), vocab, str(tmp_path / "m")
+    )
+
+
+def png(tmp_path, name, colour):
+    from PIL import Image
+
+    path = str(tmp_path / name)
+    Image.new("RGB", (48, 32), colour).save(path)
+    return path
+
+
+def test_prompt_answers_two_questions_and_exits_on_end_of_input(tmp_path):
+    folder = pixel_model_folder(tmp_path)
+    img, img2 = png(tmp_path, "a.png", (200, 30, 30)), png(tmp_path, "b.png", (20, 30, 200))
+    model, cfg, vocab = load_model_folder(folder)
+    answerer = Answerer(model, cfg, vocab)
+    text = (
+        "What color is the cube?\n\nHow many zebras are there?\n:image "
+        + img2
+        + "\nHow many things are there?\n"
+    )
+    out = io.StringIO()
+    assert interact(answerer, img, stdin=io.StringIO(text), stdout=out) == 0  # returns at end of input
+    lines = out.getvalue().splitlines()
+    answers = [x for x in lines if "answer: " in x]
+    assert len(answers) == 2  # the question with an unknown word is not answered
+    assert any("'zebras'" in x and "vocabulary" in x for x in lines)
+    assert any("now asking about " + img2 in x for x in lines)
+    # The top-5 lines after each answer: 5 answers with probabilities, the first the answer.
+    first = lines.index(next(x for x in lines if "answer: " in x))
+    top = [x.split() for x in lines[first + 1 : first + 6]]
+    assert answers[0].endswith(" " + top[0][0]) and len(top) == 5 and all(0 <= float(p) <= 1 for _, p in top)
+    # The answers equal the model's on the same input.
+    answerer.load(img2)
+    expected = answerer.ask("How many things are there?")[0][0]
+    assert answers[1].endswith(" " + expected)
+    # --allow-unknown answers the question with the unknown word too.
+    out = io.StringIO()
+    interact(
+        answerer,
+        img,
+        allow_unknown=True,
+        stdin=io.StringIO("How many zebras are there?\n:quit\n"),
+        stdout=out,
+    )
+    assert "answer: " in out.getvalue()
+
+
+def test_interactive_command_line(tmp_path):
+    folder = pixel_model_folder(tmp_path)
+    img = png(tmp_path, "a.png", (200, 30, 30))
+    cmd = [sys.executable, "-m", "fastfilm", "predict", "--model", folder, "--image", img, "--interactive"]
+    r = subprocess.run(
+        cmd,
+        input="What color is the cube?\nHow many things are there?\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("answer: ") == 2
+    r = subprocess.run(
+        [sys.executable, "-m", "fastfilm", "predict", "--model", folder, "--image", img],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "--interactive" in r.stderr and r.stderr.count("\n") == 1
