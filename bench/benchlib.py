@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
@@ -341,25 +340,33 @@ def build_model(cfg, kernels: str):
     return model.to(device()).train()
 
 
-def build_optimizer(model, cfg):
-    """The trainer's optimizer (fastfilm.train.build_optimizer: Adam, coupled L2, fused on CUDA)."""
-    from fastfilm.train import build_optimizer as trainer_optimizer
+def build_engine(cfg, kernels: str, dtype: torch.dtype | None):
+    """The trainer's DeepSpeed engine (`fastfilm.train.build_engine`: model, Adam with coupled L2 — fused on CUDA —
+    and `deepspeed.initialize`) for this one process, with `dtype` as the forward's autocast (None: float32)."""
+    from fastfilm import train
 
-    return trainer_optimizer(model, cfg.deepspeed)
+    cfg.kernels.mode = kernels
+    cfg.deepspeed["bf16"] = {"enabled": dtype == torch.bfloat16}
+    cfg.deepspeed["fp16"] = {"enabled": False}
+    cfg.train.dist_timeout_s = 60
+    train.setup_distributed(cfg)  # a world of one, as `fastfilm train`
+    torch.manual_seed(0)
+    vocab = {
+        "question_token_to_idx": {f"q{i}": i for i in range(PAPER_VOCAB)},
+        "answer_token_to_idx": {f"a{i}": i for i in range(PAPER_ANSWERS)},
+    }
+    engine, _, _ = train.build_engine(cfg, vocab, device())
+    engine.module.train()
+    return engine
 
 
-def make_train_step(model, optimizer, batch: dict, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
-    """One optimizer step as the trainer runs it: autocast forward, float32 loss, backward, Adam step."""
-    images, questions, lengths, answers = batch["image"], batch["question"], batch["length"], batch["answer"]
+def make_train_step(engine, batch: dict) -> Callable[[], torch.Tensor]:
+    """One optimizer step exactly as the trainer takes it: `fastfilm.train.train_step` (autocast forward by the
+    engine, float32 cross-entropy, `engine.backward`, `engine.step`); returns the loss."""
+    from fastfilm import train
 
     def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(dtype):
-            logits = model(images, questions, lengths)
-        loss = F.cross_entropy(logits.float(), answers)
-        loss.backward()
-        optimizer.step()
-        return loss
+        return train.train_step(engine, batch, device()).loss
 
     return step
 

@@ -65,10 +65,9 @@ def profile_mode(cfg, mode: str, dtype: str, steps: int, warmup: int, top: int) 
     from torch.profiler import ProfilerActivity, profile
 
     benchlib.fresh_compile_state(mode)
-    model = benchlib.build_model(cfg, mode)
-    optimizer = benchlib.build_optimizer(model, cfg)
+    engine = benchlib.build_engine(cfg, mode, benchlib.DTYPES[dtype] if dtype != "fp32" else None)
     batch = benchlib.synthetic_batch(cfg)
-    step = benchlib.make_train_step(model, optimizer, batch, benchlib.DTYPES[dtype])
+    step = benchlib.make_train_step(engine, batch)
     n = batch["question"].shape[0]
 
     t0 = time.perf_counter()
@@ -123,7 +122,7 @@ def profile_mode(cfg, mode: str, dtype: str, steps: int, warmup: int, top: int) 
             break
         except Exception:
             continue
-    del model, optimizer, step
+    del engine, step
     if benchlib.CUDA:
         torch.cuda.empty_cache()
     return {

@@ -1,10 +1,9 @@
 """One full training step of the raw-pixel FiLM model, per kernels mode, in bf16 (autocast) and float32.
 
-The step is the trainer's: `torch.autocast` forward (bf16 runs), float32 cross-entropy, backward, and the
-optimizer the trainer hands to DeepSpeed (`fastfilm.train.build_optimizer`: Adam with coupled L2; fused on
-CUDA). The DeepSpeed engine itself is left out: with ZeRO stage 0 its `step()` calls that optimizer and adds
-bookkeeping, and its `backward()` is `loss.backward()`. Inputs are one fixed synthetic batch on the device,
-so the loader is not in this number (it has its own group). GPU: configs/clevr.json (the paper's model,
+The step is the trainer's own `fastfilm.train.train_step` on the engine `fastfilm.train.build_engine` makes:
+autocast forward (bf16 runs, DeepSpeed's `torch_autocast`), float32 cross-entropy, `engine.backward`,
+`engine.step` (Adam with coupled L2; fused on CUDA). Not in this number: the loader (it has its own group; inputs
+are one fixed synthetic batch on the device) and the ranks' agreement every `train.sync_every` steps. GPU: configs/clevr.json (the paper's model,
 224×224 pixels, batch 64, questions padded to 46 tokens). CPU: a small model of the same structure.
 
 CUDA graphs: the config has no `train.cuda_graphs` key (fastfilm.config.TrainConfig), so the step runs
@@ -38,11 +37,9 @@ def test_train_step(benchmark, settings, kernels_mode, dtype):
     cfg = benchlib.bench_config(settings)
     benchlib.fresh_compile_state(kernels_mode)
     graphs_before = benchlib.compiled_graphs()
-    model = benchlib.build_model(cfg, kernels_mode)
-    optimizer = benchlib.build_optimizer(model, cfg)
+    engine = benchlib.build_engine(cfg, kernels_mode, benchlib.DTYPES[dtype] if dtype != "fp32" else None)
     batch = benchlib.synthetic_batch(cfg)
-    amp = benchlib.DTYPES[dtype]
-    step = benchlib.make_train_step(model, optimizer, batch, amp)
+    step = benchlib.make_train_step(engine, batch)
 
     loss = step()
     assert torch.isfinite(loss).item(), "the benchmark's own step diverged"
@@ -57,7 +54,7 @@ def test_train_step(benchmark, settings, kernels_mode, dtype):
         image_size=cfg.model.image_size,
         question_len=batch["question"].shape[1],
         model="configs/clevr.json" if settings.cuda else "small (bench/benchlib.py SMALL_MODEL_OVERRIDES)",
-        optimizer=type(optimizer).__module__ + "." + type(optimizer).__name__,
+        optimizer=type(engine.optimizer).__module__ + "." + type(engine.optimizer).__name__,
         cuda_graphs=cuda_graphs_note(cfg),
         device=benchlib.device_name(),
     )
@@ -77,7 +74,7 @@ def test_train_step(benchmark, settings, kernels_mode, dtype):
         assert benchmark.extra_info["dynamo_graphs"] >= 1, (
             "kernels=compile compiled nothing: not a compile timing"
         )
-    del model, optimizer, step
+    del engine, step
     gc.collect()
     if settings.cuda:
         torch.cuda.empty_cache()
