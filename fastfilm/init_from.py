@@ -167,3 +167,18 @@ def prepare_model(model: torch.nn.Module, train_cfg: Any, vocab: Mapping[str, An
         model, getattr(train_cfg, "trainable", "all"), getattr(train_cfg, "frozen_mode", "train")
     )
     return summary
+
+
+def describe(summary: dict[str, Any], train_cfg: Any) -> str:
+    """One line saying what `prepare_model` did ("" when it did nothing)."""
+    parts = []
+    if summary.get("source"):
+        words = summary.get("new_words", [])
+        grown = f", word embedding grown by {len(words)} row(s) ~ N(0, {NEW_ROW_STD}²)" if words else ""
+        parts.append(f"weights from {summary['source']}{grown}")
+    if summary.get("frozen_parameters"):
+        part = "FiLMed network" if train_cfg.trainable == "generator" else "generator"
+        parts.append(
+            f"{part} frozen ({summary['frozen_parameters']:,} parameters, {train_cfg.frozen_mode} mode while training)"
+        )
+    return "init: " + "; ".join(parts) if parts else ""

@@ -48,7 +48,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs completed
-    batch: int = 0  # micro-batches of the current epoch consumed on each rank (the loader's position)
+    questions: int = 0  # of the epoch's global order consumed, by any layout: the loader's position
     best_acc: float = -1.0
     best_step: int = 0
     evals_since_best: int = 0
@@ -58,6 +58,12 @@ class TrainState:
     def from_dict(cls, d: dict[str, Any], where: str) -> TrainState:
         """The state saved in `where` (a trainer_state.json); unknown keys are refused."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("batch"):  # before the position was counted in questions: batches of that run's own layout
+            raise ckpt.CheckpointError(
+                f"{where}: an older checkpoint whose position is batch {d['batch']} of its own shard layout, "
+                "which this version cannot map to questions; resume it with the fastfilm that wrote it"
+            )
+        d = {k: v for k, v in d.items() if k != "batch"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ckpt.CheckpointError(f"{where}: unknown trainer-state keys {unknown}")
@@ -101,6 +107,7 @@ class Run:
     signal: list[str] = field(default_factory=list)  # set by SIGTERM / SIGINT
     nonfinite: torch.Tensor | None = None  # any non-finite loss since the last agreement (on the device)
     saved_at: dict[str, int] = field(default_factory=dict)  # tag → step it holds
+    lock: ckpt.RunLock | None = None  # rank 0's ownership of the run folder, for the run's life
 
     @property
     def ckpt_dir(self) -> str:
@@ -185,6 +192,7 @@ def preflight(cfg: Config) -> dict:
     from fastfilm.data.prep import split_file
 
     cfg.resolve_batch(int(os.environ.get("WORLD_SIZE", "1")))
+    ckpt.check_zero_stage(cfg)
     check_kernels_mode(cfg)
     dc = cfg.data
     if not os.path.isdir(dc.cache):
@@ -215,15 +223,16 @@ def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.O
     kwargs = {"lr": p["lr"], "betas": tuple(p["betas"]), "eps": p["eps"], "weight_decay": p["weight_decay"]}
     decoupled = str(opt["type"]).lower() == "adamw"
     cuda = next(model.parameters()).is_cuda or torch.cuda.is_available()
+    params = [q for q in model.parameters() if q.requires_grad]  # frozen by train.trainable: left out
     if cuda:
         try:
             from apex.optimizers import FusedAdam  # optional: see README
 
-            return FusedAdam(model.parameters(), adam_w_mode=decoupled, **kwargs)
+            return FusedAdam(params, adam_w_mode=decoupled, **kwargs)
         except ImportError:
             pass
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(model.parameters(), fused=cuda, **kwargs)
+    return cls(params, fused=cuda, **kwargs)
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -254,6 +263,15 @@ def build_engine(cfg: Config, vocab: dict, device: torch.device):
         len(vocab["answer_token_to_idx"]),
         kernels=cfg.kernels.mode,
     )
+    # train.init_from (weights of a run, an exported model or an original checkpoint; the word embedding grows
+    # for appended words) and train.trainable (the frozen part gets requires_grad=False): fastfilm/init_from.py
+    from fastfilm.init_from import describe, prepare_model
+
+    prepared = prepare_model(model, cfg.train, vocab)
+    if describe(prepared, cfg.train) and (
+        not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    ):
+        print(describe(prepared, cfg.train), flush=True)
     if cfg.model.memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
@@ -279,12 +297,26 @@ def configure_loss_scaler(engine, cfg: Config, device: torch.device) -> torch.am
     return scaler
 
 
-def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
-    """Preflight, process group, this rank's loaders, the engine, and the state to start from."""
-    from fastfilm.data import loader_for
-
+def setup(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Run, TrainState]:
+    """Preflight, the run folder claimed (rank 0: see `ckpt.claim_run_dir`), process group, this rank's loaders,
+    the engine, and the state to start from."""
     t_start = time.time()
     vocab = preflight(cfg)
+    lock = ckpt.claim_run_dir(
+        cfg.train.run_dir, resume=resume, overwrite=overwrite, rank=int(os.environ.get("RANK", "0"))
+    )
+    try:
+        return _setup(cfg, resume, vocab, lock, t_start)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup(
+    cfg: Config, resume: bool, vocab: dict, lock: ckpt.RunLock, t_start: float
+) -> tuple[Run, TrainState]:
+    from fastfilm.data import loader_for
+
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     shard = dict(device=device, shard_id=rank, num_shards=world, vocab=vocab)
@@ -312,6 +344,7 @@ def setup(cfg: Config, resume: bool) -> tuple[Run, TrainState]:
         val_loader,
         None,
         t_start,
+        lock=lock,
     )
     if resume:
         state = restore(run)
@@ -340,6 +373,10 @@ def restore(run: Run) -> TrainState:
         run.scaler.load_state_dict(state.grad_scaler)
     if run.is_main:
         print(f"resumed from {run.ckpt_dir}/last at step {state.step} (epoch {state.epoch})", flush=True)
+        saved = ckpt.read_layout(ckpt.resolve_tag_dir(run.ckpt_dir, "last"))
+        now = ckpt.layout_of(run.engine, run.cfg)
+        total = run.train_loader.total
+        print(ckpt.resume_message(saved, now, run.cfg.lr, state.questions, total), flush=True)
     return state
 
 
@@ -506,21 +543,27 @@ def train_loop(run: Run, state: TrainState) -> str:
 
     tc, engine = run.cfg.train, run.engine
     gas = engine.gradient_accumulation_steps()
-    micro_per_epoch = len(run.train_loader) // gas * gas  # an epoch ends on an optimizer step
-    steps_per_epoch = micro_per_epoch // gas
+    steps_per_epoch = len(run.train_loader) // gas  # an epoch ends on an optimizer step
     eval_every = tc.eval_every or steps_per_epoch
-    per_step = run.cfg.batch_size * gas * run.world
+    per_micro = run.cfg.batch_size * run.world  # questions one micro-batch consumes over the ranks
+    per_step = per_micro * gas
     engine.module.train()
     while state.epoch < tc.epochs:
+        # From the position in the epoch's global order (any layout may have consumed it): whole optimizer
+        # steps of this layout; the last questions that do not fill one are left out, as at every epoch's end.
+        micro_left = run.train_loader.steps_from(state.questions) // gas * gas
+        if micro_left == 0:
+            state.epoch, state.questions = state.epoch + 1, 0
+            continue
         bar = tqdm(
-            total=steps_per_epoch,
-            initial=state.batch // gas,
+            total=state.questions // per_step + micro_left // gas,
+            initial=state.questions // per_step,
             desc=f"epoch {state.epoch + 1}/{tc.epochs}",
             disable=not (run.is_main and tc.progress),
             dynamic_ncols=True,
         )
         t_log, steps_since_log = time.time(), 0
-        for batch in run.train_loader.epoch(state.epoch, start_batch=state.batch):
+        for batch in run.train_loader.epoch(state.epoch, start_question=state.questions):
             out = train_step(
                 engine,
                 batch,
@@ -531,16 +574,17 @@ def train_loop(run: Run, state: TrainState) -> str:
             )
             bad = ~torch.isfinite(out.loss)
             run.nonfinite = bad if run.nonfinite is None else run.nonfinite | bad
-            state.batch += 1
+            state.questions += per_micro
+            micro_left -= 1
             if not out.boundary:
                 continue
             state.step += 1
             sync_bn_buffers(engine.module)
             steps_since_log += 1
             bar.update(1)
-            end_of_epoch = state.batch >= micro_per_epoch
+            end_of_epoch = micro_left <= 0
             if end_of_epoch:
-                state.epoch, state.batch = state.epoch + 1, 0
+                state.epoch, state.questions = state.epoch + 1, 0
             if state.step % tc.log_every == 0:
                 log_train(run, state, out, steps_since_log * per_step, time.time() - t_log)
                 t_log, steps_since_log = time.time(), 0
@@ -566,15 +610,20 @@ def train_loop(run: Run, state: TrainState) -> str:
     return "max epochs"
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Run one training job as configured; returns a summary (why it stopped, steps, best val accuracy)."""
-    run, state = setup(cfg, resume)
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run one training job as configured; returns a summary (why it stopped, steps, best val accuracy).
+
+    A run folder that holds a run needs `resume` (continue it) or `overwrite` (delete it and start afresh)."""
+    run, state = setup(cfg, resume, overwrite)
     old_handlers = {
         s: signal.signal(s, lambda n, f: run.signal.append(signal.Signals(n).name))
         for s in (signal.SIGTERM, signal.SIGINT)
     }
     try:
         reason = train_loop(run, state)
+    except BaseException:
+        run.lock.release()
+        raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -594,6 +643,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             flush=True,
         )
         ckpt.atomic_write_json(os.path.join(cfg.train.run_dir, "summary.json"), summary)
+    run.lock.release()  # the run is over (a failed one released it above; a killed process loses it anyway)
     return summary
 
 
@@ -603,13 +653,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run that train.run_dir holds and start afresh"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train from parsed command-line arguments; the exit status."""
-    train(load_config(args.config, args.overrides, kernels=args.kernels), resume=args.resume)
+    cfg = load_config(args.config, args.overrides, kernels=args.kernels)
+    train(cfg, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     return 0
 
 
