@@ -299,7 +299,7 @@ def ceiling_section(benches: list[dict[str, Any]]) -> list[str]:
 
 def original_section(benches: list[dict[str, Any]]) -> list[str]:
     """Questions/s of the original code's train step and of fastfilm's, same batch, same run."""
-    origs = [b for b in benches if b["extra_info"].get("impl") == "original"]
+    origs = [b for b in benches if str(b["extra_info"].get("impl", "")).startswith("original")]
     rows = []
     for o in origs:
         oi = o["extra_info"]
@@ -310,7 +310,7 @@ def original_section(benches: list[dict[str, Any]]) -> list[str]:
             q = i.get("questions_per_s")
             ratio = q / oi["questions_per_s"] if q and oi.get("questions_per_s") else None
             rows.append(
-                f"| {i.get('setup', '?')} | {i.get('impl')} {i.get('dtype', '')} | {fmt_time(b['stats']['median'])} "
+                f"| {i.get('setup', '?')} | {i.get('impl')} | {fmt_time(b['stats']['median'])} "
                 f"| {fmt_num(q)} | {fmt_ratio(ratio)} |"
             )
     if not rows:

@@ -152,3 +152,18 @@ def test_report_flops_and_ceiling_columns():
     assert "**14**" in row and "0.67×" in row and "20.4 / — / 46" in row
     ceiling = next(line for line in md.splitlines() if "| reference |" in line and "| 40 |" in line)
     assert "| 400 |" in ceiling and "10.0%" in ceiling
+
+
+def test_report_times_the_original():
+    data = fabricated("cpu")
+    setup = {"setup": "paper pixels, batch 8", "batch": 8}
+    g = "original/paper pixels, batch 8"
+    data["benchmarks"] += [
+        _bench(g, "original", "original-fp32", 8.0, {"questions_per_s": 1.0}, **setup),
+        _bench(g, "original", "fastfilm-fp32", 4.0, {"questions_per_s": 2.0}, **setup),
+        _bench(g, "original", "fastfilm-bf16", 2.0, {"questions_per_s": 4.0}, **setup),
+    ]
+    md = report.render(data)
+    rows = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| paper pixels")}
+    assert "1.00×" in rows["original-fp32"] and "2.00×" in rows["fastfilm-fp32"]
+    assert "4.00×" in rows["fastfilm-bf16"]
