@@ -200,10 +200,10 @@ def test_gradient_accumulation_counts_optimizer_steps_and_resumes_bit_exact(data
     assert [r["step"] for r in records if "val/acc" in r] == [3, 6]
     assert all(r["train/grad_norm"] > 0 for r in records if "train/loss" in r)  # read at the boundary
     state = json.loads((straight / "checkpoints/last/trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["batch"]) == (8, 1, 4)  # 2 steps = 4 micro-batches into epoch 2
+    assert (state["step"], state["epoch"], state["questions"]) == (8, 1, 16)  # 2 steps: 4 × 4 questions
 
     train(accum(split, max_steps=5))
-    assert json.loads((split / "checkpoints/last/trainer_state.json").read_text())["batch"] == 10
+    assert json.loads((split / "checkpoints/last/trainer_state.json").read_text())["questions"] == 40
     train(accum(split, max_steps=8), resume=True)
     a, b = weights(straight), weights(split)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
