@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(CLEVR's answer-file format; also for a split without answers)",
     )
     p.add_argument(
+        "--cache",
+        default=None,
+        help="read the split from this prepared cache instead of the model's data.cache (same vocabulary)",
+    )
+    p.add_argument(
         "--predictions-json",
         default=None,
         metavar="FILE",

@@ -100,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
 
     folder = find_checkpoint(args.checkpoint, args.tag)
     model, cfg, vocab = load_model_folder(folder, kernels=args.kernels)
+    if getattr(args, "cache", None):  # eval --cache: another prepared cache (e.g. a zero-shot question set)
+        from fastfilm.predictions import check_same_vocab
+
+        cfg.data.cache = args.cache
+        check_same_vocab(args.cache, vocab)  # the cache's ids must be the model's words
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()

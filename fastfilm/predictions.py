@@ -78,8 +78,8 @@ def _atomic_text(path: str, lines: list[str]) -> None:
             os.remove(tmp)
 
 
-def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
-    """Refuse a cache whose rows are not the questions file's questions, or whose vocabulary is not the model's."""
+def check_same_vocab(cache_dir: str, model_vocab: dict) -> None:
+    """Refuse a cache whose vocabulary is not the model's (its ids would mean other words)."""
     from fastfilm.data import load_vocab
 
     if load_vocab(cache_dir)["hash"] != model_vocab.get("hash"):
@@ -87,6 +87,11 @@ def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
             f"{cache_dir}/vocab.json is not the model's vocabulary: prepare the data with "
             "`fastfilm prep --vocab-from MODEL_DIR` so that the ids mean the same words"
         )
+
+
+def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
+    """Refuse a cache whose rows are not the questions file's questions, or whose vocabulary is not the model's."""
+    check_same_vocab(cache_dir, model_vocab)
     try:
         with open(os.path.join(cache_dir, "manifest.json"), encoding="utf-8") as f:
             stats = json.load(f)["splits"][split]["stats"]

@@ -99,6 +99,15 @@ def test_trainable_generator_keeps_the_network_bit_identical(dataset, tmp_path):
     emb_b, emb_a = before["generator.encoder_embed.weight"], after["generator.encoder_embed.weight"]
     assert emb_a.shape[0] > emb_b.shape[0]  # new words got rows
 
+    # Zero-shot: the base model on the reworded questions with its own vocabulary (new words → <UNK>), through
+    # `eval --cache`; the expanded cache's ids do not fit the base model and are refused.
+    from fastfilm.cli import main
+
+    zero = tmp_path / "zero"
+    prep.prepare(str(root), str(zero), image_size=32, splits=["val_humans"], workers=1, vocab_from=str(base))
+    assert main(["eval", "--checkpoint", str(base), "--split", "val_humans", "--cache", str(zero)]) == 0
+    assert main(["eval", "--checkpoint", str(base), "--split", "val_humans", "--cache", str(cache)]) == 2
+
 
 def _model_for(raw, cache):
     from fastfilm.data import load_vocab

@@ -252,12 +252,26 @@ def make_vocab(
     }
 
 
+def vocab_source_file(path: str) -> str:
+    """The file `--vocab-from PATH` reads: PATH, PATH/vocab.json, or a run folder's best checkpoint's vocab.json."""
+    file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+    if os.path.isdir(path) and not os.path.isfile(file):
+        from fastfilm.checkpoint import CheckpointError, find_checkpoint
+
+        try:
+            file = os.path.join(find_checkpoint(path, "best"), "vocab.json")
+        except CheckpointError:
+            pass
+    return file
+
+
 def read_vocab_source(path: str) -> dict[str, Any]:
     """The vocabulary `--vocab-from` names: a vocab.json (fastfilm's, or the original's with program tokens), a
-    folder holding one (a cache, an exported model, a checkpoint tag), or a checkpoint of the original code."""
+    folder holding one (a cache, an exported model, a checkpoint tag), a run folder (its `best` checkpoint's), or
+    a checkpoint of the original code."""
     from fastfilm.data.tokenize import SPECIAL_TOKENS
 
-    file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+    file = vocab_source_file(path)
     if not os.path.isfile(file):
         raise DataError(
             f"{file}: not found (--vocab-from takes a vocab.json, a cache or model folder, or an original checkpoint)"
@@ -599,7 +613,7 @@ def prepare(
     vocab_src: Any = src[build_split]["questions"] if build_split else None
     vocab_opts: dict[str, Any] = {}
     if base is not None:
-        vf = os.path.join(vocab_from, "vocab.json") if os.path.isdir(vocab_from) else vocab_from
+        vf = vocab_source_file(vocab_from)
         vocab_opts = {
             "vocab_from": os.path.abspath(vf),
             "vocab_from_file": _file_fp(vf),
