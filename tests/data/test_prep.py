@@ -298,11 +298,11 @@ def test_bad_split_names_and_sizes(synth_set, tmp_path):
 
 
 def test_run_reports_data_errors(tmp_path, capsys):
-    args = argparse.Namespace(
-        clevr=str(tmp_path / "none"), out=str(tmp_path / "c"), image_size=None, workers=1
-    )
-    assert prep.run(args) == 2
-    assert "fastfilm: data error:" in capsys.readouterr().err
+    from fastfilm.cli import main
+
+    assert main(["prep", "--clevr", str(tmp_path / "none"), "--out", str(tmp_path / "c"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastfilm: data error:") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------------ vocab hash
