@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "tqdm",
         "tensorboard",
+        "h5py",  # the original code's feature files (`fastfilm prep --features-h5`)
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff"],

@@ -3,14 +3,13 @@
 import os
 import tracemalloc
 
+import h5py  # a dependency (setup.py install_requires)
 import numpy as np
 import pytest
 import torch
 
 from fastfilm import features
 from fastfilm.data import DataError
-
-h5py = pytest.importorskip("h5py")
 
 
 def test_trunk_is_resnet101_through_layer3():
