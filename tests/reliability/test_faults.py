@@ -182,6 +182,7 @@ def test_sigterm_at_any_step_saves_and_resume_continues_exactly(dataset, tmp_pat
 
 def test_nan_batch_stops_keeps_the_last_good_checkpoint_and_resume_continues(dataset, tmp_path, monkeypatch):
     import fastfilm.data as data
+    import fastfilm.data.loader  # noqa: F401  (the module loader_for looks build_loader up in)
 
     real = data.build_loader
     poison = {"on": True}
@@ -189,13 +190,15 @@ def test_nan_batch_stops_keeps_the_last_good_checkpoint_and_resume_continues(dat
     class Poisoned:
         def __init__(self, loader):
             self.loader = loader
-            self.num_questions = loader.num_questions
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
 
         def __len__(self):
             return len(self.loader)
 
-        def epoch(self, epoch, start_batch=0):
-            for i, b in enumerate(self.loader.epoch(epoch, start_batch)):
+        def epoch(self, epoch, *args, **kwargs):
+            for i, b in enumerate(self.loader.epoch(epoch, *args, **kwargs)):
                 if poison["on"] and epoch == 1 and i == 2:
                     b = dict(b, image=torch.full_like(b["image"], float("nan")))
                 yield b
@@ -204,7 +207,7 @@ def test_nan_batch_stops_keeps_the_last_good_checkpoint_and_resume_continues(dat
         loader = real(cache, split, *a, **k)
         return Poisoned(loader) if split == "train" else loader
 
-    monkeypatch.setattr(data, "build_loader", build)
+    monkeypatch.setattr(data.loader, "build_loader", build)  # what the trainer's loader_for calls
     run = tmp_path / "nan"
     with pytest.raises(TrainingStopped, match="non-finite loss.*last good checkpoint"):
         train(config_from_dict(tiny_config(dataset, run, epochs=3)))
