@@ -125,48 +125,7 @@ class Loader:
         self.vocab = vocab if vocab is not None else load_vocab(cache_dir)
         self.arrays = load_split(cache_dir, split, vocab_hash=self.vocab["hash"])
         self.total = len(self.arrays["answers"])
-        num_images = len(self.arrays["image_files"])
-
-        self._images: np.ndarray | None = None
-        self._folder: str | None = None
-        if image_source == "cache":
-            path = image_cache_file(cache_dir, split, image_size)
-            if not os.path.isfile(path):
-                raise DataError(
-                    f"{path}: no {image_size}px image cache (run `fastfilm prep --image-size {image_size}` "
-                    "or use image_source='png')"
-                )
-            self._images = self._memmap(path, num_images)
-            if self._images.dtype != np.uint8 or self._images.shape[1:] != (image_size, image_size, 3):
-                raise DataError(
-                    f"{path}: expected uint8 [N, {image_size}, {image_size}, 3], found "
-                    f"{self._images.dtype} {list(self._images.shape)}"
-                )
-        elif image_source == "features":
-            path = os.path.join(cache_dir, f"{split}_features.npy")
-            if not os.path.isfile(path):
-                raise DataError(
-                    f"{path}: not found (image_source='features' reads features you extract; see "
-                    "fastfilm/data/loader.py)"
-                )
-            self._images = self._memmap(path, num_images)
-            if self._images.ndim != 4 or self._images.dtype not in (np.float16, np.float32):
-                raise DataError(
-                    f"{path}: expected float16/float32 [N, C, H, W], found "
-                    f"{self._images.dtype} {list(self._images.shape)}"
-                )
-        else:
-            if clevr_dir is None:
-                try:
-                    with open(os.path.join(cache_dir, "manifest.json"), encoding="utf-8") as f:
-                        clevr_dir = json.load(f)["clevr_dir"]
-                except (OSError, ValueError, KeyError):
-                    raise DataError(
-                        f"{cache_dir}: image_source='png' needs clevr_dir (no manifest.json)"
-                    ) from None
-            self._folder = images_dir(clevr_dir, split)
-            if not os.path.isdir(self._folder):
-                raise DataError(f"{self._folder}: images folder not found")
+        self._images, self._folder = self._open_images(clevr_dir)
 
         self.global_batch = batch_size * num_shards  # questions one step consumes over all shards
         # data.bucket_by_length: global batches of similar question lengths (fastfilm/data/buckets.py), for
@@ -175,6 +134,51 @@ class Loader:
         self.bucket_by_length, self.bucket_batch = bool(bucket_by_length), bucket_batch or self.global_batch
         self.num_questions = self.questions_from(0)
         self.num_batches = -(-self.num_questions // batch_size)
+
+    def _open_images(self, clevr_dir: str | None) -> tuple[np.ndarray | None, str | None]:
+        """The image data of `image_source`: a memory-mapped array (cache, features) or the PNG folder."""
+        num_images = len(self.arrays["image_files"])
+        if self.image_source == "cache":
+            path = image_cache_file(self.cache_dir, self.split, self.image_size)
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{path}: no {self.image_size}px image cache (run `fastfilm prep --image-size {self.image_size}` "
+                    "or use image_source='png')"
+                )
+            images = self._memmap(path, num_images)
+            if images.dtype != np.uint8 or images.shape[1:] != (self.image_size, self.image_size, 3):
+                raise DataError(
+                    f"{path}: expected uint8 [N, {self.image_size}, {self.image_size}, 3], found "
+                    f"{images.dtype} {list(images.shape)}"
+                )
+            return images, None
+        elif self.image_source == "features":
+            path = os.path.join(self.cache_dir, f"{self.split}_features.npy")
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{path}: not found (image_source='features' reads features you extract; see "
+                    "fastfilm/data/loader.py)"
+                )
+            images = self._memmap(path, num_images)
+            if images.ndim != 4 or images.dtype not in (np.float16, np.float32):
+                raise DataError(
+                    f"{path}: expected float16/float32 [N, C, H, W], found "
+                    f"{images.dtype} {list(images.shape)}"
+                )
+            return images, None
+        else:
+            if clevr_dir is None:
+                try:
+                    with open(os.path.join(self.cache_dir, "manifest.json"), encoding="utf-8") as f:
+                        clevr_dir = json.load(f)["clevr_dir"]
+                except (OSError, ValueError, KeyError):
+                    raise DataError(
+                        f"{self.cache_dir}: image_source='png' needs clevr_dir (no manifest.json)"
+                    ) from None
+            folder = images_dir(clevr_dir, self.split)
+            if not os.path.isdir(folder):
+                raise DataError(f"{folder}: images folder not found")
+            return None, folder
 
     def _memmap(self, path: str, num_images: int) -> np.ndarray:
         try:
