@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
             device=device,
         )
         print(
-            f"features: {split}: {shape[0]} images → {out} ({dtype} {list(shape)}) on {device.type}",
+            f"features: {split}: {len(image_rows(folder))} images → {out} ({dtype} {list(shape)}, row = image "
+            f"index) on {device.type}",
             file=sys.stdout,
         )
     return 0
