@@ -119,6 +119,14 @@ class FiLMGen(nn.Module):
         )
         self.decoder_linear = nn.Linear(hidden * self.num_dir, cfg.num_blocks * self.cond_feat_size)
 
+    # On the CPU a one-layer unidirectional GRU runs `fastfilm.gru` (same maths, its weight gradients as one
+    # GEMM each instead of one per time step); False: always `nn.GRU` (for comparisons).
+    cpu_gru: bool = True
+
+    def _plain_gru(self) -> bool:
+        rnn = self.encoder_rnn
+        return isinstance(rnn, nn.GRU) and self.num_dir == 1 and rnn.num_layers == 1 and rnn.bias
+
     def encode(self, questions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The question feature [N, rnn_hidden_dim]: the RNN reads each question's real tokens only.
 
@@ -137,6 +145,11 @@ class FiLMGen(nn.Module):
             return self.encoder_embed.weight.new_zeros(0, width)
         lengths = real_lengths(questions, lengths)
         embed = self.encoder_embed(questions)
+        if self.cpu_gru and embed.device.type == "cpu" and self._plain_gru():
+            from fastfilm.gru import packed_gru_last
+
+            packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
+            return packed_gru_last(rnn, packed)
         if int(lengths.min()) == t:  # no padding in this batch: the same computation without the packing
             _, h = rnn(embed)
         else:

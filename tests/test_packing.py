@@ -133,7 +133,7 @@ def test_no_flop_is_spent_on_padding():
     def rnn_flops(fn):
         with FlopCounterMode(display=False) as counter:
             fn()
-        return counter.get_flop_counts()["GRU"]  # the module's own counts: its matmuls
+        return counter.get_flop_counts()["Global"]  # encode: the RNN's matmuls only
 
     h, e = cfg.rnn_hidden_dim, cfg.wordvec_dim
     per_token = 2 * 3 * h * (e + h)
@@ -218,3 +218,49 @@ def test_empty_batch():
     gen = FiLMModel(small(), V, A).generator
     gammas, betas = gen(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert gammas.shape == betas.shape == (0, 2, 8)
+
+
+# ------------------------------------------------------------------ fastfilm.gru: the CPU GRU the model uses
+def _gen_pair(dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    gen = FiLMModel(small(**kw), V, A).to(dtype).generator
+    plain = copy.deepcopy(gen)
+    plain.cpu_gru = False  # nn.GRU on the packed sequence
+    return gen, plain
+
+
+@pytest.mark.parametrize("lengths", [MIXED, [7, 7, 7], [4], [9]], ids=["mixed", "equal", "one-padded", "one"])
+def test_cpu_gru_equals_nn_gru_with_gradients(lengths):
+    gen, plain = _gen_pair()
+    assert gen.cpu_gru and gen._plain_gru()
+    q, lens = batch(lengths, t=max(lengths) + 1)
+    out, ref = gen(q, lens), plain(q, lens)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    (out[0].square().sum() + out[1].sum()).backward()
+    (ref[0].square().sum() + ref[1].sum()).backward()
+    ref_params = dict(plain.named_parameters())
+    for name, p in gen.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_cpu_gru_under_bf16_autocast_is_close_to_nn_gru():
+    """Matmuls in bf16, gates and states in float32: as close to nn.GRU's autocast result as bf16 allows."""
+    gen, plain = _gen_pair(torch.float32, rnn_hidden_dim=64)
+    q, lens = batch(MIXED)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = gen.encode(q, lens), plain.encode(q, lens)
+    exact = plain.encode(q, lens)
+    assert out.dtype == torch.float32
+    assert (out - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-3
+    out.square().sum().backward()
+    ref.float().square().sum().backward()
+    for (name, p), p2 in zip(gen.encoder_rnn.named_parameters(), plain.encoder_rnn.parameters()):
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), p2.grad.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_nn_gru_packed_path_still_matches_the_padded_computation():
+    _, plain = _gen_pair()
+    q, lens = batch(MIXED, t=15)
+    torch.testing.assert_close(plain.encode(q, lens), padded_encode(plain, q), rtol=0, atol=1e-10)
