@@ -112,12 +112,12 @@ def predict(model: FiLMModel, cfg: Config, vocab: dict, image: str, question: st
 
 def run_predict(args: argparse.Namespace) -> int:
     """`fastfilm predict`: print the top answers with their probabilities (or, with --interactive, a prompt)."""
-    if getattr(args, "interactive", False):
-        from fastfilm.prompt import run_interactive
+    if args.question is None and not getattr(args, "interactive", False):
+        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
+    if getattr(args, "interactive", False) or getattr(args, "resnet_weights", None):
+        from fastfilm.prompt import run_interactive  # the prompt, or a feature-stem model's one answer
 
         return run_interactive(args)
-    if args.question is None:
-        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
     answers = predict(model, cfg, vocab, args.image, args.question, args.top)
     for answer, p in answers:

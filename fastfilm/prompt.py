@@ -126,9 +126,22 @@ def interact(
 
 
 def run_interactive(args: argparse.Namespace) -> int:
-    """`fastfilm predict --interactive`."""
+    """`fastfilm predict --interactive` (or, without it, one question, e.g. to a feature-stem model with
+    `--resnet-weights`)."""
     from fastfilm.export import load_model_folder
 
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
     answerer = Answerer(model, cfg, vocab, getattr(args, "resnet_weights", None))
-    return interact(answerer, args.image, top=args.top, allow_unknown=getattr(args, "allow_unknown", False))
+    allow = getattr(args, "allow_unknown", False)
+    if not getattr(args, "interactive", False):
+        answerer.load(args.image)
+        unknown = answerer.unknown_words(args.question)
+        if unknown and not allow:
+            raise UsageError(
+                f"predict: {', '.join(repr(w) for w in unknown)} not in the training vocabulary (--allow-unknown "
+                "reads them as <UNK>)"
+            )
+        for answer, p in answerer.ask(args.question, args.top):
+            print(f"{answer:<12} {p:.4f}")
+        return 0
+    return interact(answerer, args.image, top=args.top, allow_unknown=allow)

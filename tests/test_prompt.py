@@ -117,3 +117,49 @@ def test_interactive_command_line(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "--interactive" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_feature_stem_model_reads_the_image_through_resnet(tmp_path, capsys):
+    from fastfilm.cli import main
+    from fastfilm.errors import UsageError
+    from fastfilm.features import ResNetTrunk
+
+    q = {
+        "<NULL>": 0,
+        "<START>": 1,
+        "<END>": 2,
+        "<UNK>": 3,
+        "How": 4,
+        "many": 5,
+        "things": 6,
+        "are": 7,
+        "there": 8,
+    }
+    a = {"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3, "2": 4, "3": 5}
+    vocab = {"question_token_to_idx": q, "answer_token_to_idx": a, "question_family_names": {}}
+    vocab["hash"] = vocab_hash(q, a)
+    cfg = ModelConfig(
+        stem="features",
+        module_dim=8,
+        num_blocks=1,
+        wordvec_dim=8,
+        rnn_hidden_dim=12,
+        classifier_proj_dim=8,
+        classifier_fc_dims=[8],
+    )
+    c = Config(model=cfg)
+    c.data.image_source = "features"
+    torch.manual_seed(0)
+    folder = write_model_folder(FiLMModel(cfg, len(q), len(a)).eval(), c, vocab, str(tmp_path / "m"))
+    torch.save(ResNetTrunk().state_dict(), str(tmp_path / "rn.pth"))
+    img = png(tmp_path, "a.png", (90, 90, 90))
+    model, mcfg, v = load_model_folder(folder)
+    try:
+        Answerer(model, mcfg, v)
+        raise AssertionError("a feature-stem model without --resnet-weights was accepted")
+    except UsageError as e:
+        assert "--resnet-weights" in str(e)
+    args = ["predict", "--model", folder, "--image", img, "--resnet-weights", str(tmp_path / "rn.pth")]
+    assert main([*args, "--question", "How many things are there?"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and out[0].split()[0] in a
