@@ -158,10 +158,13 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def prepare_model(model: torch.nn.Module, train_cfg: Any, vocab: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's one call: `init_from` (when `train.init_from` is set), then `apply_trainable`."""
+def prepare_model(
+    model: torch.nn.Module, train_cfg: Any, vocab: Mapping[str, Any], load_weights: bool = True
+) -> dict[str, Any]:
+    """The trainer's one call: `init_from` (when `train.init_from` is set and `load_weights`: a resumed run
+    takes its weights from its checkpoint, so the source may be gone), then `apply_trainable`."""
     summary: dict[str, Any] = {}
-    if getattr(train_cfg, "init_from", ""):
+    if getattr(train_cfg, "init_from", "") and load_weights:
         summary = init_from(model, train_cfg.init_from, vocab)
     summary["frozen_parameters"] = apply_trainable(
         model, getattr(train_cfg, "trainable", "all"), getattr(train_cfg, "frozen_mode", "train")

@@ -253,8 +253,9 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return ds
 
 
-def build_engine(cfg: Config, vocab: dict, device: torch.device):
-    """The FiLM model wrapped by `deepspeed.initialize`; returns (engine, optimizer, fp16 loss scaler or None)."""
+def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = True):
+    """The FiLM model wrapped by `deepspeed.initialize`; returns (engine, optimizer, fp16 loss scaler or None).
+    `init=False` (a resumed run) skips `train.init_from`: the checkpoint holds the weights."""
     import deepspeed
 
     model = FiLMModel(
@@ -267,7 +268,7 @@ def build_engine(cfg: Config, vocab: dict, device: torch.device):
     # for appended words) and train.trainable (the frozen part gets requires_grad=False): fastfilm/init_from.py
     from fastfilm.init_from import describe, prepare_model
 
-    prepared = prepare_model(model, cfg.train, vocab)
+    prepared = prepare_model(model, cfg.train, vocab, load_weights=init)
     if describe(prepared, cfg.train) and (
         not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     ):
@@ -322,7 +323,7 @@ def _setup(
     shard = dict(device=device, shard_id=rank, num_shards=world, vocab=vocab)
     train_loader = loader_for(cfg, cfg.data.train_split, train=True, **shard)
     val_loader = loader_for(cfg, cfg.data.val_split, train=False, **shard)
-    engine, optimizer, scaler = build_engine(cfg, vocab, device)
+    engine, optimizer, scaler = build_engine(cfg, vocab, device, init=not resume)
     if len(train_loader) < engine.gradient_accumulation_steps():
         raise ConfigError(
             f"{cfg.source}: deepspeed.train_micro_batch_size_per_gpu={cfg.batch_size} × "

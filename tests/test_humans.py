@@ -215,3 +215,23 @@ def test_humans_style_finetune_raises_accuracy_on_the_new_set(tmp_path):
     figures = {"base_val": base_val, "zero_shot_val_humans": zero_shot, "finetuned_val_humans": tuned}
     print("HUMANS-STYLE FIGURES", json.dumps(figures))
     assert tuned > zero_shot + 0.05, figures
+
+
+def test_resumed_finetune_needs_no_source_and_keeps_the_network(dataset, tmp_path):
+    from fastfilm.cli import main
+
+    base = tmp_path / "base"
+    train(config_from_dict(tiny_config(dataset, base, max_steps=2)))
+    src = tmp_path / "models" / "base"
+    assert main(["export", "--checkpoint", str(base), "--tag", "last", "--out", str(src)]) == 0
+    raw = tiny_config(dataset, tmp_path / "ft", max_steps=2)
+    raw["train"].update(init_from=str(src), trainable="generator", frozen_mode="eval")
+    train(config_from_dict(raw))
+    shutil.rmtree(src)  # a resumed run takes its weights from its own checkpoint
+    raw["train"]["max_steps"] = 4
+    train(config_from_dict(raw), resume=True)
+    before = load_file(str(base / "checkpoints" / "last" / "model.safetensors"))
+    after = load_file(str(tmp_path / "ft" / "checkpoints" / "last" / "model.safetensors"))
+    net = [k for k in before if k.startswith("net.")]
+    assert all(torch.equal(after[k], before[k]) for k in net)  # frozen_mode=eval: BN statistics fixed too
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("generator."))
