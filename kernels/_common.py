@@ -7,6 +7,7 @@ millisecond per program-iteration, so fewer, larger tiles are much faster there.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -27,49 +28,74 @@ TL_DTYPE = {
 BN_TILE = 16384 if INTERPRET else 2048
 BN_NUM_WARPS = 4
 BN_SAMPLES_PER_SPLIT = 64 if INTERPRET else 4  # the reductions run ceil(N / this) programs per channel block
+BN_MAX_SPLITS = 64  # ... but at most this many (a batch of 70,000 takes 1,094 samples per split)
 
-# 1×1 conv GEMMs: a small autotuned set on a GPU; under the interpreter blocks fit to the problem, up to these.
+# 1×1 conv GEMMs on a GPU: an autotuned list per kernel, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# `python -m kernels.aot` compiles every one for sm_90 and sm_80 (tests/kernels/test_aot.py): none spills, none
+# needs more shared memory than an A100 block may have (166,912 B). Under the interpreter the blocks are fitted
+# to the problem instead, up to GEMM_INTERPRET_CONFIG; GEMM_INTERPRET_EXACT[kind] (tests) imposes exact blocks.
+GEMM_GPU_CONFIGS = {
+    # forward: M = C_out, N = H·W of one sample, K = C_in
+    "forward": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
+    # dx: M = C_in, N = H·W of one sample, K = C_out
+    "dx": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
+    # dW: M = C_out, N = C_in, K = N·H·W (split over the batch)
+    "dw": [(64, 64, 32, 4, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3)],
+}
 GEMM_INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}
-GEMM_GPU_CONFIGS = [
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (64, 64, 32, 4, 3),
-    (64, 128, 32, 4, 3),
-    (128, 64, 32, 4, 3),
-    (128, 128, 32, 8, 3),
-    (64, 64, 64, 4, 4),
-    (32, 64, 64, 4, 4),
-]
-CONV_WGRAD_SAMPLES_PER_SPLIT = 64 if INTERPRET else 8  # split-K over the batch for the weight gradient
+GEMM_INTERPRET_EXACT: dict[str, dict[str, int]] = {}
+# Weight gradient's split-K over the batch: under the interpreter this many samples per split; on a GPU (None)
+# as many splits as it takes for the 64×64-tile grid to cover the SMs (conv_coords._wgrad_samples_per_split).
+CONV_WGRAD_SAMPLES_PER_SPLIT: int | None = 64 if INTERPRET else None
+DEFAULT_SM_COUNT = 132  # H100 SXM; used when there is no CUDA device to ask (ahead-of-time compilation)
 
 
-def gemm_tuning(m: Callable[[dict], int], n: Callable[[dict], int], k: Callable[[dict], int]):
+def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k: Callable[[dict], int]):
     """Block sizes of a GEMM kernel whose sizes M, N, K are functions of its arguments.
 
-    On a GPU: autotuned over GEMM_GPU_CONFIGS, keyed on the problem size. Under the interpreter: one block per
-    dimension sized to the problem (power of 2, at least 16 for tl.dot, at most GEMM_INTERPRET_CONFIG), since
+    On a GPU: autotuned over GEMM_GPU_CONFIGS[kind], keyed on the problem size. Under the interpreter: one block
+    per dimension sized to the problem (power of 2, at least 16 for tl.dot, at most GEMM_INTERPRET_CONFIG), since
     its cost grows with the tile, masked or not.
     """
 
-    def fit(size: int, cap: int) -> int:
-        return max(16, min(cap, triton.next_power_of_2(size)))
+    def fit(size: int, name: str) -> int:
+        if kind in GEMM_INTERPRET_EXACT:
+            return GEMM_INTERPRET_EXACT[kind][name]
+        return max(16, min(GEMM_INTERPRET_CONFIG[name], triton.next_power_of_2(size)))
 
     def decorate(fn):
         if INTERPRET:
-            cap = GEMM_INTERPRET_CONFIG
             return triton.heuristics(
                 {
-                    "BLOCK_M": lambda a: fit(m(a), cap["BLOCK_M"]),
-                    "BLOCK_N": lambda a: fit(n(a), cap["BLOCK_N"]),
-                    "BLOCK_K": lambda a: fit(k(a), cap["BLOCK_K"]),
+                    "BLOCK_M": lambda a: fit(m(a), "BLOCK_M"),
+                    "BLOCK_N": lambda a: fit(n(a), "BLOCK_N"),
+                    "BLOCK_K": lambda a: fit(k(a), "BLOCK_K"),
                 }
             )(fn)
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in GEMM_GPU_CONFIGS
+            for bm, bn, bk, w, s in GEMM_GPU_CONFIGS[kind]
         ]
         return triton.autotune(configs=configs, key=["C_in", "C_out", "HW"])(fn)
 
     return decorate
+
+
+@triton.jit
+def aligned(x, VEC: tl.constexpr):
+    """x, which the launcher checked is a multiple of VEC, in a form that tells the compiler so (tl.multiple_of
+    does not apply to scalars in triton 3.9). Then loads along an axis whose stride is 1 vectorise: H·W = 196 and
+    stride 196 are multiples of 4, not of the 16 that Triton's own specialisation looks for. VEC = 1: no-op."""
+    return x // VEC * VEC
+
+
+def vec_hint(hw: int, *tensors: torch.Tensor) -> int:
+    """VEC for `aligned`: the largest power of two, at most 16, that divides H·W and every tensor's sample and
+    channel strides (so 1 in channels_last, where the channel stride is 1 and the channel axis vectorises anyway)."""
+    g = hw
+    for t in tensors:
+        g = math.gcd(g, t.stride(0), t.stride(1))
+    return min(16, g & -g) if g else 16
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

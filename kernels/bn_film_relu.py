@@ -29,15 +29,18 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
+    BN_MAX_SPLITS,
     BN_NUM_WARPS,
     BN_SAMPLES_PER_SPLIT,
     BN_TILE,
     TL_DTYPE,
     acc_dtype,
+    aligned,
     check_device,
     empty_like_layout,
     hw_stride,
     is_channels_last,
+    vec_hint,
 )
 
 MODE_BATCH_STATS, MODE_RUNNING_STATS, MODE_NO_NORM = 0, 1, 2
@@ -84,8 +87,9 @@ def _stats_kernel(
     Z, PMEAN, PM2,
     N, C, HW, NPS,
     s_zn, s_zc, s_zp,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    HW, s_zn, s_zc = aligned(HW, VEC), aligned(s_zn, VEC), aligned(s_zc, VEC)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -138,8 +142,10 @@ def _forward_kernel(
     N, C, HW, S, NPS, M, momentum, eps,
     s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp, s_gn, s_gc, s_bn, s_bc,
     MODE: tl.constexpr, HAS_RES: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    HW, s_zn, s_zc = aligned(HW, VEC), aligned(s_zn, VEC), aligned(s_zc, VEC)
+    s_rn, s_rc, s_yn, s_yc = aligned(s_rn, VEC), aligned(s_rc, VEC), aligned(s_yn, VEC), aligned(s_yc, VEC)
     n = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -188,8 +194,10 @@ def _backward_reduce_kernel(
     DOUT, Z, GAMMA, BETA, MEAN, RSTD, DZ, DGAMMA, DBETA, PSUM,
     N, C, HW, NPS,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
-    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
+    s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -240,8 +248,10 @@ def _backward_dz_kernel(
     DOUT, Z, GAMMA, BETA, MEAN, RSTD, PSUM, DZ,
     C, HW, S, M,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
-    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
+    s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     n = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -285,6 +295,12 @@ def _tile(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
     return block_c, block_p
 
 
+def _samples_per_split(n: int) -> int:
+    """Samples per batch split of the reductions: BN_SAMPLES_PER_SPLIT, or more for a batch so large that there
+    would be over BN_MAX_SPLITS splits (every forward and dz program combines all the splits' partials)."""
+    return max(BN_SAMPLES_PER_SPLIT, triton.cdiv(n, BN_MAX_SPLITS))
+
+
 def _strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), hw_stride(t, name)
 
@@ -294,7 +310,7 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
     hw, m = h * w, n * h * w
     acc = acc_dtype(z.dtype, gamma.dtype, beta.dtype, residual.dtype if residual is not None else z.dtype)
     block_c, block_p = _tile(c, hw, is_channels_last(z))
-    nps = BN_SAMPLES_PER_SPLIT
+    nps = _samples_per_split(n)
     splits = triton.cdiv(n, nps)
     y = empty_like_layout(tuple(z.shape), z, z.dtype)
     mean = torch.empty(c, device=z.device, dtype=acc)
@@ -305,7 +321,7 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
         p_m2 = torch.empty((splits, c), device=z.device, dtype=acc)
         _stats_kernel[(triton.cdiv(c, block_c), splits)](
             z, p_mean, p_m2, n, c, hw, nps, *_strides(z, "z"),
-            ACC=TL_DTYPE[acc], BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+            ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
     res = residual if residual is not None else z
     update = mode == MODE_BATCH_STATS and running_mean is not None
@@ -316,7 +332,7 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
         *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
         gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
         MODE=mode, HAS_RES=residual is not None, UPDATE_RUNNING=update, ACC=TL_DTYPE[acc],
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        VEC=vec_hint(hw, z, res, y), BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -332,24 +348,25 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode):
         dout = dout.contiguous()
         d_strides = _strides(dout, "grad_output")
     block_c, block_p = _tile(c, hw, is_channels_last(z))
-    nps = BN_SAMPLES_PER_SPLIT
+    nps = _samples_per_split(n)
     splits = triton.cdiv(n, nps)
     dz = empty_like_layout(tuple(z.shape), z, z.dtype)
     d_gamma = torch.empty((n, c), device=z.device, dtype=gamma.dtype)
     d_beta = torch.empty((n, c), device=z.device, dtype=beta.dtype)
     p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
+    vec = vec_hint(hw, dout, z, dz)
     common = (
         *d_strides, *_strides(z, "z"), *_strides(dz, "dz"),
         gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
     )  # fmt: skip
     _backward_reduce_kernel[(triton.cdiv(c, block_c), splits)](
         dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
-        MODE=mode, ACC=TL_DTYPE[acc], BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     if mode == MODE_BATCH_STATS:
         _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
             dout, z, gamma, beta, mean, rstd, p_sum, dz, c, hw, splits, float(m), *common,
-            ACC=TL_DTYPE[acc], BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p,
+            ACC=TL_DTYPE[acc], VEC=vec, BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p,
             num_warps=BN_NUM_WARPS,
         )  # fmt: skip
     return dz, d_gamma, d_beta, dout

@@ -10,9 +10,9 @@ For a k×k conv with zero padding the bias map carries the border effect; `coord
 one GEMM per sample with the coordinate terms, bias and ReLU in the epilogue (the coordinates are computed in
 the kernel as torch.linspace does). Backward with G_n = dY_n·[Y_n > 0] (or dY_n without ReLU):
     dX_n = W_xᵀ · G_n,     [dW_x | dW_coords | db] = Σ_n G_n · [X_n ; cx ; cy ; 1]ᵀ
-(the second is one GEMM over K = N·H·W, split over the batch; three extra "input rows" give the coordinate
-columns' gradient and the bias gradient in the same pass). Products run in the input dtype with float32
-accumulation (float64 for float64 inputs).
+(the second is one GEMM over K = N·H·W, split over the batch; the coordinate columns' and the bias gradient are
+row sums of the same G tiles, in the same pass). Products run in the input dtype with float32 accumulation
+(float64 for float64 inputs); float32 products use TF32 exactly when torch's own float32 matmuls may.
 
 k > 1 (the feature stem's 3×3 conv): cuDNN on the x part, plus the bias map (plain PyTorch autograd).
 """
@@ -26,13 +26,16 @@ import triton.language as tl
 
 from kernels._common import (
     CONV_WGRAD_SAMPLES_PER_SPLIT,
+    DEFAULT_SM_COUNT,
     INTERPRET,
     TL_DTYPE,
     acc_dtype,
+    aligned,
     check_device,
     empty_like_layout,
     gemm_tuning,
     hw_stride,
+    vec_hint,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,22 +105,23 @@ def _mma(a, b, acc, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.co
 
 
 # Y[n, o, p] = act(Σ_i W[o, i]·X[n, i, p] + W[o, C_in]·cx(p) + W[o, C_in + 1]·cy(p) + b[o])
-# grid: (position blocks, output-channel blocks, samples)
-@gemm_tuning(m=lambda a: a["C_out"], n=lambda a: a["HW"], k=lambda a: a["C_in"])
-@triton.jit
+# grid: (samples × position blocks, output-channel blocks); axis 0 takes any batch (CUDA caps axes 1, 2 at 65,535)
+@gemm_tuning("forward", m=lambda a: a["C_out"], n=lambda a: a["HW"], k=lambda a: a["C_in"])
+@triton.jit(do_not_specialize=["Wd", "Hd", "den_x", "half_x", "den_y", "half_y"])
 def _forward_kernel(
     X, W, B, Y,
     C_in, C_out, HW, Wd, Hd, den_x, half_x, den_y, half_y,
     s_xn, s_xc, s_xp, s_wo, s_wi, s_yn, s_yc, s_yp,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_p = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    n64 = tl.cast(tl.program_id(2), tl.int64)
-    o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
-    p = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+    HW, s_xn, s_xc = aligned(HW, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
+    s_yn, s_yc = aligned(s_yn, VEC), aligned(s_yc, VEC)
+    p_blocks = tl.cdiv(HW, BLOCK_N)
+    n64 = tl.cast(tl.program_id(0) // p_blocks, tl.int64)
+    o = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = (tl.program_id(0) % p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     omask = o < C_out
     pmask = p < HW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -143,34 +147,36 @@ def _forward_kernel(
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=omask[:, None] & pmask[None, :])
 
 
-# G = dY·[Y > 0] (or dY), loaded as a [BLOCK_K channels, BLOCK_N positions] tile of sample n.
+# G = dY·[Y > 0] (or dY), loaded as a tile of sample n: channels o × positions p (index blocks, broadcastable).
 @triton.jit
 def _grad_tile(
     DY, Y, n64, o, p, mask, s_dn, s_dc, s_dp, s_yn, s_yc, s_yp, RELU: tl.constexpr, ACC: tl.constexpr
 ):
     g = tl.load(DY + n64 * s_dn + o * s_dc + p * s_dp, mask=mask, other=0.0).to(ACC)
     if RELU:
-        y = tl.load(Y + n64 * s_yn + o * s_yc + p * s_yp, mask=mask, other=0.0).to(ACC)
+        y = tl.load(Y + n64 * s_yn + o * s_yc + p * s_yp, mask=mask, other=0.0)
         g = tl.where(y > 0.0, g, 0.0)
     return g
 
 
 # dX[n, i, p] = Σ_o W[o, i]·G[n, o, p]
-# grid: (position blocks, input-channel blocks, samples)
-@gemm_tuning(m=lambda a: a["C_in"], n=lambda a: a["HW"], k=lambda a: a["C_out"])
+# grid: (samples × position blocks, input-channel blocks)
+@gemm_tuning("dx", m=lambda a: a["C_in"], n=lambda a: a["HW"], k=lambda a: a["C_out"])
 @triton.jit
 def _backward_dx_kernel(
     DY, Y, W, DX,
     C_in, C_out, HW,
     s_dn, s_dc, s_dp, s_yn, s_yc, s_yp, s_wo, s_wi, s_xn, s_xc, s_xp,
     RELU: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDEN: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_p = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    n64 = tl.cast(tl.program_id(2), tl.int64)
-    i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    p = pid_p * BLOCK_N + tl.arange(0, BLOCK_N)
+    HW, s_dn, s_dc = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC)
+    s_yn, s_yc = aligned(s_yn, VEC), aligned(s_yc, VEC)
+    s_xn, s_xc = aligned(s_xn, VEC), aligned(s_xc, VEC)
+    p_blocks = tl.cdiv(HW, BLOCK_N)
+    n64 = tl.cast(tl.program_id(0) // p_blocks, tl.int64)
+    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = (tl.program_id(0) % p_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     imask = i < C_in
     pmask = p < HW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -189,26 +195,33 @@ def _backward_dx_kernel(
     tl.store(dx_ptr, acc.to(DX.dtype.element_ty), mask=imask[:, None] & pmask[None, :])
 
 
-# For one batch split s: Σ_{n in split, p} G[n, o, p]·Xa[n, j, p] over the augmented input rows Xa = [X ; cx ; cy ; 1]:
-# row s of OUT holds dW [C_out, C_in + 2] (j < C_in + 2), then db [C_out] (j = C_in + 2), so that one sum over the
-# splits gives both, contiguous.
-# grid: (augmented-input blocks, output-channel blocks, batch splits)
-@gemm_tuning(m=lambda a: a["C_out"], n=lambda a: a["C_in"] + 3, k=lambda a: a["HW"])
-@triton.jit
+# For one batch split s, summed over its samples n and all positions p:
+#   dW_x[o, i] = Σ G[n, o, p]·X[n, i, p]      (the GEMM: M = C_out, N = C_in, K = samples × positions)
+#   dW_cx[o] = Σ G·cx(p),   dW_cy[o] = Σ G·cy(p),   db[o] = Σ G      (row sums of the G tiles; stored by i-block 0)
+# Row s of OUT holds dW [C_out, C_in + 2], then db [C_out], so that one sum over the splits gives both, contiguous.
+# grid: (input-channel blocks, output-channel blocks, batch splits)
+@gemm_tuning("dw", m=lambda a: a["C_out"], n=lambda a: a["C_in"], k=lambda a: a["HW"])
+@triton.jit(do_not_specialize=["N", "NPS", "Wd", "Hd", "den_x", "half_x", "den_y", "half_y"])
 def _backward_dw_kernel(
     DY, Y, X, OUT,
     N, C_in, C_out, HW, NPS, Wd, Hd, den_x, half_x, den_y, half_y,
     s_dn, s_dc, s_dp, s_yn, s_yc, s_yp, s_xn, s_xc, s_xp,
     RELU: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDEN: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    HW, s_dn, s_dc = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC)
+    s_yn, s_yc = aligned(s_yn, VEC), aligned(s_yc, VEC)
+    s_xn, s_xc = aligned(s_xn, VEC), aligned(s_xc, VEC)
     pid_j = tl.program_id(0)
-    pid_o = tl.program_id(1)
     pid_s = tl.program_id(2)
-    o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
     omask = o < C_out
+    jmask = j < C_in
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    g_cx = tl.zeros([BLOCK_M], dtype=ACC)
+    g_cy = tl.zeros([BLOCK_M], dtype=ACC)
+    g_one = tl.zeros([BLOCK_M], dtype=ACC)
     n0 = pid_s * NPS
     n1 = tl.minimum(n0 + NPS, N)
     for n in range(n0, n1):
@@ -221,18 +234,17 @@ def _backward_dw_kernel(
                 s_dn, s_dc, s_dp, s_yn, s_yc, s_yp, RELU, ACC,
             )  # fmt: skip
             x_ptr = X + n64 * s_xn + j[None, :] * s_xc + p[:, None] * s_xp
-            xa = tl.load(x_ptr, mask=pmask[:, None] & (j < C_in)[None, :], other=0.0).to(ACC)
-            cx = _linspace(p % Wd, den_x, half_x, ACC)
-            cy = _linspace(p // Wd, den_y, half_y, ACC)
-            xa = tl.where((j == C_in)[None, :], cx[:, None], xa)
-            xa = tl.where((j == C_in + 1)[None, :], cy[:, None], xa)
-            xa = tl.where((j == C_in + 2)[None, :], 1.0, xa)
-            xa = tl.where(pmask[:, None], xa, 0.0)
-            acc = _mma(g, xa, acc, COMPUTE, PRECISION, WIDEN)
+            x = tl.load(x_ptr, mask=pmask[:, None] & jmask[None, :], other=0.0)
+            acc = _mma(g, x, acc, COMPUTE, PRECISION, WIDEN)
+            g_cx += tl.sum(g * _linspace(p % Wd, den_x, half_x, ACC)[None, :], axis=1)
+            g_cy += tl.sum(g * _linspace(p // Wd, den_y, half_y, ACC)[None, :], axis=1)
+            g_one += tl.sum(g, axis=1)
     row = OUT + pid_s * (C_out * (C_in + 3))
-    tl.store(row + o[:, None] * (C_in + 2) + j[None, :], acc, mask=omask[:, None] & (j < C_in + 2)[None, :])
-    db_ptr = row + C_out * (C_in + 2) + o[:, None] + 0 * j[None, :]
-    tl.store(db_ptr, acc, mask=omask[:, None] & (j == C_in + 2)[None, :])
+    tl.store(row + o[:, None] * (C_in + 2) + j[None, :], acc, mask=omask[:, None] & jmask[None, :])
+    first = omask & ((0 * o + pid_j) == 0)  # i-block 0 stores the row sums (a block mask: see bn_film_relu)
+    tl.store(row + o * (C_in + 2) + C_in, g_cx, mask=first)
+    tl.store(row + o * (C_in + 2) + C_in + 1, g_cy, mask=first)
+    tl.store(row + C_out * (C_in + 2) + o, g_one, mask=first)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,10 +258,19 @@ def _linspace_args(steps: int) -> tuple[int, int]:
 
 
 def _precision(compute: torch.dtype) -> str:
-    """tl.dot input precision: TF32 for float32 exactly when cuDNN convs may use it (the reference's setting)."""
-    return (
-        "tf32" if compute == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
-    )
+    """tl.dot input precision: TF32 for float32 exactly when torch's own float32 matmuls may use it
+    (`torch.backends.cuda.matmul.allow_tf32`, i.e. `torch.get_float32_matmul_precision()` != "highest")."""
+    return "tf32" if compute == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _wgrad_samples_per_split(n: int, c_in: int, c_out: int, device: torch.device) -> int:
+    """Samples per split of the weight gradient: CONV_WGRAD_SAMPLES_PER_SPLIT if set, else the fewest that give
+    enough splits for (64×64 tiles) × splits to cover the GPU's SMs (split partials: splits × C_out × (C_in + 3))."""
+    if CONV_WGRAD_SAMPLES_PER_SPLIT:
+        return CONV_WGRAD_SAMPLES_PER_SPLIT
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64)
+    return triton.cdiv(n, min(n, triton.cdiv(sms or DEFAULT_SM_COUNT, tiles)))
 
 
 def _conv1x1_forward(x, weight, bias, relu, compute):
@@ -262,7 +283,7 @@ def _conv1x1_forward(x, weight, bias, relu, compute):
     den_y, half_y = _linspace_args(h)
 
     def grid(meta):
-        return triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"]), n
+        return n * triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"])
 
     _forward_kernel[grid](
         x, weight, bias if bias is not None else weight, y,
@@ -270,7 +291,7 @@ def _conv1x1_forward(x, weight, bias, relu, compute):
         x.stride(0), x.stride(1), hw_stride(x, "x"), weight.stride(0), weight.stride(1),
         y.stride(0), y.stride(1), hw_stride(y, "out"),
         HAS_BIAS=bias is not None, RELU=relu, COMPUTE=TL_DTYPE[compute], ACC=TL_DTYPE[acc],
-        PRECISION=_precision(compute), WIDEN=INTERPRET and compute != torch.float64,
+        PRECISION=_precision(compute), WIDEN=INTERPRET and compute != torch.float64, VEC=vec_hint(hw, x, y),
     )  # fmt: skip
     return y
 
@@ -298,26 +319,26 @@ def _conv1x1_backward(dy, y, x, weight, relu, need_dx, need_dw):
         dx = empty_like_layout(tuple(x.shape), x, x.dtype)
 
         def dx_grid(meta):
-            return triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_M"]), n
+            return n * triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_M"])
 
         _backward_dx_kernel[dx_grid](
             dy, y, weight, dx, c_in, c_out, hw,
             *d_strides, *y_strides, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-            hw_stride(dx, "dx"), **flags,
+            hw_stride(dx, "dx"), VEC=vec_hint(hw, dy, y, dx), **flags,
         )  # fmt: skip
     if need_dw:
-        nps = CONV_WGRAD_SAMPLES_PER_SPLIT
+        nps = _wgrad_samples_per_split(n, c_in, c_out, x.device)
         splits = triton.cdiv(n, nps)
         parts = torch.empty((splits, c_out * (c_in + 3)), device=x.device, dtype=acc)
         den_x, half_x = _linspace_args(w)
         den_y, half_y = _linspace_args(h)
 
         def dw_grid(meta):
-            return triton.cdiv(c_in + 3, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"]), splits
+            return triton.cdiv(c_in, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"]), splits
 
         _backward_dw_kernel[dw_grid](
             dy, y, x, parts, n, c_in, c_out, hw, nps, w, h, den_x, half_x, den_y, half_y,
-            *d_strides, *y_strides, *x_strides, **flags,
+            *d_strides, *y_strides, *x_strides, VEC=vec_hint(hw, dy, y, x), **flags,
         )  # fmt: skip
         total = parts[0] if splits == 1 else parts.sum(0)
         dw, db = total[: c_out * (c_in + 2)].view(c_out, c_in + 2), total[c_out * (c_in + 2) :]

@@ -121,6 +121,28 @@ def test_many_tiles_and_batch_splits(device, monkeypatch, layout, mode):
     check_against_reference(inp, mode)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_tiles(device, monkeypatch, layout, mode):
+    """The GPU's launch settings (2048-element tiles, 4 samples per split) in the interpreter: 12×11 = 132
+    positions (VEC = 4 alignment hints in NCHW; three 64-position tiles in channels_last), 20 channels (three
+    8-channel blocks in NCHW), 9 samples in 3 uneven splits; in training also the split cap (2 splits of 5 samples)."""
+    monkeypatch.setattr(bn_module, "BN_TILE", 2048)
+    monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 4)
+    inp = make_inputs((9, 20, 12, 11), device, seed=11)
+    if layout == "channels_last":
+        for k in ("z", "residual", "dout"):
+            inp[k] = inp[k].contiguous(memory_format=torch.channels_last)
+    assert bn_module._tile(20, 132, layout == "channels_last") == (
+        (32, 64) if layout == "channels_last" else (8, 256)
+    )
+    check_against_reference(inp, mode)
+    if mode == "train":
+        monkeypatch.setattr(bn_module, "BN_MAX_SPLITS", 2)
+        assert bn_module._samples_per_split(9) == 5
+        check_against_reference(inp, mode)
+
+
 def test_train_without_buffers(device):
     """training with running_mean = running_var = None: batch statistics, nothing to update."""
     check_against_reference(make_inputs((3, 5, 7, 7), device), "train", buffers=False)

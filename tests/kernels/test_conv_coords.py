@@ -76,6 +76,24 @@ def test_1x1_many_tiles_and_batch_splits(device, monkeypatch, dtype):
     check_against_reference(make_inputs(5, 20, 18, 3, 6, 1, device, dtype, seed=8), 0, True)
 
 
+@pytest.mark.parametrize("index", range(max(len(v) for v in common.GEMM_GPU_CONFIGS.values())))
+def test_1x1_gpu_autotune_configs(device, monkeypatch, index):
+    """Autotune config `index` of each GEMM (forward, dx, dW) with exactly its blocks and the GPU's batch split:
+    the tile logic a GPU gets, on a shape a little larger than those blocks in every GEMM dimension (partial last
+    tiles everywhere; 3 samples) with H·W a multiple of 4, so that the VEC = 4 alignment hints are used (NCHW)."""
+    blocks = {kind: configs[index % len(configs)][:3] for kind, configs in common.GEMM_GPU_CONFIGS.items()}
+    (fm, fn, fk), (xm, xn, xk), (wm, wn, wk) = blocks["forward"], blocks["dx"], blocks["dw"]
+    c_out, c_in, hw = max(fm, xk, wm) + 4, max(fk, xm, wn) + 8, max(fn, xn, wk) + 4
+    if device == "cpu":
+        for kind, (bm, bn, bk) in blocks.items():
+            monkeypatch.setitem(
+                common.GEMM_INTERPRET_EXACT, kind, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            )
+    monkeypatch.setattr(conv_module, "CONV_WGRAD_SAMPLES_PER_SPLIT", None)  # as many splits as fill 132 SMs
+    assert conv_module._wgrad_samples_per_split(3, c_in, c_out, torch.device(device)) == 1
+    check_against_reference(make_inputs(3, c_in, c_out, 4, hw // 4, 1, device, seed=10), 0, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_1x1_channels_last(device, dtype):
     """x in channels_last: read through strides; the output and dx come back in channels_last."""

@@ -1,0 +1,476 @@
+"""Compile every Triton launch of the kernels ahead of time, for GPUs this machine need not have (sm_90, sm_80).
+
+    python -m kernels.aot                          # paper sizes, sm_90 + sm_80: the table in kernels/README.md
+    python -m kernels.aot --sizes all --rows       # paper + edge sizes, one row per compiled variant
+    python -m kernels.aot --sizes all --json F --check    # what the test runs; exit status 1 on any failure
+
+How. The real launchers (`_forward`/`_backward` in bn_film_relu.py, `_conv1x1_forward`/`_conv1x1_backward` in
+conv_coords.py) are called on meta tensors (shapes, strides, dtypes and storage offsets, no memory) while
+`JITFunction.run` and `Autotuner.run` are replaced by recorders: every launch they would make, once per autotune
+config, is captured without running (grid, constexprs, warps, stages, arguments). Triton's own binder for the
+target (`create_function_from_signature`) turns the arguments into the signature and the specialisations a real
+launch gets (i32/i64, divisibility by 16, == 1); launches with the same compile key (function, signature,
+specialisations, constexprs, options) are compiled once, in parallel, with `triton.compile(ASTSource(...))` and
+the ptxas of the triton wheel, whose `-v` report gives registers and spills. The Triton cache is a fresh
+temporary directory, so that every variant really goes through ptxas.
+
+Predicted time, never measured: the bytes of the tensors a launch reads or writes (each tensor once; a pointer
+the compiled kernel never uses does not count) ÷ the GPU's HBM bandwidth. It is a lower bound: a launch cannot
+finish faster unless its data sits in L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+ARCHS = {90: "H100 SXM", 80: "A100"}
+HBM_BYTES_PER_S = {90: 3.35e12, 80: 2.0e12}
+SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes of shared memory one block may use (opt-in maximum)
+GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
+
+# The model's sizes: batch 64, 128 feature maps of 14×14, the classifier's 128 → 512 projection.
+PAPER = {"n": 64, "c": 128, "h": 14, "w": 14, "proj": 512}
+# (label, N, C, H, W): one sample, 2×2 maps, one channel, and a batch beyond CUDA's 65,535 grid rows.
+EDGES = [("batch 1", 1, 128, 14, 14), ("2x2", 64, 128, 2, 2), ("1 channel", 64, 1, 14, 14), ("batch 70000", 70_000, 128, 14, 14)]  # fmt: skip
+PRECISIONS = ("tf32", "ieee", "bf16")  # float32 with TF32 allowed, float32 IEEE, bf16 autocast
+LAYOUTS = ("nchw", "nhwc")
+BN_MODES = ("train", "eval", "no_bn")
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher would make it (one autotune config), recorded, not run."""
+
+    case: str
+    kernel: str
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple[int, int, int]
+    tensors: dict[str, object] = field(default_factory=dict)  # pointer parameter name → meta tensor
+
+    @property
+    def config(self) -> str:
+        kw = self.kwargs
+        blocks = "x".join(
+            str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P") if k in kw
+        )
+        return f"{blocks} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recording
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recording(case: str, out: list[Launch]) -> Iterator[None]:
+    """Within the block, kernel launches are appended to `out` instead of running (autotuners: every config)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        names = list(self.signature.parameters)
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        g = tuple(grid(bound) if callable(grid) else grid) + (1, 1)
+        tensors = {k: v for k, v in bound.items() if hasattr(v, "data_ptr")}
+        name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
+        out.append(Launch(case, name, self, args, dict(kwargs), tuple(int(x) for x in g[:3]), tensors))
+
+    def tuner_run(self, *args, **kwargs):
+        configs = self.prune_configs(kwargs) if self.early_config_prune else self.configs
+        for config in configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = jit_run, tuner_run
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = saved
+
+
+def _meta(shape, dtype, layout: str = "nchw"):
+    import torch
+
+    fmt = torch.channels_last if layout == "nhwc" and len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+
+
+def record_bn(n: int, c: int, h: int, w: int, dtype, layout: str, mode: str, residual: bool, case: str, out):
+    """The launches of one bn_film_relu forward + backward, γ and β sliced from a generator output as the model does."""
+    import torch
+
+    bn = importlib.import_module("kernels.bn_film_relu")
+    z, dout = _meta((n, c, h, w), dtype, layout), _meta((n, c, h, w), dtype, layout)
+    film = _meta((n, 4, 2 * c), dtype)  # FiLMGen's output [N, blocks, 2C]: block 1's γ, then β
+    gamma, beta = film[:, 1, :c], film[:, 1, c:]
+    res = _meta((n, c, h, w), dtype, layout) if residual else None
+    mode_id = {"train": bn.MODE_BATCH_STATS, "eval": bn.MODE_RUNNING_STATS, "no_bn": bn.MODE_NO_NORM}[mode]
+    rm = rv = None if mode == "no_bn" else _meta((c,), torch.float32)
+    with recording(case, out):
+        _, mean, rstd = bn._forward(z, gamma, beta, res, rm, rv, mode_id, 0.1, 1e-5)
+        bn._backward(dout, z, gamma, beta, mean, rstd, mode_id)
+
+
+def record_conv(
+    n: int, c_in: int, c_out: int, h: int, w: int, precision: str, layout: str, relu: bool, case, out
+):
+    """The launches of one 1×1 coordinate conv forward + backward (dx and dW): bf16 = autocast (weights float32)."""
+    import torch
+
+    cc = importlib.import_module("kernels.conv_coords")
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = _meta((n, c_in, h, w), compute, layout)
+    weight, bias = _meta((c_out, c_in + 2, 1, 1), torch.float32), _meta((c_out,), torch.float32)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        with recording(case, out):
+            y = cc._conv1x1_forward(x, weight, bias, relu, compute)
+            cc._conv1x1_backward(_meta(tuple(y.shape), compute, layout), y, x, weight, relu, True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def record_all(sizes: str) -> list[Launch]:
+    """Every launch of the matrix: paper sizes (and, for sizes='all', the edge sizes), all modes and layouts."""
+    import torch
+
+    shapes = [("paper", PAPER["n"], PAPER["c"], PAPER["h"], PAPER["w"])]
+    if sizes == "all":
+        shapes += EDGES
+    out: list[Launch] = []
+    for label, n, c, h, w in shapes:
+        for layout in LAYOUTS:
+            for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                for mode in BN_MODES:
+                    for res in (True, False):
+                        case = f"{label} {dt_name} {layout} {mode}{'' if res else ' nores'}"
+                        record_bn(n, c, h, w, dtype, layout, mode, res, case, out)
+            for precision in PRECISIONS:
+                for what, c_out, relu in (
+                    ("resblock", c, True),
+                    ("classifier", PAPER["proj"] * c // 128, False),
+                ):
+                    case = f"{label} {precision} {layout} {what}"
+                    record_conv(n, c, c_out, h, w, precision, layout, relu, case, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _options_kwargs(fn, kwargs: dict) -> dict:
+    """The keyword arguments JITFunction.run passes to the binder (debug and instrumentation settings added)."""
+    from triton import knobs
+
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kw["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return kw
+
+
+_BINDERS: dict = {}
+
+
+def compile_job(launch: Launch, arch: int) -> tuple[str, tuple]:
+    """(compile key, job) of a launch on an arch: what Triton's binder and _pack_args make of its arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    if (id(fn), arch) not in _BINDERS:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        _BINDERS[id(fn), arch] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+    backend, binder = _BINDERS[id(fn), arch]
+    kw = _options_kwargs(fn, launch.kwargs)
+    bound, specialization, options = binder(*launch.args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
+    module, name = fn.fn.__module__, fn.fn.__qualname__
+    key = repr((module, name, arch, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
+    return key, (module, name, arch, signature, constexprs, attrs, options.__dict__)
+
+
+def _ptxas_number(pattern: str, log: str) -> int:
+    m = re.search(pattern, log)
+    return int(m.group(1)) if m else 0
+
+
+def run_job(job: tuple) -> dict:
+    """Compile one variant for its arch (in a worker process); ptxas' report and the metadata as a dict."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import _triton_jit_function_registry
+
+    module, name, arch, signature, constexprs, attrs, options = job
+    importlib.import_module(module)
+    fn = _triton_jit_function_registry[f"{module}:{name}"]
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            kernel = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options=options,
+            )
+    except Exception as e:  # a compile error is a result here: the report and the test say which variant
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return {"ok": False, "error": f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+    text, md = log.getvalue(), kernel.metadata
+    ttir = kernel.asm["ttir"]
+    header, _, body = ttir.partition("attributes {noinline")
+    params = re.findall(r"%(\w+): !tt\.ptr", header)
+    ptx = kernel.asm["ptx"]
+    return {
+        "ok": True,
+        "error": "",
+        "registers": _ptxas_number(r"Used (\d+) registers", text),
+        "spill_stores": _ptxas_number(r"(\d+) bytes spill stores", text),
+        "spill_loads": _ptxas_number(r"(\d+) bytes spill loads", text),
+        "stack": _ptxas_number(r"(\d+) bytes stack frame", text),
+        "shared": md.shared,
+        "scratch": md.global_scratch_size + md.profile_scratch_size,
+        "warps": md.num_warps,
+        "stages": md.num_stages,
+        "tensor_cores": "wgmma"
+        if "wgmma.mma_async" in ptx
+        else ("mma" if re.search(r"\bmma\.sync", ptx) else "-"),
+        "used_pointers": [p for p in params if re.search(rf"%{p}\b", body)],
+    }
+
+
+def _run_keyed(item: tuple[str, tuple]) -> tuple[str, dict]:
+    return item[0], run_job(item[1])
+
+
+def _nbytes(t) -> int:
+    """Bytes a tensor spans in memory (a broadcast dimension counts once)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def launch_bytes(launch: Launch, used: list[str]) -> int:
+    """Bytes of the distinct tensors the compiled kernel reads or writes (each once): the launch's minimum traffic."""
+    seen, total = set(), 0
+    for name in used:
+        t = launch.tensors.get(name)
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += _nbytes(t)
+    return total
+
+
+def problems(row: dict) -> list[str]:
+    """What is wrong with one compiled launch (empty when it is fine)."""
+    out = []
+    if not row["ok"]:
+        return [f"compile error: {row['error']}"]
+    if row["spill_stores"] or row["spill_loads"] or row["stack"]:
+        out.append(
+            f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads, stack {row['stack']} B"
+        )
+    if row["shared"] > SHARED_LIMIT[row["arch"]]:
+        out.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[row['arch']]} B")
+    if row["scratch"]:
+        out.append(f"global scratch {row['scratch']} B")
+    if any(g > lim for g, lim in zip(row["grid"], GRID_LIMIT)):
+        out.append(f"grid {tuple(row['grid'])} over CUDA's limits {GRID_LIMIT}")
+    return out
+
+
+def compile_matrix(
+    launches: list[Launch], archs: list[int], jobs: int, log: Callable[[str], None]
+) -> list[dict]:
+    """Compile every distinct variant once (in `jobs` processes); one result row per (launch, arch)."""
+    import multiprocessing
+
+    keys, distinct = [], {}
+    for launch in launches:
+        for arch in archs:
+            key, job = compile_job(launch, arch)
+            keys.append((launch, arch, key))
+            distinct.setdefault(key, job)
+    log(f"{len(launches) * len(archs)} launches x archs, {len(distinct)} distinct variants to compile")
+    order = sorted(distinct, key=lambda k: "conv_coords" not in k)  # the GEMMs take longest: start them first
+    results = {}
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for i, (key, result) in enumerate(pool.imap_unordered(_run_keyed, [(k, distinct[k]) for k in order])):
+            results[key] = result
+            if (i + 1) % 100 == 0:
+                log(f"  {i + 1}/{len(order)} compiled")
+    rows = []
+    for launch, arch, key in keys:
+        r = dict(results[key])
+        used = r.pop("used_pointers", [])
+        nbytes = launch_bytes(launch, used)
+        r.update(
+            case=launch.case, kernel=launch.kernel, config=launch.config, arch=arch, grid=list(launch.grid),
+            bytes=nbytes, predicted_us=nbytes / HBM_BYTES_PER_S[arch] * 1e6, variant=key_hash(key),
+        )  # fmt: skip
+        r["problems"] = problems(r)
+        rows.append(r)
+    return rows
+
+
+def key_hash(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _group(row: dict) -> tuple[str, str]:
+    """Summary group of a row: (kernel, case without size and layout; BN residual variants merged)."""
+    words = row["case"].split()
+    size = words[0] if not words[0].startswith(("batch", "1")) else " ".join(words[:2])
+    rest = [w for w in words[len(size.split()) :] if w not in LAYOUTS and w != "nores"]
+    return row["kernel"], " ".join([size, *rest])
+
+
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def summary_table(rows: list[dict], archs: list[int]) -> str:
+    """Markdown: one row per kernel and case (layouts, residual and autotune configs merged)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group(r), []).append(r)
+    head = ["kernel", "case", "variants", "ok"]
+    for a in archs:
+        head += [f"sm_{a} regs", f"sm_{a} smem KB", f"sm_{a} TC"]
+    head += ["spill B", "MB moved"] + [f"{ARCHS[a]} µs (predicted ≥)" for a in archs]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for (kernel, case), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        cells = [f"`{kernel}`", case, str(len({(r["variant"]) for r in rs})), f"{len(ok)}/{len(rs)}"]
+        for a in archs:
+            ra = [r for r in ok if r["arch"] == a]
+            cells += [
+                _span([r["registers"] for r in ra]) if ra else "-",
+                _span([round(r["shared"] / 1024) for r in ra]) if ra else "-",
+                "/".join(sorted({r["tensor_cores"] for r in ra})) if ra else "-",
+            ]
+        cells.append(str(max([r["spill_stores"] + r["spill_loads"] for r in ok], default=0)))
+        top = max(rs, key=lambda r: r["bytes"])
+        cells.append(f"{top['bytes'] / 1e6:.2f}")
+        for a in archs:
+            cells.append(f"{top['bytes'] / HBM_BYTES_PER_S[a] * 1e6:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rows_table(rows: list[dict]) -> str:
+    """Plain text: one row per launch and arch."""
+    fmt = "{:<34} {:<38} {:<16} {:>3} {:>3} {:>5} {:>7} {:>7} {:>6} {:>8} {:>9}  {}"
+    out = [
+        fmt.format(
+            "kernel",
+            "case",
+            "config",
+            "sm",
+            "ok",
+            "regs",
+            "spill B",
+            "smem B",
+            "TC",
+            "MB",
+            "pred. µs",
+            "grid",
+        )
+    ]
+    for r in rows:
+        out.append(
+            fmt.format(
+                r["kernel"],
+                r["case"],
+                r["config"],
+                r["arch"],
+                "ok" if r["ok"] else "ERR",
+                r.get("registers", "-"),
+                r.get("spill_stores", 0) + r.get("spill_loads", 0),
+                r.get("shared", "-"),
+                r.get("tensor_cores", "-"),
+                f"{r['bytes'] / 1e6:.2f}",
+                f"{r['predicted_us']:.2f}",
+                "x".join(map(str, r["grid"])),
+            )  # fmt: skip
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: record, compile, print; with --check, exit status 1 when any variant has a problem."""
+    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--sizes", choices=("paper", "all"), default="paper", help="all = paper + edge sizes")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--rows", action="store_true", help="print one row per launch and arch")
+    parser.add_argument("--json", help="write every row (launch × arch) to this JSON file")
+    parser.add_argument("--only", default="", help="only kernels whose name contains this (development)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 on a compile error, spill, smem or grid issue"
+    )
+    args = parser.parse_args(argv)
+
+    from kernels._common import INTERPRET
+
+    if INTERPRET:  # the kernels were decorated for the interpreter: start again with the compiler
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *(argv or sys.argv[1:])], env)
+    tmp = tempfile.TemporaryDirectory(prefix="fastfilm-aot-cache-")
+    os.environ["TRITON_CACHE_DIR"] = tmp.name  # fresh: every variant goes through ptxas (workers inherit it)
+    warnings.filterwarnings("ignore")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    launches = [launch for launch in record_all(args.sizes) if args.only in launch.kernel]
+    rows = compile_matrix(launches, args.archs, args.jobs, log)
+    tmp.cleanup()
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    print(rows_table(rows) if args.rows else summary_table(rows, args.archs))
+    bad = [r for r in rows if r["problems"]]
+    variants = len({r["variant"] for r in rows})
+    print(
+        f"\n{len(rows)} launches x archs, {variants} distinct variants compiled for "
+        f"{', '.join(f'sm_{a}' for a in args.archs)}: {len(rows) - len(bad)} fine, {len(bad)} with problems "
+        f"(compile errors {sum(not r['ok'] for r in rows)}, spilling {sum(any('spill' in p for p in r['problems']) for r in rows)}). "
+        "Times are predicted lower bounds (bytes ÷ HBM bandwidth), not measurements."
+    )  # fmt: skip
+    for r in bad[:50]:
+        print(f"  {r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}: {'; '.join(r['problems'])}")
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
