@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete the run that train.run_dir holds and start afresh"
+    )
 
     p = sub.add_parser("synth", help="write a CLEVR-format synthetic data set")
     p.add_argument("--out", required=True, help="output folder (CLEVR v1.0 layout)")

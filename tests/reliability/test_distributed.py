@@ -57,7 +57,7 @@ def test_two_ranks_with_accumulation_keep_identical_parameters(dataset, tmp_path
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4]  # optimizer steps, not micro-batches
     assert [r["step"] for r in records if "val/acc" in r] == [4]
     state = json.loads((run / "checkpoints/last/trainer_state.json").read_text())
-    assert (state["step"], state["batch"]) == (5, 10)
+    assert (state["step"], state["questions"]) == (5, 40)  # 10 micro-batches × 2 questions × 2 ranks
     # Parameters are kept equal by the gradient all-reduce; BN running stats by the average before each save.
     rank0, rank1 = (json.loads((run / f"rank_checksums.{r}.json").read_text()) for r in (0, 1))
     assert [(x["step"], x["tag"]) for x in rank0] == [(4, "last"), (4, "best"), (5, "last")]
