@@ -25,8 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # The paper's vocabulary sizes (DESIGN.md §1): 93 question tokens, 28 CLEVR answers + 4 specials = 32 logits.
 PAPER_VOCAB, PAPER_ANSWERS = 93, 32
-# CLEVR's longest question is 43 words + <START>/<END>: every batch is padded to this length on the GPU,
-# and the GRU runs over every padded position (the model does not pack sequences).
+# CLEVR's longest question is 43 words + <START>/<END>: the synthetic batches are padded to this length on the
+# GPU; the model packs them, so its GRU reads each question's own length only.
 PAPER_QUESTION_LEN = 46
 
 

@@ -1,8 +1,8 @@
 """The FiLM generator alone (embedding → GRU → state at <END> → linear → γ, β): the step's largest FLOP user.
 
 Same config, batch and question length as the train-step group, so `bench/report.py` can state its share of
-the step's time (generator fwd+bwd ÷ train step, per dtype and kernels mode). TFLOP/s counts the GEMMs only
-(`benchlib.gru_flops`; backward ≈ 2× forward).
+the step's time (generator fwd+bwd ÷ train step, per dtype and kernels mode). TFLOP/s counts the GEMMs over the
+real tokens only (the encoder is packed; `benchlib.gru_flops`; backward ≈ 2× forward).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def test_generator(benchmark, settings, dtype, pass_):
     n, t = questions.shape
     assert gammas.shape == betas.shape == (n, cfg.model.num_blocks, cfg.model.module_dim)
 
-    flops = benchlib.gru_flops(cfg, n, t) * (3 if backward else 1)
+    # The generator reads only real tokens (packed): count those, not the padding.
+    per_token = benchlib.gru_flops(cfg, 1, 1) - benchlib.gru_flops(cfg, 1, 0)
+    tokens = int((questions != 0).sum())
+    flops = (benchlib.gru_flops(cfg, n, t) - per_token * (n * t - tokens)) * (3 if backward else 1)
     benchmark.group = f"generator/{dtype} batch={n} T={t} hidden={cfg.model.rnn_hidden_dim}"
     benchmark.extra_info.update(
         {
@@ -46,6 +49,7 @@ def test_generator(benchmark, settings, dtype, pass_):
             "dtype": dtype,
             "batch": n,
             "question_len": t,
+            "real_tokens": tokens,
             "rnn_hidden_dim": cfg.model.rnn_hidden_dim,
             "gflop": flops / 1e9,
             "device": benchlib.device_name(),
