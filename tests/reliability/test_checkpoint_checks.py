@@ -177,3 +177,15 @@ def test_resume_layouts_deepspeed_cannot_load_are_refused(tmp_path):
         ckpt.check_layout(folder, LayoutEngine(2))
     ckpt.atomic_write_json(os.path.join(folder, "layout.json"), dict(layout, zero_stage=0))
     ckpt.check_layout(folder, LayoutEngine(0))  # stage 0: any number of ranks
+
+
+def test_the_training_script_refuses_stage_3_before_any_work(dataset, tmp_path, capsys):
+    from fastfilm.train import main
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny_config(dataset, tmp_path / "run")))
+    status = main(["--config", str(cfg), "--set", "deepspeed.zero_optimization.stage=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("fastfilm: config error: ") and "stage=3 is not supported" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
