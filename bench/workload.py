@@ -3,7 +3,9 @@ the machine's own matmul throughput, for `bench/test_flops.py`, `bench/report.py
 
 FLOPs are counted on the meta device (no memory, no compute: a paper-model count takes seconds on a CPU), for
 the model as the trainer builds it, in train mode, with a float32 cross-entropy and its backward. Counted: the
-matmuls and convolutions (what FlopCounterMode knows); not counted: elementwise work, BN, the optimizer.
+matmuls and convolutions (what FlopCounterMode knows); not counted: elementwise work, BN, the optimizer. The meta device takes the CPU's path through the model: a one-layer
+GRU runs `fastfilm.gru`, which skips step 0's product with h0 = 0 (2·3H·H per question forward, twice that
+backward: 0.2 GFLOP for the paper's GRU); cuDNN on a GPU does those products.
 
 Question lengths are in tokens, <START> and <END> included. The question RNN's work is linear in the tokens it
 reads, so a count at a batch whose mean length is m equals the mean over any set of questions of mean m:

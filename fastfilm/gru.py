@@ -8,7 +8,8 @@ and adds it into the running sum: about three passes over 201 MB per step, on to
 The forward computes the input projections of all steps in one GEMM as PyTorch's CPU GRU does.
 
 The maths is PyTorch's GRU (gates r, z, n in that order; `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`,
-`h' = (h − n) ⊙ z + n`), h₀ = 0, read over a `PackedSequence`'s time-major data; it returns the state after
+`h' = (h − n) ⊙ z + n`), h₀ = 0 (so step 0's hidden projection is its bias: no product with zeros, forward or
+backward), read over a `PackedSequence`'s time-major data; it returns the state after
 each sequence's last token (h_n), in the packed (length-sorted) order. Under CPU autocast the matmuls run in
 the autocast dtype and the gates and states stay in float32. `FiLMGen` uses it on the CPU for a
 unidirectional one-layer GRU; everything else (GPU: cuDNN; LSTM; bidirectional; several layers) runs
@@ -41,7 +42,10 @@ class _PackedGRU(torch.autograd.Function):
         off = 0
         for t, b in enumerate(sizes):
             h = h[:b]
-            gh = torch.addmm(b_hh.to(cd), h.to(cd), w_hh_c.t()).to(sd)
+            if t == 0:  # h0 = 0: the hidden projection is the bias (no product with zeros)
+                gh = b_hh.to(cd).to(sd).expand(b, 3 * hid)
+            else:
+                gh = torch.addmm(b_hh.to(cd), h.to(cd), w_hh_c.t()).to(sd)
             g = gi[off : off + b]
             r = torch.sigmoid(g[:, :hid] + gh[:, :hid])
             z = torch.sigmoid(g[:, hid : 2 * hid] + gh[:, hid : 2 * hid])
@@ -87,11 +91,13 @@ class _PackedGRU(torch.autograd.Function):
             dgh[off : off + b, :hid] = dr
             dgh[off : off + b, hid : 2 * hid] = dz
             dgh[off : off + b, 2 * hid :] = dn * r
-            dh[:b] = d * z + torch.mm(dgh[off : off + b].to(cd), w_hh_c).to(sd)
+            if t > 0:  # the gradient of h0 is not needed
+                dh[:b] = d * z + torch.mm(dgh[off : off + b].to(cd), w_hh_c).to(sd)
         dgi_c, dgh_c = dgi.to(cd), dgh.to(cd)
+        first = sizes[0]  # step 0 multiplied h0 = 0: no weight gradient from it
         dx = torch.mm(dgi_c, w_ih.to(cd)).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw_ih = torch.mm(dgi_c.t(), x.to(cd)).to(w_ih.dtype)
-        dw_hh = torch.mm(dgh_c.t(), h_prev.to(cd)).to(w_hh.dtype)
+        dw_hh = torch.mm(dgh_c[first:].t(), h_prev[first:].to(cd)).to(w_hh.dtype)
         return dx, None, dw_ih, dw_hh, dgi.sum(0).to(w_ih.dtype), dgh.sum(0).to(w_hh.dtype), None
 
 

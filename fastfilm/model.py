@@ -145,7 +145,7 @@ class FiLMGen(nn.Module):
             return self.encoder_embed.weight.new_zeros(0, width)
         lengths = real_lengths(questions, lengths)
         embed = self.encoder_embed(questions)
-        if self.cpu_gru and embed.device.type == "cpu" and self._plain_gru():
+        if self.cpu_gru and embed.device.type in ("cpu", "meta") and self._plain_gru():  # meta: FLOP counts
             from fastfilm.gru import packed_gru_last
 
             packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
