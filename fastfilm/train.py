@@ -49,6 +49,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epochs completed
     questions: int = 0  # of the epoch's global order consumed, by any layout: the loader's position
+    order_batch: int = 0  # data.bucket_by_length: the global batch the epoch's order was drawn for
     best_acc: float = -1.0
     best_step: int = 0
     evals_since_best: int = 0
@@ -550,6 +551,10 @@ def train_loop(run: Run, state: TrainState) -> str:
     per_step = per_micro * gas
     engine.module.train()
     while state.epoch < tc.epochs:
+        if run.train_loader.bucket_by_length:  # the order depends on the global batch it was drawn for: a run
+            if state.questions == 0 or not state.order_batch:  # resumed mid-epoch on another layout keeps it
+                state.order_batch = run.train_loader.global_batch
+            run.train_loader.bucket_batch = state.order_batch
         # From the position in the epoch's global order (any layout may have consumed it): whole optimizer
         # steps of this layout; the last questions that do not fill one are left out, as at every epoch's end.
         micro_left = run.train_loader.steps_from(state.questions) // gas * gas

@@ -215,7 +215,8 @@ def test_zero_checkpoint_on_another_number_of_ranks_is_refused(dataset, zero_run
         pass
 
 
-def test_zero_checkpoint_resumes_with_another_micro_batch_on_the_same_ranks(dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage,bucketed", [(1, False), (0, True)], ids=["zero1", "stage0-bucket_by_length"])
+def test_resume_with_another_micro_batch_on_the_same_ranks(dataset, tmp_path, monkeypatch, stage, bucketed):
     seen = []
     real = Loader.epoch
 
@@ -229,7 +230,8 @@ def test_zero_checkpoint_resumes_with_another_micro_batch_on_the_same_ranks(data
     run = tmp_path / "run"
     raw = base_config(dataset, run, max_steps=2)  # 1 rank × 8: 6 steps per epoch; stop after 16 questions
     raw["train"]["epochs"] = 1
-    raw["deepspeed"]["zero_optimization"] = {"stage": 1}
+    raw["deepspeed"]["zero_optimization"] = {"stage": stage}
+    raw["data"]["bucket_by_length"] = bucketed  # its epoch order depends on the global batch it was drawn for
     train(config_from_dict(raw))
     raw["train"]["max_steps"] = 0
     raw["deepspeed"]["train_micro_batch_size_per_gpu"] = 4  # 32 questions left: 8 steps
