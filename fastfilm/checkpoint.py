@@ -116,14 +116,15 @@ def verify(folder: str) -> None:
 
 # The DeepSpeed classes its ZeRO stage 1/2 optimizer-state files (`zero_pp_rank_*_optim_states.pt`) pickle
 # besides tensors and containers: plain data holders (a scale and a flag; two ints; an IntEnum) whose loading
-# runs no code of the file's choosing. Allowed only in those files, and only for the DeepSpeed versions setup.py
-# installs and these names were read from (0.19.8); another version's classes may hold other things.
+# runs no code of the file's choosing. Allowed only in those files, and only for the DeepSpeed versions checked:
+# read from 0.19.8's files; 0.17.0's stage_1_and_2.state_dict pickles the same three classes. Another version's
+# classes may hold other things: its files are refused until it is checked and the range below widened.
 DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 )
-DEEPSPEED_VERSIONS = ((0, 17), (0, 20))  # [0.17, 0.20), as setup.py's `deepspeed>=0.17,<0.20`
+DEEPSPEED_VERSIONS = ((0, 17), (0, 20))  # [0.17, 0.20): setup.py should pin `deepspeed>=0.17,<0.20`
 ZERO_OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 
 
