@@ -9,7 +9,9 @@ Cases (each in a fresh process, so a compilation, the thread count and memory ne
 - `compile`: `kernels: compile` (the ResBlock's ops under torch.compile, the rest eager);
 - `engine-compile`: `kernels: reference` and DeepSpeed's `engine.compile()` (the whole module under
   torch.compile; the packed GRU breaks the graph, question lengths vary between batches);
-- dtype `fp32`, or `bf16` (DeepSpeed `bf16.enabled`, which the trainer runs as torch autocast).
+- dtype `fp32`, or `bf16` (DeepSpeed `bf16.enabled`, which the trainer runs as torch autocast);
+- `--gru nn` runs `nn.GRU` instead of `fastfilm.gru` (the before of that change), `--adam fused` torch's
+  fused Adam instead of the trainer's (its CPU Adam is the per-parameter loop).
 
 Batches: random images; question lengths drawn per batch (synthetic config: 5-19 tokens, the synthetic set's
 range; paper config: 10-38, DESIGN.md §7), or from a prep cache's train split with `--cache`; 4 batches cycled,
@@ -84,7 +86,18 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
     import workload
 
     from fastfilm.config import load_config
+    from fastfilm.model import FiLMGen
     from fastfilm.train import build_engine, setup_distributed, train_step
+
+    if args.gru == "nn":  # before fastfilm.gru: nn.GRU on the packed questions
+        FiLMGen.cpu_gru = False
+    if args.adam == "fused":  # torch's fused Adam on the CPU too (the trainer asks for it on CUDA only)
+
+        class FusedAdam(torch.optim.Adam):
+            def __init__(self, params, fused=None, **kw):
+                super().__init__(params, fused=True, **kw)
+
+        torch.optim.Adam = FusedAdam
 
     overrides = [f"kernels.mode={'compile' if mode == 'compile' else 'reference'}"]
     overrides.append(f"deepspeed.bf16.enabled={'true' if dtype == 'bf16' else 'false'}")
@@ -97,7 +110,11 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
         "answer_token_to_idx": {str(i): i for i in range(ANSWERS)},
     }
     torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, vocab, device)
+    engine, optimizer, _ = build_engine(cfg, vocab, device)
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed may wrap the client optimizer
+    fused = bool(getattr(inner, "defaults", {}).get("fused"))
+    if fused != (args.adam == "fused"):
+        raise RuntimeError(f"--adam {args.adam}: the engine's optimizer has fused={fused}")
     engine.train()
     if mode == "engine-compile":
         engine.compile()
@@ -124,6 +141,9 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
         "config": name,
         "mode": mode,
         "dtype": dtype,
+        "gru": args.gru,
+        "adam": args.adam,
+        "optimizer": type(inner).__name__ + (" (fused)" if fused else ""),
         "batch": n,
         "threads": torch.get_num_threads(),
         "first_step_s": first,
@@ -145,21 +165,24 @@ def ceilings(threads: int) -> dict[str, float]:
 
 def table(rows: list[dict], ceil: dict[str, float]) -> str:
     lines = [
-        "| config | mode | dtype | batch | first step | median step | questions/s | × reference fp32 "
-        "| GFLOP/s | ÷ matmul |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| config | mode | dtype | GRU | Adam | batch | first step | median step | questions/s "
+        "| × reference fp32 | GFLOP/s | ÷ matmul |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = {r["config"]: r for r in rows if r.get("mode") == "reference" and r.get("dtype") == "fp32"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['mode']} | {r['dtype']} | | failed: {r['error']} | | | | | |")
+            lines.append(
+                f"| {r['config']} | {r['mode']} | {r['dtype']} | | | | failed: {r['error']} | | | | | |"
+            )
             continue
         b = base.get(r["config"])
         speed = f"{r['questions_per_s'] / b['questions_per_s']:.2f}×" if b else "—"
         c = ceil.get(r["dtype"])
         share = f"{r['gflop_per_s'] / c:.1%}" if c else "—"
         lines.append(
-            f"| {r['config']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['first_step_s']:.1f} s "
+            f"| {r['config']} | {r['mode']} | {r['dtype']} | {r['gru']} | {r['adam']} | {r['batch']} "
+            f"| {r['first_step_s']:.1f} s "
             f"| {r['median_step_s'] * 1e3:.1f} ms | {r['questions_per_s']:.1f} | {speed} "
             f"| {r['gflop_per_s']:.1f} | {share} |"
         )
@@ -180,6 +203,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     p.add_argument("--cache", default=None, help="a prep cache: question lengths from its train split")
+    p.add_argument(
+        "--gru",
+        choices=("fastfilm", "nn"),
+        default="fastfilm",
+        help="CPU GRU: fastfilm.gru or nn.GRU (before)",
+    )
+    p.add_argument(
+        "--adam",
+        choices=("trainer", "fused"),
+        default="trainer",
+        help="the trainer's Adam, or torch's fused Adam",
+    )
     p.add_argument("--json", default=None, help="also write the rows and ceilings as JSON here")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "DTYPE"), help=argparse.SUPPRESS)
@@ -202,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         f"--warmup={args.warmup}",
         f"--paper-batch={args.paper_batch}",
         f"--threads={args.threads}",
+        f"--gru={args.gru}",
+        f"--adam={args.adam}",
     ] + ([f"--cache={args.cache}"] if args.cache else [])
     env = dict(os.environ)
     env.setdefault("TRITON_INTERPRET", "1")  # triton is never timed here, but the kernels package imports it
