@@ -387,9 +387,9 @@ def check_layout(folder: str, engine) -> None:
 
 def resume_message(saved: dict | None, now: dict, lr: float, position: int, total: int) -> str:
     """One line for a resume: the ranks × micro-batch (global batch) before and now, the learning rate, and
-    where the epoch continues (`position` questions of its `total` consumed; the rest split in global batches)."""
-    per_step = now["micro_batch"] * now["world_size"]
-    steps, left_out = divmod(total - position, per_step)
+    where the epoch continues (`position` questions of its `total` consumed; the rest split in optimizer steps of
+    one global batch each, micro-batch × accumulation × ranks)."""
+    steps, left_out = divmod(total - position, now["global_batch"])
     was = (
         f"{saved['world_size']} rank(s) × micro-batch {saved['micro_batch']} (global batch {saved['global_batch']})"
         if saved
