@@ -60,6 +60,7 @@ class _PackedGRU(torch.autograd.Function):
             off += b
         ctx.save_for_backward(x, w_ih, w_hh, h_prev, r_all, z_all, n_all, ghn_all)
         ctx.sizes, ctx.cd, ctx.sd = sizes, cd, sd
+        ctx.w_hh_c = w_hh_c  # the weights in the matmul dtype: cast once per step of training, not twice
         return h_last
 
     @staticmethod
@@ -67,7 +68,7 @@ class _PackedGRU(torch.autograd.Function):
         x, w_ih, w_hh, h_prev, r_all, z_all, n_all, ghn_all = ctx.saved_tensors
         sizes, cd, sd = ctx.sizes, ctx.cd, ctx.sd
         hid = w_hh.shape[1]
-        w_hh_c = w_hh.to(cd)
+        w_hh_c = ctx.w_hh_c
         dgi = torch.empty(x.shape[0], 3 * hid, dtype=sd, device=x.device)
         dgh = torch.empty_like(dgi)
         dh = torch.zeros(sizes[0], hid, dtype=sd, device=x.device)
