@@ -167,3 +167,49 @@ def test_report_times_the_original():
     rows = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| paper pixels")}
     assert "1.00×" in rows["original-fp32"] and "2.00×" in rows["fastfilm-fp32"]
     assert "4.00×" in rows["fastfilm-bf16"]
+
+
+def test_cpu_modes_table_and_arguments(capsys):
+    import cpu_modes
+
+    rows = [
+        {
+            "config": "synthetic",
+            "mode": "reference",
+            "dtype": "fp32",
+            "gru": "fastfilm",
+            "adam": "trainer",
+            "batch": 64,
+            "first_step_s": 0.3,
+            "median_step_s": 0.1,
+            "questions_per_s": 640.0,
+            "gflop_per_s": 20.0,
+        },
+        {
+            "config": "synthetic",
+            "mode": "compile",
+            "dtype": "bf16",
+            "gru": "fastfilm",
+            "adam": "trainer",
+            "batch": 64,
+            "first_step_s": 30.0,
+            "median_step_s": 0.05,
+            "questions_per_s": 1280.0,
+            "gflop_per_s": 40.0,
+        },
+        {"config": "paper", "mode": "reference", "dtype": "fp32", "error": "boom"},
+    ]
+    text = cpu_modes.table(rows, {"fp32": 100.0, "bf16": 400.0})
+    compiled = next(line for line in text.splitlines() if "| compile |" in line)
+    assert "2.00×" in compiled and "10.0%" in compiled and "30.0 s" in compiled
+    assert "failed: boom" in text
+    with pytest.raises(SystemExit):
+        cpu_modes.parse_args(["--modes", "eager"])
+    assert "unknown eager" in capsys.readouterr().err
+
+
+def test_original_film_refuses_a_folder_that_is_not_a_checkout(tmp_path):
+    import original_film
+
+    with pytest.raises(ValueError, match="not a checkout of ethanjperez/film"):
+        original_film.load(str(tmp_path))
