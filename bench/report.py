@@ -248,17 +248,21 @@ def flops_section(benches: list[dict[str, Any]]) -> list[str]:
             f"| {_g(i.get('packed_fwd_gflop'))} / {_g(i.get('batch_longest_fwd_gflop'))} / "
             f"{_g(i.get('original_fwd_gflop'))} "
             f"| **{_g(packed)}** / {_g(i.get('batch_longest_fwdbwd_gflop'))} / {_g(orig)} "
-            f"| {fmt_ratio(packed / orig if packed and orig else None)} |"
+            f"| {fmt_ratio(packed / orig if packed and orig else None)} "
+            f"| {_g(i.get('rnn_steps_shuffled'))} / {_g(i.get('rnn_steps_bucketed'))} |"
         )
     return [
         "Tokens include <START>/<END>. *Packed*: fastfilm now, each question's own tokens (at the mean length). "
         "*Batch-longest*: fastfilm before packing, padded to a shuffled batch's expected longest question "
         "(needs the length distribution: `--bench-lengths CACHE` for CLEVR). *Original*: padded to the dataset's "
-        "longest, as `ethanjperez/film` runs. Counted on the meta device: matmuls and convolutions only.",
+        "longest, as `ethanjperez/film` runs. Counted on the meta device: matmuls and convolutions only. "
+        "*RNN steps per batch*: the mean longest question of a batch over one epoch at the config's batch size, "
+        "shuffled and with `data.bucket_by_length` (each step re-reads the GRU's hidden weights).",
         "",
         "| config | lengths | tokens: mean / batch-longest / padded | GFLOP fwd: packed / batch-longest / "
-        "original | GFLOP fwd+bwd: packed / batch-longest / original | packed ÷ original |",
-        "| --- | --- | --- | --- | --- | ---: |",
+        "original | GFLOP fwd+bwd: packed / batch-longest / original | packed ÷ original "
+        "| RNN steps per batch: shuffled / `bucket_by_length` |",
+        "| --- | --- | --- | --- | --- | ---: | --- |",
         *rows,
     ]
 

@@ -115,6 +115,8 @@ def flops_table(model_cfg, lengths: np.ndarray | None, batch: int, padded_tokens
         lo = int(np.floor(longest))
         cases["batch_longest_lo"] = (packed_batch, lo, False)
         cases["batch_longest_hi"] = (packed_batch, lo + 1, False)
+        out["rnn_steps_shuffled"] = rnn_steps_per_batch(lengths, batch, bucketed=False)
+        out["rnn_steps_bucketed"] = rnn_steps_per_batch(lengths, batch, bucketed=True)
     for name, (ls, pad, packed) in cases.items():
         for backward, key in ((False, "fwd"), (True, "fwdbwd")):
             out[f"{name}_{key}_gflop"] = (
@@ -126,6 +128,22 @@ def flops_table(model_cfg, lengths: np.ndarray | None, batch: int, padded_tokens
             lo_v, hi_v = out.pop(f"batch_longest_lo_{key}_gflop"), out.pop(f"batch_longest_hi_{key}_gflop")
             out[f"batch_longest_{key}_gflop"] = (1 - w) * lo_v + w * hi_v
     return out
+
+
+def rnn_steps_per_batch(lengths: np.ndarray, batch: int, bucketed: bool, seed: int = 0) -> float:
+    """The mean number of RNN time steps per batch (its longest question) over one epoch of `lengths` in
+    batches of `batch`: shuffled as the loader does, or with `data.bucket_by_length` (`bucket_rows`). On a
+    GPU or at small batch the GRU's time goes with these steps: each one reads the hidden weights."""
+    from fastfilm.data.buckets import bucket_rows
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if bucketed:
+        order = bucket_rows(order, lengths, batch, rng)
+    full = len(order) // batch * batch
+    if full == 0:
+        return float(lengths.max())
+    return float(lengths[order[:full]].reshape(-1, batch).max(1).mean())
 
 
 def step_gflop(model_cfg, lengths: torch.Tensor, pad_to: int) -> float:
