@@ -1,8 +1,6 @@
 """`fastfilm import-original`: checkpoints in the original code's layout (legacy and zip), refused pickles,
 argument mapping; and `train.init_from` / `train.trainable` as functions."""
 
-import os
-
 import pytest
 import torch
 
@@ -214,7 +212,9 @@ def test_import_gives_the_fixture_logits(tmp_path, stem, legacy):
     with torch.no_grad():
         assert torch.equal(imported(*x), model(*x))
     assert icfg.deepspeed["optimizer"]["params"]["lr"] == 3e-4
-    assert os.path.isfile(os.path.join(out, "manifest.json"))
+    from fastfilm.checkpoint import find_checkpoint
+
+    assert find_checkpoint(out) == out  # eval, analyze and init_from accept the folder (manifest verified)
 
 
 def test_pickled_class_is_refused_without_running(tmp_path):
