@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
+from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK
 from fastfilm.precision import autocast, autocast_dtype
 
+# The id prep gives an answer the training answers lack (never a training target).
+UNK_ANSWER = SPECIAL_TOKENS[UNK]
 MAX_FAMILIES = 1024  # question_family_index values 0..1023; -1 (prep: not in the questions file) is "unknown"
 UNKNOWN_FAMILY = "unknown"
 
@@ -28,7 +31,8 @@ def evaluate(
     """Accuracy of `model` on every question the loader yields (summed over ranks when distributed).
 
     Returns {"accuracy", "correct", "total", "families": {name: {"accuracy", "correct", "total"}}}; questions
-    without a family (-1) are counted in their own row, "unknown".
+    without a family (-1) are counted in their own row, "unknown". A question whose answer is not in the
+    training answers (prep encodes it as `<UNK>`) is always wrong, as CLEVR's answer-file scoring counts it.
     """
     import torch.distributed as dist
 
@@ -49,7 +53,7 @@ def evaluate(
             raise DataError(f"{loader.split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
         with autocast(device, amp_dtype):
             logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
-        hit = (logits.argmax(1).cpu() == answers).double()
+        hit = ((logits.argmax(1).cpu() == answers) & (answers != UNK_ANSWER)).double()
         fam = torch.where(fam < 0, MAX_FAMILIES, fam)
         correct.index_add_(0, fam, hit)
         total.index_add_(0, fam, torch.ones_like(hit))

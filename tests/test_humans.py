@@ -124,15 +124,11 @@ def _grown(before, after, k):
 
 
 @pytest.mark.slow
-def test_humans_style_finetune_raises_accuracy_on_the_new_set(tmp_path, request):
+def test_humans_style_finetune_raises_accuracy_on_the_new_set(tmp_path):
     """The CLEVR-Humans recipe on synthetic data: a model trained on one question set, evaluated zero-shot on a
     reworded set (its new words → <UNK>), then fine-tuned generator-only on the reworded set with the vocabulary
     expanded; its accuracy on the reworded val rises. Prints the figures. About 10 CPU-minutes: runs only when
     asked for (`pytest -m slow tests/test_humans.py`)."""
-    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption(
-        "markexpr"
-    ):
-        pytest.skip("a 10-minute run: select it with -m slow")
     from fastfilm.cli import main
     from fastfilm.data import synth
 

@@ -154,6 +154,29 @@ def test_unknown_family_is_its_own_row():
     assert result["total"] == 4
 
 
+def test_an_answer_outside_the_training_answers_is_never_correct():
+    from fastfilm.evaluate import UNK_ANSWER, evaluate
+
+    class Loader:
+        split = "val"
+
+        def epoch(self, epoch):
+            yield {
+                "image": torch.zeros(2, 1),
+                "question": torch.zeros(2, 1, dtype=torch.long),
+                "length": torch.ones(2, dtype=torch.long),
+                "answer": torch.tensor([UNK_ANSWER, 5]),
+                "family": torch.tensor([0, 0]),
+            }
+
+    model = torch.nn.Module()
+    logits = torch.zeros(2, 8)
+    logits[0, UNK_ANSWER] = logits[1, 5] = 1.0  # the model "predicts" <UNK> for the first, 5 for the second
+    model.forward = lambda images, q, lengths: logits
+    result = evaluate(model, Loader(), torch.device("cpu"))
+    assert (result["correct"], result["total"]) == (1, 2)
+
+
 # Functions allowed past 80 lines: declarative tables (argparse definitions).
 LONG_ALLOWED = {("fastfilm/cli.py", "build_parser")}
 
