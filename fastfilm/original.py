@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -87,165 +87,254 @@ def _flag(value: Any, where: str) -> bool:
     raise ConfigError(f"{where}: expected 0/1 or true/false, got {value!r}")
 
 
+class _Refused(Exception):
+    """An original argument value fastfilm cannot express; `shown` stands for the value in the message."""
+
+    def __init__(self, why: str, shown: Any = None) -> None:
+        super().__init__(why)
+        self.why, self.shown = why, shown
+
+
+# A handler maps one original argument: (value, "SOURCE: SECTION.ARG", the model section so far) → the model
+# keys to set; it raises _Refused for a value fastfilm has no equivalent of.
+_Handler = Callable[[Any, str, dict[str, Any]], dict[str, Any]]
+
+
+def _to(key: str, convert: Callable[[Any], Any]) -> _Handler:
+    """A handler that stores `convert(value)` under fastfilm's `key`."""
+    return lambda value, where, m: {key: convert(value)}
+
+
+def _to_flag(key: str) -> _Handler:
+    """A handler that stores a 0/1 or true/false argument as a bool under fastfilm's `key`."""
+    return lambda value, where, m: {key: _flag(value, where)}
+
+
+def _check(ok: Callable[[Any], bool], why: str, key: str | None = None) -> _Handler:
+    """A handler that refuses a value failing `ok` (with `why`) and stores an accepted one under `key`, if given."""
+
+    def handle(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+        if not ok(value):
+            raise _Refused(why)
+        return {key: value} if key else {}
+
+    return handle
+
+
+def _skip(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """A handler for an argument with nothing to map."""
+    return {}
+
+
+def _feature_dim(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The input's (C, H, W): 3 channels are pixels (the original's raw-image stem), else ResNet features."""
+    dims = list(value)
+    if len(dims) != 3 or dims[1] != dims[2]:
+        raise _Refused("fastfilm needs (C, H, W) with H == W")
+    if dims[0] == 3:
+        return {"stem": "pixels", "image_size": int(dims[1])}
+    return {"stem": "features", "feature_channels": int(dims[0]), "feature_size": int(dims[1])}
+
+
+def _use_coords(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """Coordinate maps: the original's 0/1 (it has other values fastfilm lacks)."""
+    if value not in (0, 1, True, False):
+        raise _Refused("fastfilm has coordinate maps on (1) or off (0) only")
+    return {"use_coords": bool(value)}
+
+
+def _downsample_ok(value: Any) -> bool:
+    """Whether a classifier_downsample is one fastfilm has: maxpool/avgpool K, or maxpoolfull/avgpoolfull."""
+    ok = value == "maxpoolfull" or value == "avgpoolfull"
+    return ok or (isinstance(value, str) and value[:7] in ("maxpool", "avgpool") and value[7:].isdigit())
+
+
+def _condition_pattern(value: Any) -> list[int] | None:
+    """The original's per-block conditioning pattern as 0/1 (None: every block)."""
+    pattern = [1 if int(v) > 0 else 0 for v in value] if value else []
+    return pattern or None
+
+
+def _output_batchnorm(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The generator's output BatchNorm: only off, as fastfilm has none."""
+    if _flag(value, where):
+        raise _Refused("fastfilm has no BatchNorm on the generator's output")
+    return {}
+
+
+def _parameter_efficient(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The generator's layout: only the parameter-efficient one, the one fastfilm has."""
+    if not _flag(value, where):
+        raise _Refused("fastfilm's generator has the parameter-efficient layout (1) only")
+    return {}
+
+
+def _encoder_embed(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+    """Pretrained word vectors: only none (the vectors themselves are left out of the message)."""
+    if value is not None:
+        raise _Refused("pretrained word vectors are not an option of fastfilm", "…")
+    return {}
+
+
+def _same_as_network(arg: str) -> _Handler:
+    """A handler for a FiLMGen argument that must equal the FiLMed network's (blocks, channels, layers)."""
+
+    def handle(value: Any, where: str, m: dict[str, Any]) -> dict[str, Any]:
+        ours = {"num_modules": m.get("num_blocks", 4), "module_dim": m.get("module_dim", 128)}
+        ours["module_num_layers"] = 1
+        if int(value) != ours[arg]:
+            raise _Refused(f"differs from the FiLMed network's ({ours[arg]})")
+        return {}
+
+    return handle
+
+
+def _special_token(idx: int) -> _Handler:
+    """A handler for a special token id the original lets one set: only fastfilm's id `idx`."""
+    return _check(lambda v: v == idx, "fastfilm's special tokens are <NULL>=0, <START>=1, <END>=2")
+
+
+def _optional_int(value: Any) -> int | None:
+    """int(value), keeping None (the original's "default padding")."""
+    return None if value is None else int(value)
+
+
+# ---- FiLMedNet (execution_engine_kwargs): original argument → handler (arguments not listed are refused).
+_EE_ARGS: dict[str, _Handler] = {
+    **{arg: _skip for arg in (*_NO_EFFECT, "vocab")},
+    "feature_dim": _feature_dim,
+    **{
+        arg: _to(arg, int)
+        for arg in ("stem_num_layers", "stem_kernel_size", "stem_stride", "module_dim", "module_kernel_size")
+    },
+    "stem_padding": _to("stem_padding", _optional_int),
+    **{
+        arg: _to_flag(arg)
+        for arg in (
+            "stem_batchnorm",
+            "module_residual",
+            "module_batchnorm",
+            "module_batchnorm_affine",
+            "classifier_batchnorm",
+            "use_gamma",
+            "use_beta",
+        )
+    },
+    "use_coords": _use_coords,
+    "module_dropout": _to("module_dropout", float),
+    "classifier_dropout": _to("classifier_dropout", float),
+    "module_input_proj": _to("module_input_proj", int),  # True (older files) → 1
+    "num_modules": _to("num_blocks", int),
+    "module_num_layers": _check(lambda v: int(v) == 1, "fastfilm has one conv layer per ResBlock (1)"),
+    "classifier_proj_dim": _to("classifier_proj_dim", lambda v: int(v) if v is not None else 0),
+    "classifier_downsample": _check(
+        _downsample_ok, "fastfilm has maxpool/avgpool K or full", "classifier_downsample"
+    ),
+    "classifier_fc_layers": _to("classifier_fc_dims", lambda v: [int(x) for x in v]),
+    "condition_method": _check(
+        lambda v: v in CONDITION_METHODS, f"fastfilm has {', '.join(CONDITION_METHODS)}", "condition_method"
+    ),
+    "condition_pattern": _to("condition_pattern", _condition_pattern),
+}
+# The original FiLMedNet's defaults for arguments a file may lack (set after stem_padding's default).
+_EE_DEFAULTS: dict[str, Any] = {
+    "stem_num_layers": 2,
+    "stem_kernel_size": 3,
+    "stem_stride": 1,
+    "stem_batchnorm": False,
+    "module_batchnorm": False,
+    "classifier_downsample": "maxpool2",
+    "classifier_batchnorm": False,
+    "module_dropout": 0.0,
+}
+
+# ---- FiLMGen (program_generator_kwargs): original argument → handler (arguments not listed are refused).
+_PG_ARGS: dict[str, _Handler] = {
+    # vocabulary sizes come from the weights and the vocabulary
+    **{arg: _skip for arg in (*_NO_EFFECT, "encoder_vocab_size", "decoder_vocab_size")},
+    **{arg: _special_token(idx) for idx, arg in enumerate(("null_token", "start_token", "end_token"))},
+    "encoder_embed": _encoder_embed,
+    "wordvec_dim": _to("wordvec_dim", int),
+    "hidden_dim": _to("rnn_hidden_dim", int),
+    "rnn_num_layers": _to("rnn_num_layers", int),
+    "rnn_dropout": _to("rnn_dropout", float),
+    "output_batchnorm": _output_batchnorm,
+    "bidirectional": _to_flag("bidirectional"),
+    "encoder_type": _check(
+        lambda v: v in ("gru", "lstm"), "fastfilm's question encoder is a gru or an lstm", "encoder_type"
+    ),
+    "decoder_type": _check(lambda v: v == "linear", "fastfilm's FiLM decoder is one linear layer ('linear')"),
+    "gamma_option": _to("gamma_option", lambda v: v),
+    "gamma_baseline": _to("gamma_baseline", float),
+    "parameter_efficient": _parameter_efficient,
+    **{arg: _same_as_network(arg) for arg in ("num_modules", "module_dim", "module_num_layers")},
+}
+# The original FiLMGen's defaults for arguments a file may lack.
+_PG_DEFAULTS: dict[str, Any] = {
+    "wordvec_dim": 200,
+    "rnn_hidden_dim": 512,
+    "rnn_num_layers": 1,
+    "gamma_baseline": 1.0,
+}
+
+
+def _refusal(source: str, arg: str, value: Any, why: str) -> ConfigError:
+    """The one-line error for an original argument fastfilm cannot express."""
+    return ConfigError(f"{source}: original argument {arg}={value!r}: {why}")
+
+
+def _map_args(
+    kwargs: Mapping[str, Any], section: str, handlers: Mapping[str, _Handler], m: dict[str, Any], source: str
+) -> None:
+    """Map every argument of one kwargs dict into the model section `m`, in the file's order."""
+    for arg, value in kwargs.items():
+        label = f"{section}.{arg}"
+        handler = handlers.get(arg)
+        if handler is None:
+            raise _refusal(source, label, value, "fastfilm has no switch for this argument")
+        try:
+            m.update(handler(value, f"{source}: {label}", m))
+        except _Refused as e:
+            raise _refusal(source, label, value if e.shown is None else e.shown, e.why) from None
+
+
 def original_model_config(pg: Mapping[str, Any], ee: Mapping[str, Any], source: str) -> dict[str, Any]:
     """fastfilm's `model` section for the original's FiLMGen and FiLMedNet kwargs.
 
-    Every argument is mapped or checked; one fastfilm cannot express raises ConfigError naming it.
+    Every argument is mapped or checked (`_EE_ARGS`, `_PG_ARGS`); one fastfilm cannot express raises
+    ConfigError naming it.
     """
-    m: dict[str, Any] = {}
-
-    def bad(arg: str, value: Any, why: str) -> ConfigError:
-        return ConfigError(f"{source}: original argument {arg}={value!r}: {why}")
-
-    ee = dict(ee)
-    pg = dict(pg)
+    ee, pg = dict(ee), dict(pg)
     for kw in (ee, pg):
         for arg, updates in _VALUE_UPDATES.items():
             if arg in kw and kw[arg] in updates:
                 kw[arg] = updates[kw[arg]]
-
-    # ---- FiLMedNet (execution_engine_kwargs)
-    for arg, value in ee.items():
-        where = f"{source}: execution_engine_kwargs.{arg}"
-        if arg in _NO_EFFECT or arg == "vocab":
-            continue
-        if arg == "feature_dim":
-            dims = list(value)
-            if len(dims) != 3 or dims[1] != dims[2]:
-                raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm needs (C, H, W) with H == W")
-            if dims[0] == 3:
-                m.update(stem="pixels", image_size=int(dims[1]))
-            else:
-                m.update(stem="features", feature_channels=int(dims[0]), feature_size=int(dims[1]))
-        elif arg in (
-            "stem_num_layers",
-            "stem_kernel_size",
-            "stem_stride",
-            "module_dim",
-            "module_kernel_size",
-        ):
-            m[arg] = int(value)
-        elif arg == "stem_padding":
-            m[arg] = None if value is None else int(value)
-        elif arg in ("stem_batchnorm", "module_residual", "module_batchnorm", "module_batchnorm_affine"):
-            m[arg] = _flag(value, where)
-        elif arg == "classifier_batchnorm":
-            m[arg] = _flag(value, where)
-        elif arg in ("use_gamma", "use_beta"):
-            m[arg] = _flag(value, where)
-        elif arg == "use_coords":
-            if value not in (0, 1, True, False):
-                raise bad(
-                    f"execution_engine_kwargs.{arg}",
-                    value,
-                    "fastfilm has coordinate maps on (1) or off (0) only",
-                )
-            m[arg] = bool(value)
-        elif arg in ("module_dropout", "classifier_dropout"):
-            m[arg] = float(value)
-        elif arg == "module_input_proj":
-            m[arg] = int(value)  # True (older files) → 1
-        elif arg == "num_modules":
-            m["num_blocks"] = int(value)
-        elif arg == "module_num_layers":
-            if int(value) != 1:
-                raise bad(
-                    f"execution_engine_kwargs.{arg}", value, "fastfilm has one conv layer per ResBlock (1)"
-                )
-        elif arg == "classifier_proj_dim":
-            m[arg] = int(value) if value is not None else 0
-        elif arg == "classifier_downsample":
-            ok = value == "maxpoolfull" or value == "avgpoolfull"
-            ok = ok or (
-                isinstance(value, str) and value[:7] in ("maxpool", "avgpool") and value[7:].isdigit()
-            )
-            if not ok:
-                raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm has maxpool/avgpool K or full")
-            m[arg] = value
-        elif arg == "classifier_fc_layers":
-            m["classifier_fc_dims"] = [int(v) for v in value]
-        elif arg == "condition_method":
-            if value not in CONDITION_METHODS:
-                raise bad(
-                    f"execution_engine_kwargs.{arg}", value, f"fastfilm has {', '.join(CONDITION_METHODS)}"
-                )
-            m[arg] = value
-        elif arg == "condition_pattern":
-            pattern = [1 if int(v) > 0 else 0 for v in value] if value else []
-            m[arg] = pattern or None
-        else:
-            raise bad(f"execution_engine_kwargs.{arg}", value, "fastfilm has no switch for this argument")
+    m: dict[str, Any] = {}
+    _map_args(ee, "execution_engine_kwargs", _EE_ARGS, m, source)
     if "feature_dim" not in ee:
         m.update(stem="features", feature_channels=1024, feature_size=14)  # the original's default
     if m.get("stem_padding") is None:
         k = m.get("stem_kernel_size", 3)
         if k % 2 == 0:
-            raise bad(
-                "execution_engine_kwargs.stem_padding", None, f"the original has no default for kernel {k}"
+            raise _refusal(
+                source,
+                "execution_engine_kwargs.stem_padding",
+                None,
+                f"the original has no default for kernel {k}",
             )
         m["stem_padding"] = k // 2
-    m.setdefault("stem_num_layers", 2)  # the original FiLMedNet's defaults for arguments a file may lack
-    m.setdefault("stem_kernel_size", 3)
-    m.setdefault("stem_stride", 1)
-    m.setdefault("stem_batchnorm", False)
-    m.setdefault("module_batchnorm", False)
-    m.setdefault("classifier_downsample", "maxpool2")
-    m.setdefault("classifier_batchnorm", False)
-    m.setdefault("module_dropout", 0.0)
-
-    # ---- FiLMGen (program_generator_kwargs)
-    for arg, value in pg.items():
-        where = f"program_generator_kwargs.{arg}"
-        if arg in _NO_EFFECT or arg in ("encoder_vocab_size", "decoder_vocab_size"):
-            continue  # vocabulary sizes come from the weights and the vocabulary
-        if arg in ("null_token", "start_token", "end_token"):
-            if value != {"null_token": 0, "start_token": 1, "end_token": 2}[arg]:
-                raise bad(where, value, "fastfilm's special tokens are <NULL>=0, <START>=1, <END>=2")
-        elif arg == "encoder_embed":
-            if value is not None:
-                raise bad(where, "…", "pretrained word vectors are not an option of fastfilm")
-        elif arg == "wordvec_dim":
-            m["wordvec_dim"] = int(value)
-        elif arg == "hidden_dim":
-            m["rnn_hidden_dim"] = int(value)
-        elif arg == "rnn_num_layers":
-            m["rnn_num_layers"] = int(value)
-        elif arg == "rnn_dropout":
-            m["rnn_dropout"] = float(value)
-        elif arg == "output_batchnorm":
-            if _flag(value, f"{source}: {where}"):
-                raise bad(where, value, "fastfilm has no BatchNorm on the generator's output")
-        elif arg == "bidirectional":
-            m["bidirectional"] = _flag(value, f"{source}: {where}")
-        elif arg == "encoder_type":
-            if value not in ("gru", "lstm"):
-                raise bad(where, value, "fastfilm's question encoder is a gru or an lstm")
-            m["encoder_type"] = value
-        elif arg == "decoder_type":
-            if value != "linear":
-                raise bad(where, value, "fastfilm's FiLM decoder is one linear layer ('linear')")
-        elif arg == "gamma_option":
-            m["gamma_option"] = value
-        elif arg == "gamma_baseline":
-            m["gamma_baseline"] = float(value)
-        elif arg == "parameter_efficient":
-            if not _flag(value, f"{source}: {where}"):
-                raise bad(where, value, "fastfilm's generator has the parameter-efficient layout (1) only")
-        elif arg in ("num_modules", "module_dim", "module_num_layers"):
-            ours = {"num_modules": m.get("num_blocks", 4), "module_dim": m.get("module_dim", 128)}
-            ours["module_num_layers"] = 1
-            if int(value) != ours[arg]:
-                raise bad(where, value, f"differs from the FiLMed network's ({ours[arg]})")
-        else:
-            raise bad(where, value, "fastfilm has no switch for this argument")
+    for key, value in _EE_DEFAULTS.items():
+        m.setdefault(key, value)
+    _map_args(pg, "program_generator_kwargs", _PG_ARGS, m, source)
     if "parameter_efficient" not in pg:  # the FiLMGen default (False) is a layout fastfilm does not have
-        raise bad(
-            "program_generator_kwargs.parameter_efficient", None, "absent means False, which fastfilm lacks"
+        raise _refusal(
+            source,
+            "program_generator_kwargs.parameter_efficient",
+            None,
+            "absent means False, which fastfilm lacks",
         )
-    m.setdefault("wordvec_dim", 200)
-    m.setdefault("rnn_hidden_dim", 512)
-    m.setdefault("rnn_num_layers", 1)
-    m.setdefault("gamma_baseline", 1.0)
+    for key, value in _PG_DEFAULTS.items():
+        m.setdefault(key, value)
     return m
 
 

@@ -44,6 +44,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -545,6 +546,284 @@ def _versions() -> dict[str, str]:
     return {"format": str(FORMAT_VERSION), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
+@dataclass
+class _Plan:
+    """One `prepare` run: its options, the inputs as they are now, and the previous manifest."""
+
+    clevr_dir: str
+    out_dir: str
+    splits: list[str]
+    image_size: int | None
+    workers: int
+    old: dict[str, Any]  # the previous manifest ({} when missing, unreadable or of other versions)
+    src: dict[str, dict[str, Any]] = field(default_factory=dict)  # per split: questions/images fingerprints
+    listings: dict[str, set[str]] = field(default_factory=dict)  # per split: the PNG files present
+
+    def split_ok(self, s: str, vhash: str | None) -> bool:
+        """Whether split `s`'s cached files are up to date (for vocabulary `vhash`, None: any)."""
+        e = self.old.get("splits", {}).get(s, {})
+        return (
+            os.path.isfile(split_file(self.out_dir, s))
+            and e.get("source") == self.src[s]
+            and (vhash is None or e.get("vocab_hash") == vhash)
+            and (
+                self.image_size is None
+                or (
+                    os.path.isfile(image_cache_file(self.out_dir, s, self.image_size))
+                    and self.image_size in e.get("image_sizes", [])
+                )
+            )
+        )
+
+
+@dataclass
+class _VocabPlan:
+    """Where `prepare` takes the vocabulary from, and whether the cache's vocab.json already is that one."""
+
+    base: dict[str, Any] | None  # the --vocab-from vocabulary
+    vocab_split: str | None  # the first train split asked for
+    build_split: str | None  # the split the vocabulary is built from (None: --vocab-from as it is, or kept)
+    source: Any  # what the manifest records the vocabulary was made from
+    opts: dict[str, Any]  # --vocab-from / --expand-vocab / --unk-threshold, as recorded
+    unk_threshold: int
+    ok: bool = False  # vocab.json exists and was made from `source`
+
+
+def _check_arguments(
+    clevr_dir: str,
+    splits: Sequence[str],
+    image_size: int | None,
+    vocab_from: str | None,
+    expand_vocab: bool,
+    unk_threshold: int,
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Validate `prepare`'s options (nothing on disk is touched yet): (the splits, repeats dropped; the
+    --vocab-from vocabulary or None)."""
+    if not isinstance(unk_threshold, int) or isinstance(unk_threshold, bool) or unk_threshold < 1:
+        raise DataError(f"prep: --unk-threshold must be a positive integer, got {unk_threshold!r}")
+    if expand_vocab and not vocab_from:
+        raise DataError("prep: --expand-vocab needs --vocab-from (the vocabulary to expand)")
+    base = read_vocab_source(vocab_from) if vocab_from else None
+    splits = list(dict.fromkeys(splits))
+    if not splits:
+        raise DataError("prep: no splits given")
+    for s in splits:
+        if not _SPLIT_RE.match(s):
+            raise DataError(f"prep: bad split name {s!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"prep: --image-size must be a positive integer, got {image_size!r}")
+    if not os.path.isdir(clevr_dir):
+        raise DataError(
+            f"{clevr_dir}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
+        )
+    return splits, base
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    """The cache's previous manifest, or {} when it is missing, unreadable or written by other versions."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("versions") != _versions() or not isinstance(old.get("splits"), dict):
+            old = {}
+    except (OSError, ValueError):
+        old = {}
+    return old
+
+
+def _look_at_inputs(plan: _Plan) -> None:
+    """Fill `plan.src` and `plan.listings`: each split's questions file and images folder as they are now."""
+    for s in plan.splits:
+        qp = questions_path(plan.clevr_dir, s)
+        if not os.path.isfile(qp):
+            raise DataError(f"{qp}: questions file not found (prepare other splits with --splits)")
+        folder = images_dir(plan.clevr_dir, s)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: images folder not found")
+        plan.listings[s], dir_fp = _dir_listing(folder)
+        plan.src[s] = {"questions": _file_fp(qp), "images": dir_fp}
+
+
+def _plan_vocab(
+    plan: _Plan, base: dict[str, Any] | None, vocab_from: str | None, expand_vocab: bool, unk_threshold: int
+) -> _VocabPlan:
+    """Where the vocabulary comes from, and whether the cache already holds it (a DataError when it cannot be
+    made: --expand-vocab without a train split, or no vocab.json and nothing to build one from)."""
+    vocab_split = next((s for s in plan.splits if s.startswith("train")), None)
+    vocab_path = os.path.join(plan.out_dir, "vocab.json")
+    if expand_vocab and vocab_split is None:
+        raise DataError("prep: --expand-vocab needs a train split (a name starting with 'train') in --splits")
+    build_split = vocab_split if base is None or expand_vocab else None  # the split the vocabulary reads
+    source: Any = plan.src[build_split]["questions"] if build_split else None
+    opts: dict[str, Any] = {}
+    if base is not None:
+        vf = vocab_source_file(vocab_from)
+        opts = {"vocab_from": os.path.abspath(vf), "vocab_from_file": _file_fp(vf), "expand": expand_vocab}
+    if unk_threshold != 1:
+        opts["unk_threshold"] = unk_threshold
+    if opts:
+        source = {"questions": source, **opts}
+    v = _VocabPlan(base, vocab_split, build_split, source, opts, unk_threshold)
+    v.ok = os.path.isfile(vocab_path) and (
+        (vocab_split is None and not opts) or plan.old.get("vocab", {}).get("source") == source
+    )
+    if vocab_split is None and base is None and not os.path.isfile(vocab_path):
+        raise DataError(f"prep: {vocab_path} does not exist and no train split was given to build it from")
+    return v
+
+
+def _vocabulary(plan: _Plan, v: _VocabPlan, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The vocabulary: the cache's (when up to date), --vocab-from's as it is, or built from the train split
+    (whose parsed questions are left in `parsed` for encoding)."""
+    if v.ok:
+        return load_vocab(plan.out_dir)
+    if v.build_split is None:  # --vocab-from as it is
+        q2i, a2i = v.base["question_token_to_idx"], v.base["answer_token_to_idx"]
+        return {
+            "format": FORMAT_VERSION,
+            "question_token_to_idx": q2i,
+            "answer_token_to_idx": a2i,
+            "question_family_names": v.base["question_family_names"],
+            "hash": vocab_hash(q2i, a2i),
+        }
+    qp = questions_path(plan.clevr_dir, v.build_split)
+    parsed[v.build_split] = read_questions(qp, v.build_split)
+    if not parsed[v.build_split][0]:
+        raise DataError(f"{qp}: the split has no questions")
+    return make_vocab(*parsed[v.build_split], min_count=v.unk_threshold, base=v.base)
+
+
+def _new_manifest(plan: _Plan, v: _VocabPlan, vocab: dict[str, Any]) -> dict[str, Any]:
+    """The manifest this run writes, holding (so far) the entries of the splits it leaves alone."""
+    old = plan.old
+    return {
+        "versions": _versions(),
+        "clevr_dir": os.path.abspath(plan.clevr_dir),
+        "vocab": {
+            "source": v.source if (v.vocab_split or v.opts) else old.get("vocab", {}).get("source"),
+            "hash": vocab["hash"],
+        },
+        "vocab_summary": {
+            "question_tokens": len(vocab["question_token_to_idx"]),
+            "answers": len(vocab["answer_token_to_idx"]),
+            "families": len(vocab["question_family_names"]),
+            "hash": vocab["hash"],
+            "built_from": v.build_split
+            or (v.opts.get("vocab_from") if v.base is not None else None)
+            or old.get("vocab_summary", {}).get("built_from"),
+            "vocab_from": v.opts.get("vocab_from"),
+            "new_words": len(vocab["question_token_to_idx"]) - len(v.base["question_token_to_idx"])
+            if v.base is not None
+            else 0,
+        },
+        "splits": {k: e for k, e in old.get("splits", {}).items() if k not in plan.splits},
+    }
+
+
+def _write_image_cache(
+    plan: _Plan, s: str, folder: str, files: list[str], temps: list[str]
+) -> tuple[str, str]:
+    """Decode and resize split `s`'s images into a temp .npy; returns (temp, final path)."""
+    size = plan.image_size
+    final = image_cache_file(plan.out_dir, s, size)
+    tmp = _tmp(final)
+    temps.append(tmp)
+    dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    process_images(folder, files, size, plan.workers, dest, f"prep {s}: images {size}px")
+    dest.flush()
+    del dest
+    return tmp, final
+
+
+def _write_split(
+    plan: _Plan,
+    s: str,
+    vocab: dict[str, Any],
+    parsed: dict[str, Any],
+    temps: list[str],
+    commits: list[tuple[str, str]],
+    written: list[str],
+) -> dict[str, Any]:
+    """Encode split `s` (and check its images, or write their cache) into temp files queued in `commits`;
+    returns its manifest entry."""
+    entry = plan.old.get("splits", {}).get(s, {})
+    qp = questions_path(plan.clevr_dir, s)
+    questions, _ = parsed.pop(s, None) or read_questions(qp, s)
+    if not questions:
+        raise DataError(f"{qp}: the split has no questions (leave it out with --splits)")
+    arrays, stats = encode_split(questions, vocab, plan.listings[s], qp)
+    del questions
+    folder = images_dir(plan.clevr_dir, s)
+    files = [str(x) for x in arrays["image_files"]]
+    sizes = [n for n in entry.get("image_sizes", []) if entry.get("source") == plan.src[s]]
+    if plan.image_size is None:
+        process_images(folder, files, None, plan.workers, None, f"prep {s}: check images")
+    else:
+        tmp, final = _write_image_cache(plan, s, folder, files, temps)
+        commits.append((tmp, final))
+        written.append(final)
+        sizes = sorted(set(sizes) | {plan.image_size})
+        stats["image_cache"] = final
+    final = split_file(plan.out_dir, s)
+    tmp = _tmp(final)
+    temps.append(tmp)
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    commits.insert(0, (tmp, final))
+    written.append(final)
+    return {"source": plan.src[s], "vocab_hash": vocab["hash"], "image_sizes": sizes, "stats": stats}
+
+
+def _remove_stale_image_caches(plan: _Plan, manifest_splits: dict[str, Any]) -> None:
+    """Delete the image caches of the re-encoded splits whose size the manifest no longer lists."""
+    for s_name, e in manifest_splits.items():
+        if s_name in plan.splits:
+            for name in os.listdir(plan.out_dir):
+                m = re.fullmatch(rf"{re.escape(s_name)}_images_(\d+)\.npy", name)
+                if m and int(m.group(1)) not in e["image_sizes"]:
+                    os.remove(os.path.join(plan.out_dir, name))
+
+
+def _write_cache(plan: _Plan, v: _VocabPlan) -> dict[str, Any]:
+    """Write what is out of date (temp files, renamed into place only once all are written); returns the
+    summary without its time."""
+    temps: list[str] = []
+    commits: list[tuple[str, str]] = []  # (temp, final), renamed in this order at the very end
+    parsed: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    try:
+        vocab = _vocabulary(plan, v, parsed)
+        manifest = _new_manifest(plan, v, vocab)
+        summary: dict[str, Any] = {
+            "cache": plan.out_dir,
+            "up_to_date": False,
+            "vocab": manifest["vocab_summary"],
+            "splits": {},
+            "written": [],
+        }
+        for s in plan.splits:
+            if plan.split_ok(s, vocab["hash"]):
+                entry = dict(plan.old.get("splits", {}).get(s, {}))
+                manifest["splits"][s] = entry
+                summary["splits"][s] = entry.get("stats", {})
+                continue
+            manifest["splits"][s] = _write_split(plan, s, vocab, parsed, temps, commits, summary["written"])
+            summary["splits"][s] = manifest["splits"][s]["stats"]
+        if not v.ok:
+            vocab_path = os.path.join(plan.out_dir, "vocab.json")
+            commits.append((_write_json(vocab_path, vocab, temps), vocab_path))
+            summary["written"].append(vocab_path)
+        manifest_path = os.path.join(plan.out_dir, "manifest.json")
+        commits.append((_write_json(manifest_path, manifest, temps), manifest_path))
+        for tmp, final in commits:
+            _replace(tmp, final)
+        _remove_stale_image_caches(plan, manifest["splits"])
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return summary
+
+
 def prepare(
     clevr_dir: str,
     out_dir: str,
@@ -563,90 +842,16 @@ def prepare(
     split's new words are appended to it.
     """
     t0 = time.time()
-    if not isinstance(unk_threshold, int) or isinstance(unk_threshold, bool) or unk_threshold < 1:
-        raise DataError(f"prep: --unk-threshold must be a positive integer, got {unk_threshold!r}")
-    if expand_vocab and not vocab_from:
-        raise DataError("prep: --expand-vocab needs --vocab-from (the vocabulary to expand)")
-    base = read_vocab_source(vocab_from) if vocab_from else None
-    splits = list(dict.fromkeys(splits))
-    if not splits:
-        raise DataError("prep: no splits given")
-    for s in splits:
-        if not _SPLIT_RE.match(s):
-            raise DataError(f"prep: bad split name {s!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise DataError(f"prep: --image-size must be a positive integer, got {image_size!r}")
-    if not os.path.isdir(clevr_dir):
-        raise DataError(
-            f"{clevr_dir}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
-        )
+    splits, base = _check_arguments(clevr_dir, splits, image_size, vocab_from, expand_vocab, unk_threshold)
     workers = max(1, workers or os.cpu_count() or 1)
     os.makedirs(out_dir, exist_ok=True)
     _clean_stale_temps(out_dir)
-
-    vocab_split = next((s for s in splits if s.startswith("train")), None)
-    manifest_path = os.path.join(out_dir, "manifest.json")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("versions") != _versions() or not isinstance(old.get("splits"), dict):
-            old = {}
-    except (OSError, ValueError):
-        old = {}
-
-    # What the inputs look like now.
-    src: dict[str, dict[str, Any]] = {}
-    listings: dict[str, set[str]] = {}
-    for s in splits:
-        qp = questions_path(clevr_dir, s)
-        if not os.path.isfile(qp):
-            raise DataError(f"{qp}: questions file not found (prepare other splits with --splits)")
-        folder = images_dir(clevr_dir, s)
-        if not os.path.isdir(folder):
-            raise DataError(f"{folder}: images folder not found")
-        listings[s], dir_fp = _dir_listing(folder)
-        src[s] = {"questions": _file_fp(qp), "images": dir_fp}
-    vocab_path = os.path.join(out_dir, "vocab.json")
-    if expand_vocab and vocab_split is None:
-        raise DataError("prep: --expand-vocab needs a train split (a name starting with 'train') in --splits")
-    build_split = vocab_split if base is None or expand_vocab else None  # the split the vocabulary reads
-    vocab_src: Any = src[build_split]["questions"] if build_split else None
-    vocab_opts: dict[str, Any] = {}
-    if base is not None:
-        vf = vocab_source_file(vocab_from)
-        vocab_opts = {
-            "vocab_from": os.path.abspath(vf),
-            "vocab_from_file": _file_fp(vf),
-            "expand": expand_vocab,
-        }
-    if unk_threshold != 1:
-        vocab_opts["unk_threshold"] = unk_threshold
-    if vocab_opts:
-        vocab_src = {"questions": vocab_src, **vocab_opts}
-    old_vocab = old.get("vocab", {})
-    vocab_ok = os.path.isfile(vocab_path) and (
-        (vocab_split is None and not vocab_opts) or old_vocab.get("source") == vocab_src
-    )
-    if vocab_split is None and base is None and not os.path.isfile(vocab_path):
-        raise DataError(f"prep: {vocab_path} does not exist and no train split was given to build it from")
-
-    def split_ok(s: str, vhash: str | None) -> bool:
-        e = old.get("splits", {}).get(s, {})
-        return (
-            os.path.isfile(split_file(out_dir, s))
-            and e.get("source") == src[s]
-            and (vhash is None or e.get("vocab_hash") == vhash)
-            and (
-                image_size is None
-                or (
-                    os.path.isfile(image_cache_file(out_dir, s, image_size))
-                    and image_size in e.get("image_sizes", [])
-                )
-            )
-        )
-
-    if vocab_ok and all(split_ok(s, old_vocab.get("hash")) for s in splits):
-        summary = {
+    old = _read_manifest(os.path.join(out_dir, "manifest.json"))
+    plan = _Plan(clevr_dir, out_dir, splits, image_size, workers, old)
+    _look_at_inputs(plan)
+    v = _plan_vocab(plan, base, vocab_from, expand_vocab, unk_threshold)
+    if v.ok and all(plan.split_ok(s, old.get("vocab", {}).get("hash")) for s in splits):
+        return {
             "cache": out_dir,
             "up_to_date": True,
             "vocab": old.get("vocab_summary", {}),
@@ -654,120 +859,7 @@ def prepare(
             "written": [],
             "seconds": round(time.time() - t0, 2),
         }
-        return summary
-
-    temps: list[str] = []
-    commits: list[tuple[str, str]] = []  # (temp, final), renamed in this order at the very end
-    parsed: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
-    try:
-        if vocab_ok:
-            vocab = load_vocab(out_dir)
-        elif build_split is None:  # --vocab-from as it is
-            q2i, a2i = base["question_token_to_idx"], base["answer_token_to_idx"]
-            vocab = {
-                "format": FORMAT_VERSION,
-                "question_token_to_idx": q2i,
-                "answer_token_to_idx": a2i,
-                "question_family_names": base["question_family_names"],
-                "hash": vocab_hash(q2i, a2i),
-            }
-        else:
-            parsed[build_split] = read_questions(questions_path(clevr_dir, build_split), build_split)
-            if not parsed[build_split][0]:
-                raise DataError(f"{questions_path(clevr_dir, build_split)}: the split has no questions")
-            vocab = make_vocab(*parsed[build_split], min_count=unk_threshold, base=base)
-        new_manifest = {
-            "versions": _versions(),
-            "clevr_dir": os.path.abspath(clevr_dir),
-            "vocab": {
-                "source": vocab_src if (vocab_split or vocab_opts) else old_vocab.get("source"),
-                "hash": vocab["hash"],
-            },
-            "vocab_summary": {
-                "question_tokens": len(vocab["question_token_to_idx"]),
-                "answers": len(vocab["answer_token_to_idx"]),
-                "families": len(vocab["question_family_names"]),
-                "hash": vocab["hash"],
-                "built_from": build_split
-                or (vocab_opts.get("vocab_from") if base is not None else None)
-                or old.get("vocab_summary", {}).get("built_from"),
-                "vocab_from": vocab_opts.get("vocab_from"),
-                "new_words": len(vocab["question_token_to_idx"]) - len(base["question_token_to_idx"])
-                if base is not None
-                else 0,
-            },
-            "splits": {k: v for k, v in old.get("splits", {}).items() if k not in splits},
-        }
-        summary: dict[str, Any] = {
-            "cache": out_dir,
-            "up_to_date": False,
-            "vocab": new_manifest["vocab_summary"],
-            "splits": {},
-            "written": [],
-        }
-        for s in splits:
-            entry = dict(old.get("splits", {}).get(s, {}))
-            if split_ok(s, vocab["hash"]):
-                new_manifest["splits"][s] = entry
-                summary["splits"][s] = entry.get("stats", {})
-                continue
-            qp = questions_path(clevr_dir, s)
-            questions, _ = parsed.pop(s, None) or read_questions(qp, s)
-            if not questions:
-                raise DataError(f"{qp}: the split has no questions (leave it out with --splits)")
-            arrays, stats = encode_split(questions, vocab, listings[s], qp)
-            del questions
-            folder = images_dir(clevr_dir, s)
-            files = [str(x) for x in arrays["image_files"]]
-            sizes = [n for n in entry.get("image_sizes", []) if entry.get("source") == src[s]]
-            if image_size is None:
-                process_images(folder, files, None, workers, None, f"prep {s}: check images")
-            else:
-                final = image_cache_file(out_dir, s, image_size)
-                tmp = _tmp(final)
-                temps.append(tmp)
-                dest = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.uint8, shape=(len(files), image_size, image_size, 3)
-                )
-                process_images(folder, files, image_size, workers, dest, f"prep {s}: images {image_size}px")
-                dest.flush()
-                del dest
-                commits.append((tmp, final))
-                summary["written"].append(final)
-                sizes = sorted(set(sizes) | {image_size})
-                stats["image_cache"] = final
-            final = split_file(out_dir, s)
-            tmp = _tmp(final)
-            temps.append(tmp)
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            commits.insert(0, (tmp, final))
-            summary["written"].append(final)
-            summary["splits"][s] = stats
-            new_manifest["splits"][s] = {
-                "source": src[s],
-                "vocab_hash": vocab["hash"],
-                "image_sizes": sizes,
-                "stats": stats,
-            }
-        if not vocab_ok:
-            commits.append((_write_json(vocab_path, vocab, temps), vocab_path))
-            summary["written"].append(vocab_path)
-        commits.append((_write_json(manifest_path, new_manifest, temps), manifest_path))
-        for tmp, final in commits:
-            _replace(tmp, final)
-        for s_name, e in new_manifest[
-            "splits"
-        ].items():  # image caches of re-encoded splits that are now stale
-            if s_name in splits:
-                for name in os.listdir(out_dir):
-                    m = re.fullmatch(rf"{re.escape(s_name)}_images_(\d+)\.npy", name)
-                    if m and int(m.group(1)) not in e["image_sizes"]:
-                        os.remove(os.path.join(out_dir, name))
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    summary = _write_cache(plan, v)
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 

@@ -480,102 +480,158 @@ def _node(prog: list[dict], function: str, inputs: list[int], values: list[str] 
     return len(prog) - 1
 
 
+# Question templates per queried attribute (query_* families) and per comparison (compare_integer).
+_QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": ("What color is the {d}?", "The {d} is what color?", "What is the color of the {d}?"),
+    "shape": ("What shape is the {d}?", "What is the shape of the {d}?", "The {d} has what shape?"),
+    "size": ("What size is the {d}?", "How big is the {d}?", "What is the size of the {d}?"),
+    "material": (
+        "What material is the {d}?",
+        "What is the {d} made of?",
+        "What is the material of the {d}?",
+    ),
+}
+_COMPARE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "more": ("Are there more {p} than {q}?", "Is the number of {p} greater than the number of {q}?"),
+    "fewer": ("Are there fewer {p} than {q}?", "Is the number of {p} less than the number of {q}?"),
+    "equal": (
+        "Are there an equal number of {p} and {q}?",
+        "Are there the same number of {p} and {q}?",
+        "Is the number of {p} the same as the number of {q}?",
+    ),
+}
+_COMPARE_FUNCTIONS = {"more": "greater_than", "fewer": "less_than", "equal": "equal_integer"}
+
+# Each _render_* writes a family's program into `prog` and returns its text. The order of the RNG draws (the
+# template first, then the phrases in the template's argument order) is part of the data: keep it.
+
+
+def _render_exist(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """exist: "Is there a …?"."""
+    (d,) = filling
+    text = rng.choice(("Is there {a}?", "Are there any {p}?")).format(
+        a=_a(_phrase(d, rng)), p=_phrase(d, rng, True)
+    )
+    _node(prog, "exist", [_filters(prog, d, _scene_prog(prog))])
+    return text
+
+
+def _render_count(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """count: "How many … are there?"."""
+    (d,) = filling
+    text = rng.choice(("How many {p} are there?", "What number of {p} are there?")).format(
+        p=_phrase(d, rng, True)
+    )
+    _node(prog, "count", [_filters(prog, d, _scene_prog(prog))])
+    return text
+
+
+def _render_query(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """query_*: "What color is the …?" (the attribute is the family's suffix)."""
+    family = pattern[0]
+    q = family[6:]
+    (d,) = filling
+    t = _QUERY_TEMPLATES[q]
+    text = rng.choice(t).format(d=_phrase(d, rng))
+    last = _node(prog, "unique", [_filters(prog, d, _scene_prog(prog))])
+    _node(prog, family, [last])
+    return text
+
+
+def _render_compare_integer(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """compare_integer: "Are there more … than …?" (more, fewer or equal)."""
+    op = pattern[1]
+    d1, d2 = filling
+    t = _COMPARE_TEMPLATES[op]
+    text = rng.choice(t).format(p=_phrase(d1, rng, True), q=_phrase(d2, rng, True))
+    c1 = _node(prog, "count", [_filters(prog, d1, _scene_prog(prog))])
+    c2 = _node(prog, "count", [_filters(prog, d2, _scene_prog(prog))])
+    _node(prog, _COMPARE_FUNCTIONS[op], [c1, c2])
+    return text
+
+
+def _render_same_attribute(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """same_attribute: "Is the … the same color as the …?"."""
+    q = pattern[1]
+    d1, d2 = filling
+    t = (
+        "Is the {x} the same {q} as the {y}?",
+        "Does the {x} have the same {q} as the {y}?",
+        "Do the {x} and the {y} have the same {q}?",
+    )
+    text = rng.choice(t).format(x=_phrase(d1, rng), y=_phrase(d2, rng), q=q)
+    u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
+    q1 = _node(prog, f"query_{q}", [u1])
+    u2 = _node(prog, "unique", [_filters(prog, d2, _scene_prog(prog))])
+    q2 = _node(prog, f"query_{q}", [u2])
+    _node(prog, f"equal_{q}", [q1, q2])
+    return text
+
+
+def _render_count_same(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """count_same: "How many other things have the same color as the …?"."""
+    q = pattern[1]
+    (d,) = filling
+    t = (
+        "What number of other {o} are the same {q} as the {d}?",
+        "How many other {o} have the same {q} as the {d}?",
+        "How many other {o} are the same {q} as the {d}?",
+    )
+    text = rng.choice(t).format(o=rng.choice(("things", "objects")), q=q, d=_phrase(d, rng))
+    u = _node(prog, "unique", [_filters(prog, d, _scene_prog(prog))])
+    _node(prog, "count", [_node(prog, f"same_{q}", [u])])
+    return text
+
+
+def _render_relate_query(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """relate_query: "What color is the … left of the …?"."""
+    q = pattern[1]
+    rel, d1, d2 = filling
+    t = ("What {q} is the {y} {r} the {x}?", "What is the {q} of the {y} that is {r} the {x}?")
+    text = rng.choice(t).format(q=q, y=_phrase(d2, rng), r=rng.choice(REL_WORDS[rel]), x=_phrase(d1, rng))
+    u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
+    r = _node(prog, "relate", [u1], [rel])
+    u2 = _node(prog, "unique", [_filters(prog, d2, r)])
+    _node(prog, f"query_{q}", [u2])
+    return text
+
+
+def _render_relate_exist(pattern: tuple, filling: tuple, rng: random.Random, prog: list[dict]) -> str:
+    """relate_exist: "Is there a … left of the …?"."""
+    rel, d1, d2 = filling
+    t = ("Is there {y} {r} the {x}?", "Are there any {ys} {r} the {x}?")
+    text = rng.choice(t).format(
+        y=_a(_phrase(d2, rng)),
+        ys=_phrase(d2, rng, True),
+        r=rng.choice(REL_WORDS[rel]),
+        x=_phrase(d1, rng),
+    )
+    u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
+    r = _node(prog, "relate", [u1], [rel])
+    _node(prog, "exist", [_filters(prog, d2, r)])
+    return text
+
+
+_RENDERERS = {
+    "exist": _render_exist,
+    "count": _render_count,
+    "query_": _render_query,
+    "compare_integer": _render_compare_integer,
+    "same_attribute": _render_same_attribute,
+    "count_same": _render_count_same,
+    "relate_query": _render_relate_query,
+    "relate_exist": _render_relate_exist,
+}
+
+
 def render(pattern: tuple, filling: tuple, rng: random.Random) -> tuple[str, list[dict]]:
     """The question text and CLEVR-style program for a pattern filled with `filling`."""
     family = pattern[0]
-    prog: list[dict] = []
-    if family == "exist":
-        (d,) = filling
-        text = rng.choice(("Is there {a}?", "Are there any {p}?")).format(
-            a=_a(_phrase(d, rng)), p=_phrase(d, rng, True)
-        )
-        _node(prog, "exist", [_filters(prog, d, _scene_prog(prog))])
-    elif family == "count":
-        (d,) = filling
-        text = rng.choice(("How many {p} are there?", "What number of {p} are there?")).format(
-            p=_phrase(d, rng, True)
-        )
-        _node(prog, "count", [_filters(prog, d, _scene_prog(prog))])
-    elif family.startswith("query_"):
-        q = family[6:]
-        (d,) = filling
-        t = {
-            "color": ("What color is the {d}?", "The {d} is what color?", "What is the color of the {d}?"),
-            "shape": ("What shape is the {d}?", "What is the shape of the {d}?", "The {d} has what shape?"),
-            "size": ("What size is the {d}?", "How big is the {d}?", "What is the size of the {d}?"),
-            "material": (
-                "What material is the {d}?",
-                "What is the {d} made of?",
-                "What is the material of the {d}?",
-            ),
-        }[q]
-        text = rng.choice(t).format(d=_phrase(d, rng))
-        last = _node(prog, "unique", [_filters(prog, d, _scene_prog(prog))])
-        _node(prog, family, [last])
-    elif family == "compare_integer":
-        op = pattern[1]
-        d1, d2 = filling
-        t = {
-            "more": ("Are there more {p} than {q}?", "Is the number of {p} greater than the number of {q}?"),
-            "fewer": ("Are there fewer {p} than {q}?", "Is the number of {p} less than the number of {q}?"),
-            "equal": (
-                "Are there an equal number of {p} and {q}?",
-                "Are there the same number of {p} and {q}?",
-                "Is the number of {p} the same as the number of {q}?",
-            ),
-        }[op]
-        text = rng.choice(t).format(p=_phrase(d1, rng, True), q=_phrase(d2, rng, True))
-        c1 = _node(prog, "count", [_filters(prog, d1, _scene_prog(prog))])
-        c2 = _node(prog, "count", [_filters(prog, d2, _scene_prog(prog))])
-        _node(prog, {"more": "greater_than", "fewer": "less_than", "equal": "equal_integer"}[op], [c1, c2])
-    elif family == "same_attribute":
-        q = pattern[1]
-        d1, d2 = filling
-        t = (
-            "Is the {x} the same {q} as the {y}?",
-            "Does the {x} have the same {q} as the {y}?",
-            "Do the {x} and the {y} have the same {q}?",
-        )
-        text = rng.choice(t).format(x=_phrase(d1, rng), y=_phrase(d2, rng), q=q)
-        u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
-        q1 = _node(prog, f"query_{q}", [u1])
-        u2 = _node(prog, "unique", [_filters(prog, d2, _scene_prog(prog))])
-        q2 = _node(prog, f"query_{q}", [u2])
-        _node(prog, f"equal_{q}", [q1, q2])
-    elif family == "count_same":
-        q = pattern[1]
-        (d,) = filling
-        t = (
-            "What number of other {o} are the same {q} as the {d}?",
-            "How many other {o} have the same {q} as the {d}?",
-            "How many other {o} are the same {q} as the {d}?",
-        )
-        text = rng.choice(t).format(o=rng.choice(("things", "objects")), q=q, d=_phrase(d, rng))
-        u = _node(prog, "unique", [_filters(prog, d, _scene_prog(prog))])
-        _node(prog, "count", [_node(prog, f"same_{q}", [u])])
-    elif family == "relate_query":
-        q = pattern[1]
-        rel, d1, d2 = filling
-        t = ("What {q} is the {y} {r} the {x}?", "What is the {q} of the {y} that is {r} the {x}?")
-        text = rng.choice(t).format(q=q, y=_phrase(d2, rng), r=rng.choice(REL_WORDS[rel]), x=_phrase(d1, rng))
-        u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
-        r = _node(prog, "relate", [u1], [rel])
-        u2 = _node(prog, "unique", [_filters(prog, d2, r)])
-        _node(prog, f"query_{q}", [u2])
-    elif family == "relate_exist":
-        rel, d1, d2 = filling
-        t = ("Is there {y} {r} the {x}?", "Are there any {ys} {r} the {x}?")
-        text = rng.choice(t).format(
-            y=_a(_phrase(d2, rng)),
-            ys=_phrase(d2, rng, True),
-            r=rng.choice(REL_WORDS[rel]),
-            x=_phrase(d1, rng),
-        )
-        u1 = _node(prog, "unique", [_filters(prog, d1, _scene_prog(prog))])
-        r = _node(prog, "relate", [u1], [rel])
-        _node(prog, "exist", [_filters(prog, d2, r)])
-    else:
+    renderer = _RENDERERS.get("query_" if family.startswith("query_") else family)
+    if renderer is None:
         raise ValueError(family)
+    prog: list[dict] = []
+    text = renderer(pattern, filling, rng, prog)
     return text, prog
 
 
@@ -754,6 +810,147 @@ def _info(split: str, seed: int) -> dict[str, Any]:
     }
 
 
+def _check_options(
+    sizes: dict[str, Any],
+    questions_per_image: Any,
+    min_objects: Any,
+    max_objects: Any,
+    object_scale: Any,
+    families: Sequence[str] | None,
+    max_filters: Any,
+) -> tuple[str, ...]:
+    """Validate `generate`'s options (a DataError names the first bad one); returns the families to ask."""
+    for name, v in [
+        *((f"{k}_images", n) for k, n in sizes.items()),
+        ("questions_per_image", questions_per_image),
+    ]:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise DataError(f"synth: {name} must be a non-negative integer, got {v!r}")
+    if questions_per_image < 1:
+        raise DataError("synth: questions_per_image must be at least 1")
+    if not (
+        isinstance(min_objects, int)
+        and isinstance(max_objects, int)
+        and 2 <= min_objects <= max_objects <= 12
+    ):
+        raise DataError(
+            f"synth: objects per scene must satisfy 2 <= min <= max <= 12, got {min_objects}-{max_objects}"
+        )
+    if not (isinstance(object_scale, (int, float)) and 0.5 <= object_scale <= 2.0):
+        raise DataError(f"synth: object_scale must be in [0.5, 2.0], got {object_scale!r}")
+    fams = tuple(FAMILIES if families is None else families)
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown or not fams or len(set(fams)) != len(fams):
+        raise DataError(
+            f"synth: families must be distinct names from {', '.join(FAMILIES)}; got {', '.join(fams) or 'none'}"
+        )
+    if not (isinstance(max_filters, int) and 1 <= max_filters <= 3):
+        raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
+    return fams
+
+
+def _split_plan(sizes: dict[str, int], cogent: bool) -> list[tuple[str, int, str | None]]:
+    """(split, images, CoGenT condition): CLEVR's three splits, or CLEVR-CoGenT's five."""
+    if cogent:
+        return [(s, sizes[s[:-1]], s[-1]) for s in COGENT_SPLITS]
+    return [(s, sizes[s], None) for s in SPLITS]
+
+
+def _make_folders(out_dir: str, split_sizes: dict[str, int]) -> None:
+    """Create the output folders; remove images of an earlier, larger run and temp files of a killed one."""
+    for split in split_sizes:
+        folder = os.path.join(out_dir, "images", split)
+        os.makedirs(folder, exist_ok=True)
+        pat = re.compile(rf"CLEVR_{split}_(\d{{6}})\.png$")
+        for name in os.listdir(folder):  # images of an earlier, larger run
+            m = pat.match(name)
+            if (m and int(m.group(1)) >= split_sizes[split]) or ".png.tmp-" in name:
+                os.remove(os.path.join(folder, name))
+    os.makedirs(os.path.join(out_dir, "questions"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "scenes"), exist_ok=True)
+
+
+def _question(
+    split: str, index: int, fam: int, text: str, prog: list[dict], number: int, answer: str
+) -> dict:
+    """One question in CLEVR's JSON schema (test splits carry no answer, as CLEVR's)."""
+    q = {
+        "image_index": index,
+        "program": prog,
+        "question_index": number,
+        "image_filename": _image_name(split, index),
+        "question_family_index": fam,
+        "split": split,
+        "question": text,
+    }
+    if not split.startswith("test"):
+        q["answer"] = answer
+    return q
+
+
+def _draw_and_ask(
+    tasks: list[tuple], workers: int, split_sizes: dict[str, int]
+) -> tuple[dict[str, list], dict[str, list], dict[str, list[tuple]]]:
+    """Run the scene tasks (in worker processes when `workers` > 1) and balance their questions, in task order.
+
+    Returns per split: the scenes, the questions, and rows (family, pattern, text, answer) for the baseline.
+    """
+    from tqdm import tqdm
+
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
+    scenes: dict[str, list] = {s: [] for s in split_sizes}
+    questions: dict[str, list] = {s: [] for s in split_sizes}
+    rows: dict[str, list[tuple]] = {s: [] for s in split_sizes}  # (family, pattern, text, answer)
+    balancers = {s: Balancer() for s in split_sizes}
+    try:
+        # Results come back in task order, so the balancer sees the same sequence for any worker count.
+        results = pool.imap(_scene_task, tasks, chunksize=8) if pool is not None else map(_scene_task, tasks)
+        bar = tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True, leave=False)
+        for split, index, scene, slots in results:
+            scenes[split].append(scene)
+            for fam, feasible, tie, text_seed in slots:
+                pattern, answer = balancers[split].choose(feasible, tie)
+                text, prog = render(pattern, feasible[pattern][answer], random.Random(text_seed))
+                questions[split].append(
+                    _question(split, index, fam, text, prog, len(questions[split]), answer)
+                )
+                rows[split].append((FAMILIES[fam], pattern, text, answer))
+            bar.update(1)
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return scenes, questions, rows
+
+
+def _write_split(
+    out_dir: str, split: str, seed: int, scenes: list, questions: list, rows: list[tuple], images: int
+) -> dict[str, Any]:
+    """Write a split's questions and scenes files; returns its summary entry."""
+    _dump_json(
+        os.path.join(out_dir, "questions", f"CLEVR_{split}_questions.json"),
+        {"info": _info(split, seed), "questions": questions},
+    )
+    _dump_json(
+        os.path.join(out_dir, "scenes", f"CLEVR_{split}_scenes.json"),
+        {"info": _info(split, seed), "scenes": scenes},
+    )
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for fam, _, _, answer in rows:
+        by_family[fam][answer] += 1
+    return {
+        "images": images,
+        "questions": len(questions),
+        "answers_written": not split.startswith("test"),
+        "answers_by_family": {f: dict(sorted(c.items())) for f, c in sorted(by_family.items())},
+    }
+
+
 def generate(
     out_dir: str,
     *,
@@ -779,66 +976,23 @@ def generate(
     The summary (also written to `out_dir/synth_summary.json`) holds the counts, the answer distribution per
     family and the question-only baseline (see `question_only_baseline`).
     """
-    from tqdm import tqdm
-
     sizes = {"train": train_images, "val": val_images, "test": test_images}
-    for name, v in [
-        *((f"{k}_images", n) for k, n in sizes.items()),
-        ("questions_per_image", questions_per_image),
-    ]:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise DataError(f"synth: {name} must be a non-negative integer, got {v!r}")
-    if questions_per_image < 1:
-        raise DataError("synth: questions_per_image must be at least 1")
-    if not (
-        isinstance(min_objects, int)
-        and isinstance(max_objects, int)
-        and 2 <= min_objects <= max_objects <= 12
-    ):
-        raise DataError(
-            f"synth: objects per scene must satisfy 2 <= min <= max <= 12, got {min_objects}-{max_objects}"
-        )
-    if not (isinstance(object_scale, (int, float)) and 0.5 <= object_scale <= 2.0):
-        raise DataError(f"synth: object_scale must be in [0.5, 2.0], got {object_scale!r}")
-    scene_opts = (min_objects, max_objects, float(object_scale))
-    # (split, images, CoGenT condition): CLEVR's three splits, or CLEVR-CoGenT's five.
-    plan = (
-        [(s, sizes[s[:-1]], s[-1]) for s in COGENT_SPLITS]
-        if cogent
-        else [(s, sizes[s], None) for s in SPLITS]
+    fams = _check_options(
+        sizes, questions_per_image, min_objects, max_objects, object_scale, families, max_filters
     )
+    scene_opts = (min_objects, max_objects, float(object_scale))
+    plan = _split_plan(sizes, cogent)
     split_sizes = {s: n for s, n, _ in plan}
-    fams = tuple(FAMILIES if families is None else families)
-    unknown = [f for f in fams if f not in FAMILIES]
-    if unknown or not fams or len(set(fams)) != len(fams):
-        raise DataError(
-            f"synth: families must be distinct names from {', '.join(FAMILIES)}; got {', '.join(fams) or 'none'}"
-        )
-    if not (isinstance(max_filters, int) and 1 <= max_filters <= 3):
-        raise DataError(f"synth: max_filters must be 1, 2 or 3, got {max_filters!r}")
     t0 = time.time()
     k = questions_per_image
-    for split in split_sizes:  # every option is valid: only now is anything on disk touched
-        folder = os.path.join(out_dir, "images", split)
-        os.makedirs(folder, exist_ok=True)
-        pat = re.compile(rf"CLEVR_{split}_(\d{{6}})\.png$")
-        for name in os.listdir(folder):  # images of an earlier, larger run
-            m = pat.match(name)
-            if (m and int(m.group(1)) >= split_sizes[split]) or ".png.tmp-" in name:
-                os.remove(os.path.join(folder, name))
-    os.makedirs(os.path.join(out_dir, "questions"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "scenes"), exist_ok=True)
+    _make_folders(out_dir, split_sizes)  # every option is valid: only now is anything on disk touched
     tasks = [
         (out_dir, s, i, seed, k, (*scene_opts, cond), (fams, max_filters))
         for s, n, cond in plan
         for i in range(n)
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(tasks))))
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
+    scenes, questions, rows = _draw_and_ask(tasks, workers, split_sizes)
     summary: dict[str, Any] = {
         "out": os.path.abspath(out_dir),
         "seed": seed,
@@ -848,64 +1002,14 @@ def generate(
         "families": list(fams),
         "max_filters": max_filters,
         **({"cogent": COGENT_COLORS} if cogent else {}),
-        "splits": {},
+        "splits": {
+            split: _write_split(out_dir, split, seed, scenes[split], questions[split], rows[split], n)
+            for split, n in split_sizes.items()
+        },
     }
-    scenes: dict[str, list] = {s: [] for s in split_sizes}
-    questions: dict[str, list] = {s: [] for s in split_sizes}
-    rows: dict[str, list[tuple]] = {s: [] for s in split_sizes}  # (family, pattern, text, answer)
-    balancers = {s: Balancer() for s in split_sizes}
-    try:
-        # Results come back in task order, so the balancer sees the same sequence for any worker count.
-        results = pool.imap(_scene_task, tasks, chunksize=8) if pool is not None else map(_scene_task, tasks)
-        bar = tqdm(total=len(tasks), desc="synth", unit="img", dynamic_ncols=True, leave=False)
-        for split, index, scene, slots in results:
-            scenes[split].append(scene)
-            for fam, feasible, tie, text_seed in slots:
-                pattern, answer = balancers[split].choose(feasible, tie)
-                text, prog = render(pattern, feasible[pattern][answer], random.Random(text_seed))
-                q = {
-                    "image_index": index,
-                    "program": prog,
-                    "question_index": len(questions[split]),
-                    "image_filename": _image_name(split, index),
-                    "question_family_index": fam,
-                    "split": split,
-                    "question": text,
-                }
-                if not split.startswith("test"):
-                    q["answer"] = answer
-                questions[split].append(q)
-                rows[split].append((FAMILIES[fam], pattern, text, answer))
-            bar.update(1)
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-    for split in split_sizes:
-        _dump_json(
-            os.path.join(out_dir, "questions", f"CLEVR_{split}_questions.json"),
-            {"info": _info(split, seed), "questions": questions[split]},
-        )
-        _dump_json(
-            os.path.join(out_dir, "scenes", f"CLEVR_{split}_scenes.json"),
-            {"info": _info(split, seed), "scenes": scenes[split]},
-        )
-        by_family: dict[str, Counter] = defaultdict(Counter)
-        for fam, _, _, answer in rows[split]:
-            by_family[fam][answer] += 1
-        summary["splits"][split] = {
-            "images": split_sizes[split],
-            "questions": len(questions[split]),
-            "answers_written": not split.startswith("test"),
-            "answers_by_family": {f: dict(sorted(c.items())) for f, c in sorted(by_family.items())},
-        }
-    rows_by_split = {"train": rows[plan[0][0]], "val": rows[plan[1][0]]}  # the baseline: fit on train, val
+    train_rows, val_rows = rows[plan[0][0]], rows[plan[1][0]]  # the baseline: fit on train, measured on val
     summary["question_only_baseline"] = (
-        question_only_baseline(rows_by_split["train"], rows_by_split["val"])
-        if rows_by_split["train"] and rows_by_split["val"]
-        else None
+        question_only_baseline(train_rows, val_rows) if train_rows and val_rows else None
     )
     summary["seconds"] = round(time.time() - t0, 2)
     _write_atomic(
