@@ -653,6 +653,11 @@ def _plan_vocab(
     vocab_path = os.path.join(plan.out_dir, "vocab.json")
     if expand_vocab and vocab_split is None:
         raise DataError("prep: --expand-vocab needs a train split (a name starting with 'train') in --splits")
+    if unk_threshold != 1 and vocab_split is None and base is None:
+        raise DataError(
+            "prep: --unk-threshold needs a train split (a name starting with 'train') in --splits: the vocabulary "
+            "is built from it"
+        )
     build_split = vocab_split if base is None or expand_vocab else None  # the split the vocabulary reads
     source: Any = plan.src[build_split]["questions"] if build_split else None
     opts: dict[str, Any] = {}

@@ -141,3 +141,10 @@ def test_unk_threshold_when_building(clevr_copy, cache, tmp_path):
     prep.prepare(str(clevr_copy), out, splits=["train"], unk_threshold=10**6, workers=1)
     assert len(load_vocab(out)["question_token_to_idx"]) == 4  # every word rarer than the threshold
     assert len(load_vocab(str(cache))["question_token_to_idx"]) > 4
+
+
+def test_unk_threshold_without_a_train_split_is_a_data_error(clevr_copy, tmp_path):
+    out = str(tmp_path / "c")
+    prep.prepare(str(clevr_copy), out, splits=["train", "val"], workers=1)  # a cache with its vocab.json
+    with pytest.raises(DataError, match="--unk-threshold needs a train split"):
+        prep.prepare(str(clevr_copy), out, splits=["val"], unk_threshold=2, workers=1)
