@@ -30,17 +30,29 @@ BN_NUM_WARPS = 4
 BN_SAMPLES_PER_SPLIT = 64 if INTERPRET else 4  # the reductions run ceil(N / this) programs per channel block
 BN_MAX_SPLITS = 64  # ... but at most this many (a batch of 70,000 takes 1,094 samples per split)
 
-# 1×1 conv GEMMs on a GPU: an autotuned list per kernel, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-# `python -m kernels.aot` compiles every one for sm_90 and sm_80 (tests/kernels/test_aot.py): none spills, none
-# needs more shared memory than an A100 block may have (166,912 B). Under the interpreter the blocks are fitted
-# to the problem instead, up to GEMM_INTERPRET_CONFIG; GEMM_INTERPRET_EXACT[kind] (tests) imposes exact blocks.
+# 1×1 conv GEMMs on a GPU: autotuned lists per kernel, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# "mma": tensor-core products (bf16, fp16, float32 as TF32). "fma": float32 at IEEE precision (and float64), which
+# multiply on the CUDA cores and hold more operands in registers: 1–2 stages, shorter K blocks or more warps (the
+# "mma" lists spill there: loads prefetched for later stages wait in registers). `python -m kernels.aot`
+# compiles every one for sm_90 and sm_80 (tests/kernels/test_aot.py): none spills, none needs more shared memory
+# than an A100 block may have (166,912 B). Under the interpreter the blocks are fitted to the problem instead, up
+# to GEMM_INTERPRET_CONFIG; GEMM_INTERPRET_EXACT[kind] (tests) imposes exact blocks.
 GEMM_GPU_CONFIGS = {
     # forward: M = C_out, N = H·W of one sample, K = C_in
-    "forward": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
+    "forward": {
+        "mma": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
+        "fma": [(32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2)],
+    },
     # dx: M = C_in, N = H·W of one sample, K = C_out
-    "dx": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
-    # dW: M = C_out, N = C_in, K = N·H·W (split over the batch)
-    "dw": [(64, 64, 32, 4, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3)],
+    "dx": {
+        "mma": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
+        "fma": [(64, 64, 16, 4, 2), (64, 64, 32, 4, 1), (128, 64, 16, 8, 2)],
+    },
+    # dW: M = C_out, N = C_in, K = N·H·W (split over the batch until the grid covers the SMs)
+    "dw": {
+        "mma": [(64, 64, 32, 4, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3)],
+        "fma": [(64, 64, 32, 4, 1), (64, 64, 16, 4, 1), (64, 64, 32, 8, 1)],
+    },
 }
 GEMM_INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}
 GEMM_INTERPRET_EXACT: dict[str, dict[str, int]] = {}
@@ -50,10 +62,17 @@ CONV_WGRAD_SAMPLES_PER_SPLIT: int | None = 64 if INTERPRET else None
 DEFAULT_SM_COUNT = 132  # H100 SXM; used when there is no CUDA device to ask (ahead-of-time compilation)
 
 
+def _configs_for_products(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotune configs of the family that fits the launch's products: "fma" for IEEE float32 and float64."""
+    fma = kwargs["PRECISION"] == "ieee" and kwargs["COMPUTE"] in (tl.float32, tl.float64)
+    return [c for c in configs if c.family == ("fma" if fma else "mma")]
+
+
 def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k: Callable[[dict], int]):
     """Block sizes of a GEMM kernel whose sizes M, N, K are functions of its arguments.
 
-    On a GPU: autotuned over GEMM_GPU_CONFIGS[kind], keyed on the problem size. Under the interpreter: one block
+    On a GPU: autotuned over GEMM_GPU_CONFIGS[kind] (the family that fits the products), keyed on the problem
+    size and the products' dtype and precision. Under the interpreter: one block
     per dimension sized to the problem (power of 2, at least 16 for tl.dot, at most GEMM_INTERPRET_CONFIG), since
     its cost grows with the tile, masked or not.
     """
@@ -72,11 +91,17 @@ def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k
                     "BLOCK_K": lambda a: fit(k(a), "BLOCK_K"),
                 }
             )(fn)
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in GEMM_GPU_CONFIGS[kind]
-        ]
-        return triton.autotune(configs=configs, key=["C_in", "C_out", "HW"])(fn)
+        configs = []
+        for family, settings in GEMM_GPU_CONFIGS[kind].items():
+            for bm, bn, bk, w, s in settings:
+                config = triton.Config(
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s
+                )
+                config.family = family
+                configs.append(config)
+        key = ["C_in", "C_out", "HW", "COMPUTE", "PRECISION"]
+        prune = {"early_config_prune": _configs_for_products}
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
 
     return decorate
 

@@ -89,8 +89,8 @@ def recording(case: str, out: list[Launch]) -> Iterator[None]:
         out.append(Launch(case, name, self, args, dict(kwargs), tuple(int(x) for x in g[:3]), tensors))
 
     def tuner_run(self, *args, **kwargs):
-        configs = self.prune_configs(kwargs) if self.early_config_prune else self.configs
-        for config in configs:
+        self.nargs = dict(zip(self.arg_names, args))  # as Autotuner.run does
+        for config in self.prune_configs(kwargs):
             self.fn.run(*args, **kwargs, **config.all_kwargs())
 
     saved = JITFunction.run, Autotuner.run
@@ -146,6 +146,8 @@ def record_conv(
 
 def record_all(sizes: str) -> list[Launch]:
     """Every launch of the matrix: paper sizes (and, for sizes='all', the edge sizes), all modes and layouts."""
+    # Launches that differ only in sizes share a binary when Triton specialises them alike; compile_matrix
+    # compiles each distinct one once.
     import torch
 
     shapes = [("paper", PAPER["n"], PAPER["c"], PAPER["h"], PAPER["w"])]
@@ -153,7 +155,7 @@ def record_all(sizes: str) -> list[Launch]:
         shapes += EDGES
     out: list[Launch] = []
     for label, n, c, h, w in shapes:
-        for layout in LAYOUTS:
+        for layout in LAYOUTS if c > 1 else LAYOUTS[:1]:  # one channel: channels_last is NCHW in memory
             for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 for mode in BN_MODES:
                     for res in (True, False):

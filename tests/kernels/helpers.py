@@ -17,6 +17,11 @@ FP32_REL = 1e-5
 # not much more (the bf16 ulp at the magnitude is 2^-8 = 3.9e-3).
 BF16_REL = 1e-2
 
+# TF32 (float32 GEMMs when torch.backends.cuda.matmul.allow_tf32 is on; GPU only): each operand is rounded to 10
+# mantissa bits, 2^-11 ≈ 4.9e-4 of its value, 8 times finer than bf16's 2^-8; the bf16 bound scaled down by 8
+# is ~1.3e-3, so 2e-3 of the tensor's magnitude.
+TF32_REL = 2e-3
+
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected| (error relative to the tensor's magnitude), in float64."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import kernels._common as common
 from kernels import conv_coords, coord_bias_map, coord_map
-from tests.kernels.helpers import BF16_REL, FP32_REL, assert_rel_close, cuda_only, rel_error, tol
+from tests.kernels.helpers import BF16_REL, FP32_REL, TF32_REL, assert_rel_close, cuda_only, rel_error, tol
 
 conv_module = importlib.import_module("kernels.conv_coords")  # the package exports a function of that name
 
@@ -76,12 +76,21 @@ def test_1x1_many_tiles_and_batch_splits(device, monkeypatch, dtype):
     check_against_reference(make_inputs(5, 20, 18, 3, 6, 1, device, dtype, seed=8), 0, True)
 
 
-@pytest.mark.parametrize("index", range(max(len(v) for v in common.GEMM_GPU_CONFIGS.values())))
-def test_1x1_gpu_autotune_configs(device, monkeypatch, index):
-    """Autotune config `index` of each GEMM (forward, dx, dW) with exactly its blocks and the GPU's batch split:
-    the tile logic a GPU gets, on a shape a little larger than those blocks in every GEMM dimension (partial last
-    tiles everywhere; 3 samples) with H·W a multiple of 4, so that the VEC = 4 alignment hints are used (NCHW)."""
-    blocks = {kind: configs[index % len(configs)][:3] for kind, configs in common.GEMM_GPU_CONFIGS.items()}
+GPU_CONFIG_INDICES = [
+    (family, i)
+    for family in ("mma", "fma")
+    for i in range(max(len(lists[family]) for lists in common.GEMM_GPU_CONFIGS.values()))
+]
+
+
+@pytest.mark.parametrize("family, index", GPU_CONFIG_INDICES, ids=str)
+def test_1x1_gpu_autotune_configs(device, monkeypatch, family, index):
+    """Autotune config `index` of a family of each GEMM (forward, dx, dW; a shorter list wraps around) with exactly
+    its blocks and the GPU's batch split: the tile logic a GPU gets, on a shape a little larger than those blocks
+    in every GEMM dimension (partial last tiles everywhere; 3 samples) with H·W a multiple of 4, so that the
+    VEC = 4 alignment hints are used (NCHW). The family only picks the blocks (the interpreter computes in float32)."""
+    lists = {kind: families[family] for kind, families in common.GEMM_GPU_CONFIGS.items()}
+    blocks = {kind: configs[index % len(configs)][:3] for kind, configs in lists.items()}
     (fm, fn, fk), (xm, xn, xk), (wm, wn, wk) = blocks["forward"], blocks["dx"], blocks["dw"]
     c_out, c_in, hw = max(fm, xk, wm) + 4, max(fk, xm, wn) + 8, max(fn, xn, wk) + 4
     if device == "cpu":
@@ -122,6 +131,20 @@ def test_kernel_coordinates_are_linspace(device, h, w, dtype):
     out = conv_coords(x, weight, None, padding=0, relu=False)
     expected = coord_map(h, w, device, dtype)
     assert torch.equal(out[0], expected) and torch.equal(out[1], expected)
+
+
+def test_tf32_follows_torch():
+    """float32 GEMMs use TF32 exactly when torch's float32 matmuls may (the autouse fixture restores the setting)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert conv_module._precision(torch.float32) == "tf32"
+    assert conv_module._precision(torch.bfloat16) == "ieee"  # bf16 operands are exact in any mode
+    torch.set_float32_matmul_precision("highest")
+    assert conv_module._precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert conv_module._precision(torch.float32) == "tf32"
+    torch.backends.cudnn.allow_tf32 = True  # cuDNN's switch is not the one
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert conv_module._precision(torch.float32) == "ieee"
 
 
 def test_coord_map_is_the_original():
@@ -212,6 +235,20 @@ def test_model_size_on_gpu(device, layout, c_out, relu, dtype):
         inp["x"] = inp["x"].contiguous(memory_format=torch.channels_last)
         inp["dout"] = inp["dout"].contiguous(memory_format=torch.channels_last)
     check_against_reference(inp, 0, relu)
+
+
+@cuda_only
+@pytest.mark.parametrize("c_out, relu", [(128, True), (512, False)], ids=["resblock", "classifier"])
+def test_model_size_tf32_on_gpu(device, c_out, relu):
+    """float32 with TF32 allowed (torch's switch): checked against the IEEE float32 reference within TF32_REL."""
+    inp = make_inputs(64, 128, c_out, 14, 14, 1, device, torch.float32, seed=6)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out, grads = run("triton", inp, 0, relu)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref_out, ref_grads = run("reference", inp, 0, relu)
+    assert_rel_close(out, ref_out, TF32_REL, "out")
+    for name in ("x", "weight", "bias"):
+        assert_rel_close(grads[name], ref_grads[name], TF32_REL, f"d{name}")
 
 
 @cuda_only

@@ -1,0 +1,121 @@
+"""Every Triton launch the kernels make compiles for H100 (sm_90) and A100 (sm_80) on this CPU-only machine:
+no compile error, no register spill, shared memory within the arch's limit, no global scratch, a legal grid.
+
+`python -m kernels.aot` records the launches of the real launchers at the paper's sizes and at edge sizes, and
+compiles each distinct variant with the ptxas of the triton wheel (kernels/aot.py says how). Here it runs in a
+subprocess with TRITON_INTERPRET=0 (this process has the kernels decorated for the interpreter) and a fresh
+Triton cache, so every variant goes through ptxas on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import aot
+from kernels._common import GEMM_GPU_CONFIGS
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block: H100, A100 (CUDA's opt-in maximum)
+KERNELS = {
+    "bn_film_relu._stats_kernel",
+    "bn_film_relu._forward_kernel",
+    "bn_film_relu._backward_reduce_kernel",
+    "bn_film_relu._backward_dz_kernel",
+    "conv_coords._forward_kernel",
+    "conv_coords._backward_dx_kernel",
+    "conv_coords._backward_dw_kernel",
+}
+GEMM_KIND = {
+    "conv_coords._forward_kernel": "forward",
+    "conv_coords._backward_dx_kernel": "dx",
+    "conv_coords._backward_dw_kernel": "dw",
+}
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    """The command's JSON rows (one per launch and arch) for paper + edge sizes, both archs, 2 compile processes."""
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "kernels.aot", "--sizes", "all", "--jobs", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"kernels.aot failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def test_matrix_is_complete(rows):
+    """Every kernel, both archs, every size, layout, precision and BN mode, every autotune config was compiled."""
+    assert {r["kernel"] for r in rows} == KERNELS
+    assert {r["arch"] for r in rows} == {90, 80}
+    cases = {r["case"] for r in rows}
+    for size in ("paper", "batch 1 ", "2x2", "1 channel", "batch 70000"):
+        for word in ("nchw", "nhwc", "tf32", "ieee", "bf16", "train", "eval", "no_bn", "nores", "classifier"):
+            if not (size == "1 channel" and word == "nhwc"):  # one channel: channels_last is NCHW in memory
+                assert any(c.startswith(size) and f" {word}" in c for c in cases), (
+                    f"no case '{size} … {word}'"
+                )
+    for kernel, kind in GEMM_KIND.items():
+        configs = {r["config"] for r in rows if r["kernel"] == kernel}
+        want = {f"{m}x{n}x{k} w{w} s{s}" for lst in GEMM_GPU_CONFIGS[kind].values() for m, n, k, w, s in lst}
+        assert configs == want, kernel
+    assert all(r["bytes"] > 0 and r["predicted_us"] > 0 for r in rows)
+
+
+def test_every_variant_compiles_without_spills_within_limits(rows):
+    bad = []
+    for r in rows:
+        where = f"{r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}"
+        if not r["ok"]:
+            bad.append(f"{where}: {r['error']}")
+            continue
+        if r["spill_stores"] or r["spill_loads"] or r["stack"]:
+            bad.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B")
+        if r["shared"] > SHARED_LIMIT[r["arch"]]:
+            bad.append(f"{where}: shared memory {r['shared']} B")
+        if r["scratch"]:
+            bad.append(f"{where}: global scratch {r['scratch']} B")
+        if r["grid"][0] >= 2**31 or max(r["grid"][1:]) > 65_535:
+            bad.append(f"{where}: grid {r['grid']}")
+        if r["registers"] <= 0:
+            bad.append(f"{where}: no ptxas report (registers {r['registers']})")
+    assert not bad, f"{len(bad)} of {len(rows)} launches fail:\n" + "\n".join(bad[:40])
+
+
+def test_tensor_cores_where_expected(rows):
+    """bf16 and TF32 GEMMs use wgmma on sm_90 and mma on sm_80; IEEE float32 GEMMs and BN kernels use none."""
+    for r in rows:
+        want = "-"
+        if r["kernel"] in GEMM_KIND and " ieee " not in r["case"]:
+            want = "wgmma" if r["arch"] == 90 else "mma"
+        assert r["tensor_cores"] == want, f"{r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}"
+
+
+def test_problems_are_detected():
+    """The checks can fail: a spilling, over-shared, scratch-using or failed row is reported."""
+    fine = dict(
+        ok=True,
+        error="",
+        spill_stores=0,
+        spill_loads=0,
+        stack=0,
+        shared=1024,
+        scratch=0,
+        arch=80,
+        grid=[1, 1, 1],
+    )
+    assert aot.problems(fine) == []
+    assert aot.problems(fine | {"spill_stores": 8})
+    assert aot.problems(fine | {"shared": 180_224})
+    assert not aot.problems(fine | {"shared": 180_224, "arch": 90})
+    assert aot.problems(fine | {"scratch": 64})
+    assert aot.problems(fine | {"grid": [1, 1, 70_000]})
+    assert aot.problems(fine | {"ok": False, "error": "x"})
+    log = "ptxas info    : Used 166 registers, used 1 barriers\n    0 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads"
+    assert aot._ptxas_number(r"Used (\d+) registers", log) == 166
+    assert aot._ptxas_number(r"(\d+) bytes spill stores", log) == 24
