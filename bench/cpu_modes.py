@@ -10,8 +10,8 @@ Cases (each in a fresh process, so a compilation, the thread count and memory ne
 - `engine-compile`: `kernels: reference` and DeepSpeed's `engine.compile()` (the whole module under
   torch.compile; the packed GRU breaks the graph, question lengths vary between batches);
 - dtype `fp32`, or `bf16` (DeepSpeed `bf16.enabled`, which the trainer runs as torch autocast);
-- `--gru nn` runs `nn.GRU` instead of `fastfilm.gru` (the before of that change), `--adam fused` torch's
-  fused Adam instead of the trainer's (its CPU Adam is the per-parameter loop).
+- `--gru nn` runs `nn.GRU` instead of `fastfilm.gru` (the before of that change), `--adam loop` torch's
+  per-parameter Adam loop instead of the trainer's fused Adam (the before of that change).
 
 Batches: random images; question lengths drawn per batch (synthetic config: 5-19 tokens, the synthetic set's
 range; paper config: 10-38, DESIGN.md §7), or from a prep cache's train split with `--cache`; 4 batches cycled,
@@ -91,13 +91,13 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
 
     if args.gru == "nn":  # before fastfilm.gru: nn.GRU on the packed questions
         FiLMGen.cpu_gru = False
-    if args.adam == "fused":  # torch's fused Adam on the CPU too (the trainer asks for it on CUDA only)
+    if args.adam == "loop":  # before the trainer asked for torch's fused Adam on the CPU: the per-parameter loop
 
-        class FusedAdam(torch.optim.Adam):
+        class LoopAdam(torch.optim.Adam):
             def __init__(self, params, fused=None, **kw):
-                super().__init__(params, fused=True, **kw)
+                super().__init__(params, fused=False, **kw)
 
-        torch.optim.Adam = FusedAdam
+        torch.optim.Adam = LoopAdam
 
     overrides = [f"kernels.mode={'compile' if mode == 'compile' else 'reference'}"]
     overrides.append(f"deepspeed.bf16.enabled={'true' if dtype == 'bf16' else 'false'}")
@@ -113,7 +113,7 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
     engine, optimizer, _ = build_engine(cfg, vocab, device)
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed may wrap the client optimizer
     fused = bool(getattr(inner, "defaults", {}).get("fused"))
-    if fused != (args.adam == "fused"):
+    if fused != (args.adam == "trainer"):
         raise RuntimeError(f"--adam {args.adam}: the engine's optimizer has fused={fused}")
     engine.train()
     if mode == "engine-compile":
@@ -211,9 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--adam",
-        choices=("trainer", "fused"),
+        choices=("trainer", "loop"),
         default="trainer",
-        help="the trainer's Adam, or torch's fused Adam",
+        help="the trainer's Adam (torch's fused Adam), or torch's per-parameter loop (before)",
     )
     p.add_argument("--json", default=None, help="also write the rows and ceilings as JSON here")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
