@@ -91,7 +91,9 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
 
     if args.gru == "nn":  # before fastfilm.gru: nn.GRU on the packed questions
         FiLMGen.cpu_gru = False
-    if args.adam == "loop":  # before the trainer asked for torch's fused Adam on the CPU: the per-parameter loop
+    if (
+        args.adam == "loop"
+    ):  # before the trainer asked for torch's fused Adam on the CPU: the per-parameter loop
 
         class LoopAdam(torch.optim.Adam):
             def __init__(self, params, fused=None, **kw):

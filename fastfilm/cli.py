@@ -144,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a feature-stem model: the ResNet-101 weights that turn the image into features (see `features`)",
     )
 
-    p = sub.add_parser("import-original", help="an original FiLM checkpoint (ethanjperez/film) → an exported model")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file saved by the original's scripts/train_model.py")
+    p = sub.add_parser(
+        "import-original", help="an original FiLM checkpoint (ethanjperez/film) → an exported model"
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="a .pt file saved by the original's scripts/train_model.py"
+    )
     p.add_argument("--out", required=True, help="output folder (as `fastfilm export` writes)")
     p.add_argument(
         "--set",
@@ -156,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="adjust the written config, e.g. --set data.cache=data/cache/clevr",
     )
 
-    p = sub.add_parser("features", help="ResNet-101 conv4 features of a CLEVR folder's images, as the original")
+    p = sub.add_parser(
+        "features", help="ResNet-101 conv4 features of a CLEVR folder's images, as the original"
+    )
     p.add_argument("--clevr", required=True, help="a CLEVR v1.0 folder")
     p.add_argument("--out", required=True, help="cache folder: writes {split}_features.npy")
     p.add_argument(

@@ -52,7 +52,7 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
     path = os.path.join(folder, "model.safetensors")
     try:
         model.load_state_dict(load_file(path), strict=True)
-    except (OSError, RuntimeError, SafetensorError) as e:  # unreadable file, or tensors that do not fit the described model
+    except (OSError, RuntimeError, SafetensorError) as e:  # unreadable, or tensors that do not fit the model
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path}: does not load into the model of config.json ({first})") from None
     model.eval()

@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def autocast_dtype(ds: Mapping[str, Any]) -> torch.dtype | None:
