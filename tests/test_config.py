@@ -15,9 +15,11 @@ def write(tmp_path, obj, name="c.json"):
 
 
 def test_shipped_configs_load():
-    for name in ("clevr", "clevr_features", "synthetic"):
+    for name in ("clevr", "clevr_features", "clevr_humans", "clevr_cogent"):
         cfg = load_config(f"configs/{name}.json")
-        assert cfg.kernels.mode == "reference"
+        assert cfg.kernels.mode == "reference"  # the paper configs: the reference (specification) path
+    synthetic = load_config("configs/synthetic.json")  # `make train` on a CPU: its fastest measured mode
+    assert synthetic.kernels.mode == "compile" and synthetic.deepspeed["bf16"]["enabled"] is True
     paper = load_config("configs/clevr.json")
     assert paper.batch_size == 64 and paper.lr == 3e-4
     assert paper.deepspeed["optimizer"]["params"]["weight_decay"] == 1e-5
