@@ -131,24 +131,33 @@ def test_deepspeed_defaults_are_merged_key_by_key():
     assert only_global.batch_size == 16
 
 
+class OneBatch:
+    """A loader of one batch with the given answers and families (what `evaluate` reads)."""
+
+    split = "val"
+
+    def __init__(self, answers, families):
+        self.answers, self.families = torch.tensor(answers), torch.tensor(families)
+
+    def epoch(self, epoch):
+        n = len(self.answers)
+        yield {
+            "image": torch.zeros(n, 1),
+            "question": torch.zeros(n, 1, dtype=torch.long),
+            "length": torch.ones(n, dtype=torch.long),
+            "answer": self.answers,
+            "family": self.families,
+        }
+
+
 def test_unknown_family_is_its_own_row():
     from fastfilm.evaluate import evaluate
 
-    class Loader:
-        split = "val"
-
-        def epoch(self, epoch):
-            yield {
-                "image": torch.zeros(4, 1),
-                "question": torch.zeros(4, 1, dtype=torch.long),
-                "length": torch.ones(4, dtype=torch.long),
-                "answer": torch.tensor([0, 1, 0, 1]),
-                "family": torch.tensor([0, -1, 0, -1]),
-            }
-
     model = torch.nn.Module()
     model.forward = lambda images, q, lengths: torch.tensor([[1.0, 0.0]] * 4)  # always answers 0
-    result = evaluate(model, Loader(), torch.device("cpu"), family_names=["exist"])
+    result = evaluate(
+        model, OneBatch([0, 1, 0, 1], [0, -1, 0, -1]), torch.device("cpu"), family_names=["exist"]
+    )
     assert result["families"]["exist"] == {"correct": 2, "total": 2, "accuracy": 1.0}
     assert result["families"]["unknown"] == {"correct": 0, "total": 2, "accuracy": 0.0}
     assert result["total"] == 4
@@ -157,23 +166,11 @@ def test_unknown_family_is_its_own_row():
 def test_an_answer_outside_the_training_answers_is_never_correct():
     from fastfilm.evaluate import UNK_ANSWER, evaluate
 
-    class Loader:
-        split = "val"
-
-        def epoch(self, epoch):
-            yield {
-                "image": torch.zeros(2, 1),
-                "question": torch.zeros(2, 1, dtype=torch.long),
-                "length": torch.ones(2, dtype=torch.long),
-                "answer": torch.tensor([UNK_ANSWER, 5]),
-                "family": torch.tensor([0, 0]),
-            }
-
     model = torch.nn.Module()
     logits = torch.zeros(2, 8)
     logits[0, UNK_ANSWER] = logits[1, 5] = 1.0  # the model "predicts" <UNK> for the first, 5 for the second
     model.forward = lambda images, q, lengths: logits
-    result = evaluate(model, Loader(), torch.device("cpu"))
+    result = evaluate(model, OneBatch([UNK_ANSWER, 5], [0, 0]), torch.device("cpu"))
     assert (result["correct"], result["total"]) == (1, 2)
 
 
