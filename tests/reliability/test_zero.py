@@ -89,6 +89,21 @@ def optimizer_states(folder):
     return out
 
 
+def record_training_indices(monkeypatch) -> list:
+    """The (epoch, question indices) of every training batch the loader yields from now on."""
+    seen = []
+    real = Loader.epoch
+
+    def recording(self, epoch, start_batch=0, start_question=0):
+        for batch in real(self, epoch, start_batch, start_question):
+            if self.drop_last:
+                seen.append((epoch, batch["index"].tolist()))
+            yield batch
+
+    monkeypatch.setattr(Loader, "epoch", recording)
+    return seen
+
+
 def test_straight_and_resumed_runs_are_bit_identical_for_every_stage(zero_runs):
     out, stdout = zero_runs
     for case in CASES:
@@ -176,16 +191,7 @@ def test_two_rank_run_resumed_on_one_rank_sees_each_question_of_the_epoch_once(
     assert sorted(before[0]) == list(range(QUESTIONS)) and len(before[1]) == 16
     run = tmp_path / "run"
     shutil.copytree(out / "stage0_mid", run, ignore=shutil.ignore_patterns(".lock"))
-    seen = []
-    real = Loader.epoch
-
-    def recording(self, epoch, start_batch=0, start_question=0):
-        for batch in real(self, epoch, start_batch, start_question):
-            if self.drop_last:
-                seen.append((epoch, batch["index"].tolist()))
-            yield batch
-
-    monkeypatch.setattr(Loader, "epoch", recording)
+    seen = record_training_indices(monkeypatch)
     raw = base_config(dataset, run, max_steps=0)
     raw["train"]["epochs"] = 2
     raw["deepspeed"]["train_micro_batch_size_per_gpu"] = micro
@@ -217,16 +223,7 @@ def test_zero_checkpoint_on_another_number_of_ranks_is_refused(dataset, zero_run
 
 @pytest.mark.parametrize("stage,bucketed", [(1, False), (0, True)], ids=["zero1", "stage0-bucket_by_length"])
 def test_resume_with_another_micro_batch_on_the_same_ranks(dataset, tmp_path, monkeypatch, stage, bucketed):
-    seen = []
-    real = Loader.epoch
-
-    def recording(self, epoch, start_batch=0, start_question=0):
-        for batch in real(self, epoch, start_batch, start_question):
-            if self.drop_last:
-                seen.append((epoch, batch["index"].tolist()))
-            yield batch
-
-    monkeypatch.setattr(Loader, "epoch", recording)
+    seen = record_training_indices(monkeypatch)
     run = tmp_path / "run"
     raw = base_config(dataset, run, max_steps=2)  # 1 rank × 8: 6 steps per epoch; stop after 16 questions
     raw["train"]["epochs"] = 1
