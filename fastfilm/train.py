@@ -244,13 +244,23 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     the low precision. `bf16` needs nothing more; `fp16` adds DeepSpeed's dynamic loss scaling (a
     `torch.amp.GradScaler`: steps whose gradients overflow are skipped and the scale backs off). DeepSpeed's own
     `bf16`/`fp16` modes would cast BN's affine parameters but not its float32 running stats, so they are not used.
+
+    Gradients are reduced across ranks in float32 at every ZeRO stage, as at stage 0: DeepSpeed's autocast would
+    reduce the gradients of `nn.Linear`/`nn.Conv*` parameters in the low precision under ZeRO (only those module
+    classes, so not the fused kernels' parameters). `torch_autocast.lower_precision_safe_modules` in the DeepSpeed
+    section opts back in to that (half the gradient traffic of those parameters, rounded to bf16/fp16).
     """
     ds = json.loads(json.dumps(cfg.deepspeed))
     ds.pop("optimizer", None)
     dtype = autocast_dtype(cfg.deepspeed)
     if dtype is not None:
+        user = ds.get("torch_autocast") or {}
         ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": str(dtype).replace("torch.", "")}
+        ds["torch_autocast"] = {
+            "enabled": True,
+            "dtype": str(dtype).replace("torch.", ""),
+            "lower_precision_safe_modules": user.get("lower_precision_safe_modules", []),
+        }
     return ds
 
 

@@ -131,6 +131,20 @@ def test_deepspeed_defaults_are_merged_key_by_key():
     assert only_global.batch_size == 16
 
 
+def test_mixed_precision_reduces_gradients_in_float32_unless_asked():
+    from fastfilm.train import deepspeed_config
+
+    ds = deepspeed_config(config_from_dict({"deepspeed": {"bf16": {"enabled": True}}}))
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False} and "optimizer" not in ds
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    opt_in = {"lower_precision_safe_modules": ["torch.nn.Linear"]}
+    ds = deepspeed_config(
+        config_from_dict({"deepspeed": {"fp16": {"enabled": True}, "torch_autocast": opt_in}})
+    )
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16", **opt_in}
+    assert "torch_autocast" not in deepspeed_config(config_from_dict({}))
+
+
 class OneBatch:
     """A loader of one batch with the given answers and families (what `evaluate` reads)."""
 

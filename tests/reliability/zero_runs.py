@@ -20,6 +20,7 @@ CASES = {  # name: (zero stage, bf16, steps straight, steps before the resume)
     "stage0": (0, False, 9, 4),
     "stage1": (1, False, 9, 4),
     "stage2": (2, False, 9, 4),
+    "stage0_bf16": (0, True, 5, 2),
     "stage2_bf16": (2, True, 5, 2),
 }
 RECORD: dict = {"path": None}
