@@ -17,6 +17,11 @@ FP32_REL = 1e-5
 # not much more (the bf16 ulp at the magnitude is 2^-8 = 3.9e-3).
 BF16_REL = 1e-2
 
+# float16: 11 significant bits, one round-to-nearest costs up to 2^-12 ≈ 2.4e-4 of the value; as for bf16 the
+# kernels round once at the store (under autocast the 1×1 conv also rounds x and W first: three roundings ≈ 7e-4).
+# 2e-3 of the tensor's magnitude is that and not much more (the fp16 ulp at the magnitude is 2^-10 ≈ 1e-3).
+FP16_REL = 2e-3
+
 # TF32 (float32 GEMMs when torch.backends.cuda.matmul.allow_tf32 is on; GPU only): each operand is rounded to 10
 # mantissa bits, 2^-11 ≈ 4.9e-4 of its value, 8 times finer than bf16's 2^-8; the bf16 bound scaled down by 8
 # is ~1.3e-3, so 2e-3 of the tensor's magnitude.
@@ -40,7 +45,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, n
 
 def tol(dtype: torch.dtype) -> float:
     """The relative tolerance for results stored in `dtype`."""
-    return BF16_REL if dtype == torch.bfloat16 else FP32_REL
+    return {torch.bfloat16: BF16_REL, torch.float16: FP16_REL}.get(dtype, FP32_REL)
 
 
 def cuda_only(test):
