@@ -59,22 +59,47 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
     return model, cfg, vocab
 
 
-def run_export(args: argparse.Namespace) -> int:
-    """`fastfilm export`: copy a verified checkpoint's weights, config and vocab into an export folder."""
-    from fastfilm.checkpoint import find_checkpoint
+# What an export folder may hold: the exported files, a manifest, and import-original's note of its source.
+EXPORT_FOLDER_FILES = (*EXPORT_FILES, "manifest.json", "original.json")
 
+
+def check_export_target(out: str) -> None:
+    """Refuse an `--out` that is a file, or a folder holding anything but an earlier export (never deleted)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"export --out {out}: exists and is not a folder (give a new folder)")
+    if os.path.isdir(out):
+        other = sorted(set(os.listdir(out)) - set(EXPORT_FOLDER_FILES))
+        if other:
+            raise UsageError(
+                f"export --out {out}: holds files that are not an exported model ({', '.join(other[:3])}"
+                f"{', ...' if len(other) > 3 else ''}); nothing was written (give a new folder or an earlier export)"
+            )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`fastfilm export`: copy a verified checkpoint's weights, config and vocab into an export folder (with a
+    sha256 manifest, so `eval --checkpoint` takes it). An earlier export at `--out` is replaced; a folder that
+    holds anything else is refused."""
+    from fastfilm.checkpoint import find_checkpoint, write_manifest
+
+    out = os.path.normpath(args.out)
+    check_export_target(out)
     folder = find_checkpoint(args.checkpoint, args.tag)
     load_model_folder(folder)  # proves the weights load into the described model before anything is written
-    out = args.out
-    tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in EXPORT_FILES:
-        shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(f"exported {folder} → {out}/ ({', '.join(EXPORT_FILES)})")
+    tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name in EXPORT_FILES:
+            shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+        write_manifest(tmp)
+        if os.path.isdir(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"exported {folder} → {out}/ ({', '.join(EXPORT_FILES)}, manifest.json)")
     return 0
 
 

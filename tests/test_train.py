@@ -160,7 +160,7 @@ def test_eval_count_exact_export_and_predict(dataset, tmp_path):
     assert sum(f["total"] for f in result["families"].values()) == 18
     exported = tmp_path / "model"
     assert cli(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0
-    assert sorted(os.listdir(exported)) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(exported)) == ["config.json", "manifest.json", "model.safetensors", "vocab.json"]
     img = dataset / "clevr" / "images" / "val" / "CLEVR_val_000000.png"
     proc = subprocess.run(
         [sys.executable, "-m", "fastfilm", "predict", "--model", str(exported), "--image", str(img),

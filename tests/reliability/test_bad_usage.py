@@ -1,0 +1,62 @@
+"""Mistakes a user makes with the commands that read a trained model (eval, export, predict, analyze): one line
+on stderr naming the file or option and what was expected, exit status 2, no traceback, and nothing that already
+existed is deleted or overwritten."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from fastfilm.cli import main as cli
+from fastfilm.config import config_from_dict
+from fastfilm.train import train
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """(run folder after 2 steps, an export of its `last`)."""
+    d = tmp_path_factory.mktemp("usage")
+    run = d / "run"
+    train(config_from_dict(tiny_config(dataset, run, max_steps=2, eval_every=2)))
+    model = d / "model"
+    assert cli(["export", "--checkpoint", str(run), "--tag", "last", "--out", str(model)]) == 0
+    return run, model
+
+
+def one_line(capsys) -> str:
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("fastfilm: "), err
+    return err[0]
+
+
+def test_export_refuses_a_folder_or_file_it_did_not_write(trained, tmp_path, capsys):
+    run, _ = trained
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert cli(["export", "--checkpoint", str(run), "--tag", "last", "--out", str(precious)]) == 2
+    line = one_line(capsys)
+    assert str(precious) in line and "notes.txt" in line
+    assert os.listdir(precious) == ["notes.txt"] and (precious / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    assert cli(["export", "--checkpoint", str(run), "--tag", "last", "--out", str(a_file)]) == 2
+    assert str(a_file) in one_line(capsys) and a_file.read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "precious"]  # no temp folders left
+
+
+def test_export_replaces_an_earlier_export_and_eval_takes_it(trained, tmp_path, capsys):
+    run, _ = trained
+    out = tmp_path / "model"
+    for _ in range(2):  # the second export replaces the first
+        assert cli(["export", "--checkpoint", str(run), "--tag", "last", "--out", str(out)]) == 0
+    names = ["config.json", "manifest.json", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(out)) == names
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(out), "--split", "val"]) == 0
+    assert "overall" in capsys.readouterr().out
+    shutil.rmtree(out)
