@@ -7,6 +7,7 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,3 +30,15 @@ def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
     except FastfilmError as e:
         print(f"fastfilm: {e.label}: {e}", file=sys.stderr)
         return e.exit_status
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written: `path` is a folder, or a file stands
+    where one of its folders would be (missing folders are made when the file is written)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder (expected a file name)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: {parent} is a file, not a folder")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -98,10 +97,14 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
-    from fastfilm.checkpoint import find_checkpoint
+    from fastfilm.checkpoint import atomic_write_json, find_checkpoint
     from fastfilm.data import loader_for
+    from fastfilm.errors import check_output_file
     from fastfilm.export import load_model_folder
 
+    for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
+        if getattr(args, option, None):
+            check_output_file(getattr(args, option), "--" + option.replace("_", "-"))
     folder = find_checkpoint(args.checkpoint, args.tag)
     model, cfg, vocab = load_model_folder(folder, kernels=args.kernels)
     if getattr(args, "cache", None):  # eval --cache: another prepared cache (e.g. a zero-shot question set)
@@ -132,6 +135,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0

@@ -60,3 +60,18 @@ def test_export_replaces_an_earlier_export_and_eval_takes_it(trained, tmp_path, 
     assert cli(["eval", "--checkpoint", str(out), "--split", "val"]) == 0
     assert "overall" in capsys.readouterr().out
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("option", ["--json", "--predictions", "--predictions-json"])
+def test_eval_output_that_cannot_be_written_is_one_line_before_evaluating(trained, tmp_path, capsys, option):
+    run, _ = trained
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    for target in (folder, a_file / "out.txt"):
+        assert cli(["eval", "--checkpoint", str(run), "--tag", "last", option, str(target)]) == 2
+        line = one_line(capsys)
+        assert option in line and str(target) in line, line
+    assert os.listdir(folder) == ["keep.txt"] and a_file.read_text() == "keep"
