@@ -137,14 +137,15 @@ def predict(model: FiLMModel, cfg: Config, vocab: dict, image: str, question: st
 
 def run_predict(args: argparse.Namespace) -> int:
     """`fastfilm predict`: print the top answers with their probabilities (or, with --interactive, a prompt)."""
-    if args.question is None and not getattr(args, "interactive", False):
-        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
-    if getattr(args, "interactive", False) or getattr(args, "resnet_weights", None):
-        from fastfilm.prompt import run_interactive  # the prompt, or a feature-stem model's one answer
+    from fastfilm.prompt import run_interactive  # one question or the prompt; unknown words named (README)
 
-        return run_interactive(args)
-    model, cfg, vocab = load_model_folder(args.model, kernels="reference")
-    answers = predict(model, cfg, vocab, args.image, args.question, args.top)
-    for answer, p in answers:
-        print(f"{answer:<12} {p:.4f}")
-    return 0
+    interactive = getattr(args, "interactive", False)
+    if args.question is None and not interactive:
+        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
+    if args.question is not None and not args.question.strip() and not interactive:
+        raise UsageError(
+            "predict --question: empty (expected a question such as 'How many cubes are there?')"
+        )
+    if args.top < 1:
+        raise UsageError(f"predict --top {args.top}: expected an integer >= 1")
+    return run_interactive(args)

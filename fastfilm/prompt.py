@@ -60,9 +60,12 @@ class Answerer:
     def ask(self, question: str, top: int = 5) -> list[tuple[str, float]]:
         """The top answers to `question` about the current image."""
         from fastfilm.data.tokenize import encode_question
+        from fastfilm.precision import autocast, autocast_dtype
 
         ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long)
-        logits = self.model(self.image, ids, torch.tensor([ids.shape[1]]))
+        dtype = autocast_dtype(self.cfg.deepspeed)  # the model's precision, as eval uses
+        with autocast(self.image.device, dtype):
+            logits = self.model(self.image, ids, torch.tensor([ids.shape[1]]))
         probs = torch.softmax(logits.float(), dim=1)[0]
         p, i = probs.topk(min(top, probs.numel()))
         return [(self.idx_to_answer.get(int(j), str(int(j))), float(q)) for q, j in zip(p, i)]

@@ -163,3 +163,37 @@ def test_feature_stem_model_reads_the_image_through_resnet(tmp_path, capsys):
     assert main([*args, "--question", "How many things are there?"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 5 and out[0].split()[0] in a
+
+
+def test_one_question_names_unknown_words_and_refuses_bad_options(tmp_path, capsys):
+    """`predict --question` (no prompt) on a raw-pixel model: unknown words are named and not answered, as the
+    README says; an empty question and --top < 1 are one line, exit 2 (were answered / a traceback)."""
+    from fastfilm.cli import main as cli
+
+    folder, img = pixel_model_folder(tmp_path), png(tmp_path, "a.png", (200, 30, 30))
+    base = ["predict", "--model", folder, "--image", img]
+    cases = [
+        (["--question", "How many zebras are there?"], "'zebras'"),
+        (["--question", "  "], "--question"),
+        (["--question", "How many things are there?", "--top", "0"], "--top 0"),
+        (["--question", "How many things are there?", "--top", "-3"], "--top -3"),
+    ]
+    for extra, expected in cases:
+        assert cli(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert cli(base + ["--question", "How many zebras are there?", "--allow-unknown", "--top", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_prompt_answers_under_the_models_autocast(tmp_path):
+    folder = pixel_model_folder(tmp_path)
+    model, cfg, vocab = load_model_folder(folder)
+    cfg.deepspeed["bf16"] = {"enabled": True}
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")))
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    answerer = Answerer(model, cfg, vocab)
+    answerer.load(png(tmp_path, "a.png", (200, 30, 30)))
+    answerer.ask("How many things are there?")
+    assert seen == [torch.bfloat16, True]
