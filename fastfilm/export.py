@@ -43,6 +43,13 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
 
     cfg = config_from_dict(read_json("config.json"), source=os.path.join(folder, "config.json"))
     vocab = read_json("vocab.json")
+    if not isinstance(vocab, dict) or not all(
+        isinstance(vocab.get(k), dict) and vocab[k] for k in ("question_token_to_idx", "answer_token_to_idx")
+    ):
+        raise CheckpointError(
+            f"{os.path.join(folder, 'vocab.json')}: expected an object whose question_token_to_idx and "
+            "answer_token_to_idx map words to ids (as `fastfilm prep` writes)"
+        )
     model = FiLMModel(
         cfg.model,
         len(vocab["question_token_to_idx"]),
@@ -53,7 +60,9 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
     try:
         model.load_state_dict(load_file(path), strict=True)
     except (OSError, RuntimeError, SafetensorError) as e:  # unreadable, or tensors that do not fit the model
-        first = str(e).strip().splitlines()[0]
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        first = first if len(first) <= 300 else first[:300] + "..."
         raise CheckpointError(f"{path}: does not load into the model of config.json ({first})") from None
     model.eval()
     return model, cfg, vocab

@@ -75,3 +75,27 @@ def test_eval_output_that_cannot_be_written_is_one_line_before_evaluating(traine
         line = one_line(capsys)
         assert option in line and str(target) in line, line
     assert os.listdir(folder) == ["keep.txt"] and a_file.read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("vocab.json", "[1, 2]", "question_token_to_idx"),
+        ("vocab.json", '{"question_token_to_idx": {"a": 0}}', "answer_token_to_idx"),
+        ("config.json", '{"model": {"module_dim": 7}}', "Missing key(s)"),
+    ],
+    ids=["vocab-list", "vocab-no-answers", "config-other-model"],
+)
+def test_model_folder_that_does_not_describe_its_weights_is_one_line(
+    trained, tmp_path, capsys, name, text, expected
+):
+    _, model = trained
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    os.remove(folder / "manifest.json")
+    (folder / name).write_text(text)
+    img = tmp_path / "never-read.png"  # the model folder is refused first
+    argv = ["predict", "--model", str(folder), "--image", str(img), "--question", "What color is it?"]
+    assert cli(argv) == 2
+    line = one_line(capsys)
+    assert str(folder) in line and expected in line, line
