@@ -28,6 +28,22 @@ FP16_REL = 2e-3
 TF32_REL = 2e-3
 
 
+def clone_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with its sizes, strides and storage offset (a leaf that does not require grad).
+
+    `t.clone()` keeps the strides of dense tensors only: a channel slice, every other sample or γ sliced out of
+    the generator's output would come back contiguous, and the test would not test the layout it names.
+    """
+    t = t.detach()
+    numel = t.untyped_storage().nbytes() // t.element_size()
+    storage = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (numel,), (1,))
+    copy = storage.clone().as_strided(t.size(), t.stride(), t.storage_offset())
+    assert (
+        copy.stride() == t.stride() and copy.storage_offset() == t.storage_offset() and torch.equal(copy, t)
+    )
+    return copy
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected| (error relative to the tensor's magnitude), in float64."""
     a, e = actual.detach().double(), expected.detach().double()

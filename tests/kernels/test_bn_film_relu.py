@@ -10,7 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import bn_film_relu
-from tests.kernels.helpers import BF16_REL, FP32_REL, assert_rel_close, cuda_only, rel_error, tol
+from tests.kernels.helpers import (
+    BF16_REL,
+    FP32_REL,
+    assert_rel_close,
+    clone_layout,
+    cuda_only,
+    rel_error,
+    tol,
+)
 
 bn_module = importlib.import_module("kernels.bn_film_relu")  # the package exports a function of that name
 
@@ -49,7 +57,7 @@ def make_inputs(shape, device, dtype=torch.float32, gamma_dtype=None, seed=0):
 def run(impl, inp, mode, residual=True, buffers=True, upcast=False, **kw):
     """Forward + backward of one implementation on fresh leaves; returns (out, grads dict, mean buffer, var buffer)."""
     cast = (lambda t: t.float()) if upcast else (lambda t: t)
-    leaves = {k: cast(inp[k]).detach().clone().requires_grad_() for k in ("z", "gamma", "beta", "residual")}
+    leaves = {k: clone_layout(cast(inp[k])).requires_grad_() for k in ("z", "gamma", "beta", "residual")}
     if not residual:
         leaves["residual"] = None
     use_buffers = buffers and mode != "no_bn"

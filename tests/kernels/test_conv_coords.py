@@ -10,7 +10,16 @@ import torch.nn.functional as F
 
 import kernels._common as common
 from kernels import conv_coords, coord_bias_map, coord_map
-from tests.kernels.helpers import BF16_REL, FP32_REL, TF32_REL, assert_rel_close, cuda_only, rel_error, tol
+from tests.kernels.helpers import (
+    BF16_REL,
+    FP32_REL,
+    TF32_REL,
+    assert_rel_close,
+    clone_layout,
+    cuda_only,
+    rel_error,
+    tol,
+)
 
 conv_module = importlib.import_module("kernels.conv_coords")  # the package exports a function of that name
 
@@ -32,7 +41,7 @@ def make_inputs(n, c_in, c_out, h, w, k, device, dtype=torch.float32, seed=0):
 
 def run(impl, inp, padding, relu, upcast=False):
     cast = (lambda t: t.float()) if upcast else (lambda t: t)
-    leaves = {k: cast(inp[k]).detach().clone().requires_grad_() for k in ("x", "weight", "bias")}
+    leaves = {k: clone_layout(cast(inp[k])).requires_grad_() for k in ("x", "weight", "bias")}
     out = conv_coords(leaves["x"], leaves["weight"], leaves["bias"], padding=padding, relu=relu, impl=impl)
     out.backward(cast(inp["dout"]))
     return out, {k: v.grad for k, v in leaves.items()}
