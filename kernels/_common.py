@@ -128,6 +128,26 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse, naming the argument, a tensor that is not floating point or not on the first tensor's device.
+
+    The kernels take float16, bfloat16, float32 and float64 (the pointers' element types); anything else would
+    compute garbage or fail inside Triton, and a tensor on another device fails at the launch with no name.
+    """
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dtype not in TL_DTYPE:
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(
+                f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {kind}"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device}, {first_name} on {first.device}: put them on one device"
+            )
+
+
 def check_device(*tensors: torch.Tensor | None) -> None:
     """Refuse CPU tensors unless Triton runs in its interpreter (a clear error instead of a launch failure)."""
     for t in tensors:

@@ -23,6 +23,8 @@ Kernels (all statistics and sums in float32, float64 when the inputs are float64
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -37,6 +39,7 @@ from kernels._common import (
     acc_dtype,
     aligned,
     check_device,
+    check_tensors,
     empty_like_layout,
     hw_stride,
     is_channels_last,
@@ -401,7 +404,15 @@ class BnFilmReluFunction(torch.autograd.Function):
 _compiled_reference = None
 
 
-def _check(z, gamma, beta, residual, running_mean, running_var, training, normalize) -> None:
+def _check(z, gamma, beta, residual, running_mean, running_var, training, normalize, momentum, eps) -> None:
+    tensors = dict(z=z, gamma=gamma, beta=beta, residual=residual, running_mean=running_mean)
+    check_tensors("bn_film_relu", **tensors, running_var=running_var)
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            hint = " (nn.BatchNorm's momentum=None, a cumulative average, is 1 / num_batches_tracked)"
+            raise TypeError(
+                f"bn_film_relu: {name} must be a number, got {value!r}" + (hint if name == "momentum" else "")
+            )
     if z.dim() != 4:
         raise ValueError(f"bn_film_relu: z must be [N, C, H, W], got shape {tuple(z.shape)}")
     n, c, h, w = z.shape
@@ -445,7 +456,7 @@ def bn_film_relu(
     normalize=False skips BN (the "no BN" ablation). The output has z's dtype and layout; statistics and sums
     are float32. impl: "triton" (fused kernels), "reference" (plain PyTorch), "compile" (torch.compile of it).
     """
-    _check(z, gamma, beta, residual, running_mean, running_var, training, normalize)
+    _check(z, gamma, beta, residual, running_mean, running_var, training, normalize, momentum, eps)
     if impl == "reference":
         return bn_film_relu_reference(
             z, gamma, beta, residual, running_mean, running_var,

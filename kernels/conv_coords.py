@@ -32,6 +32,7 @@ from kernels._common import (
     acc_dtype,
     aligned,
     check_device,
+    check_tensors,
     empty_like_layout,
     gemm_tuning,
     hw_stride,
@@ -413,11 +414,14 @@ def conv_coords(
     products run in the autocast dtype, as F.conv2d. impl: "triton" (fused 1×1 kernel; k > 1 uses cuDNN plus a
     coordinate bias map), "reference" (plain PyTorch, concatenating), "compile" (torch.compile of the reference).
     """
+    check_tensors("conv_coords", x=x, weight=weight, bias=bias)
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1] + 2:
         raise ValueError(
             f"conv_coords: need x [N, C_in, H, W] and weight [C_out, C_in + 2, k, k], got {tuple(x.shape)} "
             f"and {tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv_coords: bias must be [C_out] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if impl == "reference":
         return conv_coords_reference(x, weight, bias, padding=padding, relu=relu)
     if impl == "compile":

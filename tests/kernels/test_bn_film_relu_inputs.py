@@ -239,3 +239,26 @@ def test_eval_uses_running_stats_and_leaves_them_alone(device):
     F.batch_norm(inp["z"], ref_rm, ref_rv, training=True, momentum=0.25)
     assert_rel_close(rm, ref_rm, FP32_REL, "running_mean")
     assert_rel_close(rv, ref_rv, FP32_REL, "running_var")
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_rejects_bad_arguments_naming_them(device, impl):
+    """Wrong dtypes, devices and momentum: one clear error that names the argument, never a Triton crash or a
+    silently wrong result (an integer z used to come back as an integer output)."""
+    inp = make_inputs((3, 5, 4, 3), device, seed=34)
+    z, g, b, r = inp["z"], inp["gamma"], inp["beta"], inp["residual"]
+    rm, rv = _buffers(inp, "train")
+    kw = dict(training=True, impl=impl)
+    with pytest.raises(TypeError, match="bn_film_relu: z must be a floating-point tensor"):
+        bn_film_relu(z.long(), g, b, None, rm, rv, **kw)
+    with pytest.raises(TypeError, match="bn_film_relu: beta must be a floating-point tensor"):
+        bn_film_relu(z, g, b.int(), None, rm, rv, **kw)
+    with pytest.raises(TypeError, match="bn_film_relu: running_var must be a floating-point tensor"):
+        bn_film_relu(z, g, b, None, rm, rv.long(), **kw)
+    with pytest.raises(ValueError, match="bn_film_relu: gamma is on meta, z on cpu"):
+        bn_film_relu(z.cpu(), g.to("meta"), b.cpu(), None, None, None, **kw)
+    with pytest.raises(ValueError, match="bn_film_relu: running_mean is on meta, z on cpu"):
+        bn_film_relu(z.cpu(), g.cpu(), b.cpu(), r.cpu(), rm.to("meta"), rv.cpu(), **kw)
+    with pytest.raises(TypeError, match="bn_film_relu: momentum must be a number.*1 / num_batches_tracked"):
+        bn_film_relu(z, g, b, None, rm, rv, momentum=None, **kw)
+    assert torch.equal(rm, inp["running_mean"]) and torch.equal(rv, inp["running_var"])
