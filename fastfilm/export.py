@@ -6,6 +6,7 @@ An exported model folder holds `model.safetensors`, `config.json` and `vocab.jso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -42,6 +43,11 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
     cfg = config_from_dict(read_json("config.json"), source=os.path.join(folder, "config.json"))
+    if (kernels or cfg.kernels.mode) == "triton":  # without a GPU: the interpreter, or one line (as train)
+        from fastfilm.config import KernelsConfig
+        from fastfilm.train import check_kernels_mode
+
+        check_kernels_mode(dataclasses.replace(cfg, kernels=KernelsConfig("triton")))
     vocab = read_json("vocab.json")
     if not isinstance(vocab, dict) or not all(
         isinstance(vocab.get(k), dict) and vocab[k] for k in ("question_token_to_idx", "answer_token_to_idx")

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from fastfilm.cli import main as cli
 from fastfilm.config import config_from_dict
 from fastfilm.train import train
-from tests.test_train import tiny_config
+from tests.test_train import ROOT, clean_env, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,18 @@ def test_model_folder_that_does_not_describe_its_weights_is_one_line(
     assert cli(argv) == 2
     line = one_line(capsys)
     assert str(folder) in line and expected in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a GPU")
+def test_eval_with_triton_kernels_on_cpu_uses_the_interpreter_as_train_does(trained):
+    """`eval --kernels triton` without a GPU or TRITON_INTERPRET: one warning line and the interpreter (was a
+    traceback from the kernels at the first forward)."""
+    run, _ = trained
+    env = {k: v for k, v in clean_env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastfilm", "eval", "--checkpoint", str(run), "--tag", "last", "--kernels", "triton"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("fastfilm: warning: kernels=triton")]
+    assert len(warnings) == 1 and "overall" in proc.stdout
