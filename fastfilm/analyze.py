@@ -254,8 +254,10 @@ def analyze(
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
     from fastfilm.data import loader_for
+    from fastfilm.errors import check_output_folder
     from fastfilm.export import load_model_folder
 
+    check_output_folder(out, "analyze --out")
     os.makedirs(out, exist_ok=True)
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")
     device = torch.device("cpu")

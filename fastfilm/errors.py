@@ -37,6 +37,17 @@ def check_output_file(path: str, option: str) -> None:
     where one of its folders would be (missing folders are made when the file is written)."""
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a folder (expected a file name)")
+    _check_parents(path, option)
+
+
+def check_output_folder(path: str, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file, or lies under a file."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: exists and is not a folder")
+    _check_parents(path, option)
+
+
+def _check_parents(path: str, option: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)

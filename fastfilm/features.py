@@ -280,6 +280,9 @@ def run(args: argparse.Namespace) -> int:
         splits = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
     if args.batch_size < 1 or args.image_size < 16:
         raise DataError("features: --batch-size must be >= 1 and --image-size >= 16")
+    from fastfilm.errors import check_output_folder
+
+    check_output_folder(args.out, "features --out")
     trunk = load_trunk(args.weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.out, exist_ok=True)

@@ -51,6 +51,7 @@ import numpy as np
 
 from fastfilm.data import DataError
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK, build_vocab, encode_tokens, tokenize, vocab_hash
+from fastfilm.errors import check_output_folder
 
 FORMAT_VERSION = 1
 CLEVR_SIZE = (480, 320)  # width, height of every CLEVR v1.0 image
@@ -849,6 +850,7 @@ def prepare(
     t0 = time.time()
     splits, base = _check_arguments(clevr_dir, splits, image_size, vocab_from, expand_vocab, unk_threshold)
     workers = max(1, workers or os.cpu_count() or 1)
+    check_output_folder(out_dir, "prep --out")
     os.makedirs(out_dir, exist_ok=True)
     _clean_stale_temps(out_dir)
     old = _read_manifest(os.path.join(out_dir, "manifest.json"))

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fastfilm.data import DataError
+from fastfilm.errors import check_output_folder
 
 WIDTH, HEIGHT = 480, 320
 SPLITS = ("train", "val", "test")
@@ -980,6 +981,7 @@ def generate(
     fams = _check_options(
         sizes, questions_per_image, min_objects, max_objects, object_scale, families, max_filters
     )
+    check_output_folder(out_dir, "synth --out")
     scene_opts = (min_objects, max_objects, float(object_scale))
     plan = _split_plan(sizes, cogent)
     split_sizes = {s: n for s, n, _ in plan}

@@ -117,3 +117,28 @@ def test_eval_with_triton_kernels_on_cpu_uses_the_interpreter_as_train_does(trai
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     warnings = [x for x in proc.stderr.splitlines() if x.startswith("fastfilm: warning: kernels=triton")]
     assert len(warnings) == 1 and "overall" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["synth", "prep", "analyze", "features"])
+def test_output_folder_that_is_a_file_is_one_line(dataset, trained, tmp_path, capsys, command):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    out = str(a_file)
+    argv = {
+        "synth": ["synth", "--out", out, "--train-images", "2", "--workers", "1"],
+        "prep": ["prep", "--clevr", str(dataset / "clevr"), "--out", out, "--workers", "1"],
+        "analyze": ["analyze", "--model", str(trained[1]), "--out", out],
+        "features": [
+            "features",
+            "--clevr",
+            str(dataset / "clevr"),
+            "--out",
+            out,
+            "--weights",
+            "never-read.pth",
+        ],
+    }[command]
+    assert cli(argv) == 2
+    line = one_line(capsys)
+    assert f"{command} --out {out}" in line and "not a folder" in line, line
+    assert a_file.read_text() == "keep"
