@@ -148,6 +148,17 @@ def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
             )
 
 
+def no_double_backward(op: str) -> None:
+    """Refuse a backward run with create_graph=True: the kernels' gradients carry no graph, so a second derivative
+    (a gradient penalty, double backward) would silently miss this op's terms. Called inside backward, where grad
+    mode is on exactly when the caller asked for create_graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: impl='triton' has no second derivatives (backward with create_graph=True); "
+            "use impl='reference' (kernels=reference) for double backward"
+        )
+
+
 def check_device(*tensors: torch.Tensor | None) -> None:
     """Refuse CPU tensors unless Triton runs in its interpreter (a clear error instead of a launch failure)."""
     for t in tensors:

@@ -43,6 +43,7 @@ from kernels._common import (
     empty_like_layout,
     hw_stride,
     is_channels_last,
+    no_double_backward,
     vec_hint,
 )
 
@@ -388,6 +389,7 @@ class BnFilmReluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        no_double_backward("bn_film_relu")
         z, gamma, beta, mean, rstd = ctx.saved_tensors
         dz, d_gamma, d_beta, dr = _backward(dout, z, gamma, beta, mean, rstd, ctx.mode)
         if ctx.residual_dtype is not None:

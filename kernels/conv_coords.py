@@ -36,6 +36,7 @@ from kernels._common import (
     empty_like_layout,
     gemm_tuning,
     hw_stride,
+    no_double_backward,
     vec_hint,
 )
 
@@ -360,6 +361,7 @@ class ConvCoords1x1Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        no_double_backward("conv_coords")
         x, weight, y = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]

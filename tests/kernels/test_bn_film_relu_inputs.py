@@ -262,3 +262,19 @@ def test_rejects_bad_arguments_naming_them(device, impl):
     with pytest.raises(TypeError, match="bn_film_relu: momentum must be a number.*1 / num_batches_tracked"):
         bn_film_relu(z, g, b, None, rm, rv, momentum=None, **kw)
     assert torch.equal(rm, inp["running_mean"]) and torch.equal(rv, inp["running_var"])
+
+
+def test_double_backward_is_refused(device):
+    """Second derivatives (a gradient penalty) are not implemented: create_graph=True is an error naming the op,
+    not a silently missing term (before, dz came back without a graph and d(Σ dz² + Σ γ)/dγ was all ones)."""
+    inp = make_inputs((3, 5, 4, 3), device, seed=35)
+    z, gamma = inp["z"].clone().requires_grad_(), inp["gamma"].clone().requires_grad_()
+    out = bn_film_relu(z, gamma, inp["beta"], None, None, None, training=True)
+    with pytest.raises(RuntimeError, match="bn_film_relu: impl='triton' has no second derivatives"):
+        torch.autograd.grad((out * inp["dout"]).sum(), z, create_graph=True)
+    ref = bn_film_relu(z, gamma, inp["beta"], None, None, None, training=True, impl="reference")
+    (dz,) = torch.autograd.grad((ref * inp["dout"]).sum(), z, create_graph=True)
+    (d_gamma,) = torch.autograd.grad((dz**2).sum() + gamma.sum(), gamma)
+    assert not torch.allclose(d_gamma, torch.ones_like(d_gamma)), "the reference has the second-order term"
+    (dz_first,) = torch.autograd.grad((out * inp["dout"]).sum(), z)  # first order stays fine
+    assert_rel_close(dz_first, dz, FP32_REL, "dz")

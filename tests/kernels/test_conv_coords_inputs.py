@@ -190,3 +190,15 @@ def test_rejects_bad_arguments_naming_them(device):
             conv_coords(x.cpu(), weight.cpu(), bias.to("meta"), padding=0, relu=True, impl=impl)
         with pytest.raises(ValueError, match="conv_coords: weight is on meta, x on cpu"):
             conv_coords(x.cpu(), weight.to("meta"), bias.cpu(), padding=0, relu=True, impl=impl)
+
+
+def test_double_backward_is_refused(device):
+    """Second derivatives are not implemented by the fused 1×1 conv: create_graph=True is an error naming the op,
+    not a silently missing term."""
+    inp = make_inputs(2, 4, 6, 5, 6, 1, device, seed=31)
+    x, weight = inp["x"].clone().requires_grad_(), inp["weight"].clone().requires_grad_()
+    out = conv_coords(x, weight, inp["bias"], padding=0, relu=False)
+    with pytest.raises(RuntimeError, match="conv_coords: impl='triton' has no second derivatives"):
+        torch.autograd.grad((out * inp["dout"]).sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad((out * inp["dout"]).sum(), x)  # first order stays fine
+    assert dx.shape == x.shape and not dx.requires_grad
