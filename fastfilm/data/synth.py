@@ -857,6 +857,20 @@ def _split_plan(sizes: dict[str, int], cogent: bool) -> list[tuple[str, int, str
     return [(s, sizes[s], None) for s in SPLITS]
 
 
+def _refuse_a_set_synth_did_not_write(out_dir: str) -> None:
+    """Refuse an `out_dir` that holds CLEVR-format questions but no `synth_summary.json` (e.g. the real CLEVR):
+    synth would overwrite its questions, scenes and images."""
+    qdir = os.path.join(out_dir, "questions")
+    if not os.path.isdir(qdir) or os.path.isfile(os.path.join(out_dir, "synth_summary.json")):
+        return
+    found = sorted(n for n in os.listdir(qdir) if n.endswith("_questions.json"))
+    if found:
+        raise DataError(
+            f"synth --out {out_dir}: holds a CLEVR-format set that synth did not write ({qdir}/{found[0]}, no "
+            "synth_summary.json); nothing was written (give another folder, or delete this one to regenerate)"
+        )
+
+
 def _make_folders(out_dir: str, split_sizes: dict[str, int]) -> None:
     """Create the output folders; remove images of an earlier, larger run and temp files of a killed one."""
     for split in split_sizes:
@@ -982,6 +996,7 @@ def generate(
         sizes, questions_per_image, min_objects, max_objects, object_scale, families, max_filters
     )
     check_output_folder(out_dir, "synth --out")
+    _refuse_a_set_synth_did_not_write(out_dir)
     scene_opts = (min_objects, max_objects, float(object_scale))
     plan = _split_plan(sizes, cogent)
     split_sizes = {s: n for s, n, _ in plan}

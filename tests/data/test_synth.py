@@ -237,6 +237,25 @@ def test_bad_arguments_are_data_errors(tmp_path):
         )
 
 
+def test_a_clevr_set_synth_did_not_write_is_never_overwritten(tmp_path, capsys):
+    """`synth --out data/CLEVR_v1.0` (a slip) must not replace the real set's questions and images."""
+    from fastfilm.cli import main as cli
+
+    real = tmp_path / "CLEVR_v1.0"
+    (real / "questions").mkdir(parents=True)
+    (real / "images" / "train").mkdir(parents=True)
+    qfile = real / "questions" / "CLEVR_train_questions.json"
+    qfile.write_text('{"questions": []}')
+    (real / "images" / "train" / "CLEVR_train_000000.png").write_bytes(b"real image")
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    assert cli(["synth", "--out", str(real), "--train-images", "2", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CLEVR_train_questions.json" in err[0] and "synth_summary.json" in err[0], err
+    assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
+    assert qfile.read_text() == '{"questions": []}'
+    assert (real / "images" / "train" / "CLEVR_train_000000.png").read_bytes() == b"real image"
+
+
 def test_question_only_baseline_is_reported(synth_set, capsys):
     root, summary = synth_set
     b = summary["question_only_baseline"]
