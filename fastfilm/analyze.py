@@ -254,9 +254,13 @@ def analyze(
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
     from fastfilm.data import loader_for
-    from fastfilm.errors import check_output_folder
+    from fastfilm.errors import UsageError, check_output_folder
     from fastfilm.export import load_model_folder
 
+    if not isinstance(max_questions, int) or max_questions < 3:
+        raise UsageError(
+            f"analyze --max-questions {max_questions}: expected an integer >= 3 (t-SNE needs 3 points)"
+        )
     check_output_folder(out, "analyze --out")
     os.makedirs(out, exist_ok=True)
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")

@@ -142,3 +142,12 @@ def test_output_folder_that_is_a_file_is_one_line(dataset, trained, tmp_path, ca
     line = one_line(capsys)
     assert f"{command} --out {out}" in line and "not a folder" in line, line
     assert a_file.read_text() == "keep"
+
+
+@pytest.mark.parametrize("count", ["0", "2", "-5"])
+def test_analyze_with_too_few_questions_is_one_line(trained, tmp_path, capsys, count):
+    out = tmp_path / "analysis"
+    assert cli(["analyze", "--model", str(trained[1]), "--out", str(out), "--max-questions", count]) == 2
+    line = one_line(capsys)
+    assert f"--max-questions {count}" in line and ">= 3" in line, line
+    assert not out.exists()
