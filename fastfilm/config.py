@@ -360,6 +360,63 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg)
     _validate_run(cfg)
     _validate_deepspeed(cfg)
+    _check_deepspeed_keys(cfg)
+
+
+# fastfilm builds the optimizer itself (`train.build_optimizer`): every key it reads.
+OPTIMIZER_KEYS = ("type", "params")
+OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay")
+# DeepSpeed's top-level config keys (0.17-0.19). A key that is not one of them but close to one is taken for a
+# misspelling (DeepSpeed itself ignores unknown top-level keys); a key far from all of them is passed on as it is.
+DEEPSPEED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "fp16", "bf16", "bfloat16", "torch_autocast", "amp",
+    "gradient_clipping", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "aio", "activation_checkpointing", "sparse_attention", "flops_profiler", "steps_per_print",
+    "wall_clock_breakdown", "memory_breakdown", "dump_state", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "elasticity", "autotuning", "data_efficiency", "curriculum_learning", "compression_training",
+    "checkpoint", "data_types", "pipeline", "progressive_layer_drop", "eigenvalue", "quantize_training",
+    "disable_allgather", "dataloader_drop_last", "nebula", "weight_quantization", "hybrid_engine", "compile",
+    "timers", "graph_harvesting", "use_data_before_expert_parallelism", "gradient_allreduce_op",
+    "disable_python_gc", "log_level", "managed_gradient_accumulation", "expert_parallel", "vocabulary_size",
+    "tensor_parallel", "sequence_parallel_size",
+)  # fmt: skip
+
+
+def _check_deepspeed_keys(cfg: Config) -> None:
+    """Misspelled DeepSpeed keys (see DEEPSPEED_KEYS), optimizer keys fastfilm does not read, and ZeRO keys
+    DeepSpeed would refuse only once training has started: one line naming the key, before any work."""
+    ds = cfg.deepspeed
+    for key in ds:
+        near = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1, cutoff=0.8)
+        if key not in DEEPSPEED_KEYS and near:
+            raise _bad(cfg, f"deepspeed.{key}", f"not a DeepSpeed key (did you mean '{near[0]}'?)")
+    opt = ds.get("optimizer", {})
+    for where, keys, valid in (
+        ("deepspeed.optimizer", opt, OPTIMIZER_KEYS),
+        ("deepspeed.optimizer.params", opt.get("params", {}), OPTIMIZER_PARAMS),
+    ):
+        for key in keys:
+            if key not in valid:
+                near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                msg = f"unknown key{hint}; fastfilm builds Adam itself and reads only {', '.join(valid)} here"
+                raise _bad(cfg, f"{where}.{key}", msg)
+    zero = ds.get("zero_optimization", {})
+    # DeepSpeed's own (pydantic) check of the ZeRO section, when it holds more than the stage.
+    if set(zero) - {"stage"}:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise _bad(cfg, f"deepspeed.zero_optimization.{where}", err["msg"]) from None
+        except (TypeError, ValueError) as e:
+            raise _bad(cfg, "deepspeed.zero_optimization", str(e).strip().splitlines()[0]) from None
 
 
 def _bad(cfg: Config, key: str, msg: str) -> ConfigError:

@@ -33,6 +33,18 @@ def test_unknown_key_names_key_file_and_closest(tmp_path):
     assert "modul_dim" in msg and p in msg and "module_dim" in msg
 
 
+def test_deepspeed_keys_far_from_any_misspelling_pass_through(tmp_path):
+    """Only near-misses of DeepSpeed's keys are refused: its other keys, and ZeRO keys it accepts, pass."""
+    ds = {
+        "zero_optimization": {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 5e7},
+        "flops_profiler": {"enabled": False},
+        "some_future_deepspeed_feature": {"enabled": True},
+    }
+    cfg = load_config(write(tmp_path, {"deepspeed": ds}))
+    assert cfg.deepspeed["zero_optimization"]["overlap_comm"] is True
+    assert cfg.deepspeed["some_future_deepspeed_feature"] == {"enabled": True}
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(ConfigError, match="unknown section 'trian'.*'train'"):
         load_config(write(tmp_path, {"trian": {}}))

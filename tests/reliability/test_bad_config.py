@@ -69,6 +69,24 @@ CASES = [
         1,
         ["train_micro_batch_size_per_gpu"],
     ),
+    (
+        "DeepSpeed key misspelled",
+        [("deepspeed.gradient_acumulation_steps", 2)],
+        1,
+        ["deepspeed.gradient_acumulation_steps", "did you mean 'gradient_accumulation_steps'"],
+    ),
+    (
+        "optimizer key fastfilm does not read",
+        [("deepspeed.optimizer.params.learning_rate", 0.1)],
+        1,
+        ["deepspeed.optimizer.params.learning_rate", "lr, betas, eps, weight_decay"],
+    ),
+    (
+        "ZeRO key DeepSpeed refuses",
+        [("deepspeed.zero_optimization", {"stage": 1, "stgae": 2})],
+        1,
+        ["deepspeed.zero_optimization.stgae"],
+    ),
     ("missing data cache", [("data.cache", "/nonexistent/cache")], 1, ["data.cache", "/nonexistent/cache"]),
     (
         "missing data root (png source)",
