@@ -47,6 +47,14 @@ def inputs(cfg, n=3, dtype=torch.float32, seed=1):
     return x, q
 
 
+def warm_up(cfg, *models, dtype=torch.float32):
+    """One training-mode forward of each model on the same batch: non-trivial running statistics for eval tests."""
+    for m in models:
+        m.train()
+        with torch.no_grad():
+            m(*inputs(cfg, dtype=dtype, seed=5))
+
+
 def run(model, x, q, train=True):
     model.train(train)
     model.zero_grad()
@@ -63,11 +71,8 @@ def test_triton_model_equals_reference_float64(stem, train):
     # float64: the kernels accumulate in float64 too, so any difference beyond rounding is a bug (tol 1e-10).
     cfg = cfg_for(stem)
     ref, tri = make_pair(cfg, "triton", torch.float64)
-    if not train:  # non-trivial running statistics first
-        for m in (ref, tri):
-            m.train()
-            with torch.no_grad():
-                m(*inputs(cfg, dtype=torch.float64, seed=5))
+    if not train:
+        warm_up(cfg, ref, tri, dtype=torch.float64)
     x, q = inputs(cfg, dtype=torch.float64)
     lr, gr, sr = run(ref, x, q, train)
     lt, gt, st = run(tri, x, q, train)
@@ -81,16 +86,19 @@ def test_triton_model_equals_reference_float64(stem, train):
 
 
 @pytest.mark.parametrize("stem", ["pixels", "features"])
-def test_triton_model_equals_reference_float32(stem):
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_triton_model_equals_reference_float32(stem, train):
     # float32: reductions run in another order. Exactness is the float64 test's job (1e-9 there); this one bounds
     # float32 drift at 1e-3 of each tensor's scale, because ReLU and max-pool are discontinuous: a 1e-7
     # difference can flip one mask element or one pooling argmax and move that element's whole gradient
     # (seen: classifier.1.bias at 4.8e-4). A real bug (a wrong term, a wrong mask) is off by O(1).
     cfg = cfg_for(stem)
     ref, tri = make_pair(cfg, "triton")
+    if not train:
+        warm_up(cfg, ref, tri)
     x, q = inputs(cfg)
-    lr, gr, sr = run(ref, x, q)
-    lt, gt, st = run(tri, x, q)
+    lr, gr, sr = run(ref, x, q, train)
+    lt, gt, st = run(tri, x, q, train)
 
     # Scale floor: the gradient of a conv bias right before a train-mode BN is exactly zero in exact arithmetic
     # (BN cancels it); both paths then hold float32 rounding noise (~1e-7), so such tensors are measured against
@@ -164,3 +172,121 @@ def test_unfused_ablations_fall_back_to_reference_with_a_warning():
     lr, gr, _ = run(ref, x, q)
     lt, gt, _ = run(tri, x, q)
     torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("stem", ["pixels", "features"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_triton_model_channels_last_equals_reference_float64(stem, train, monkeypatch):
+    # model.memory_format = channels_last (what a GPU should run): the kernels get NHWC activations through
+    # strides. Compared with the NCHW reference to 1e-10; a recorder checks the kernels really saw channels_last.
+    import kernels
+
+    seen = []
+    for name in ("bn_film_relu", "conv_coords"):
+        original = getattr(kernels, name)
+
+        def record(t, *args, _original=original, **kw):
+            seen.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+            return _original(t, *args, **kw)
+
+        monkeypatch.setattr(kernels, name, record)
+    ref, _ = make_pair(cfg_for(stem), "reference", torch.float64)
+    cfg = cfg_for(stem, memory_format="channels_last")
+    torch.manual_seed(0)
+    tri = FiLMModel(cfg, V, A, kernels="triton").to(torch.float64)
+    tri.load_state_dict(ref.state_dict())
+    if not train:
+        warm_up(cfg, ref, tri, dtype=torch.float64)
+    x, q = inputs(cfg, dtype=torch.float64)
+    seen.clear()
+    lr, gr, sr = run(ref, x, q, train)
+    lt, gt, st = run(tri, x, q, train)
+    assert seen and all(seen), f"kernels saw channels_last in {sum(seen)} of {len(seen)} calls"
+    torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
+    for k in gr:
+        torch.testing.assert_close(gt[k], gr[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"grad {k}: {m}")
+    for k in sr:
+        torch.testing.assert_close(st[k], sr[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"state {k}: {m}")
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [{"module_batchnorm": False}, {"module_residual": False}, {"condition_pattern": [0, 1]}],
+    ids=["no_bn", "no_residual", "first_block_unconditioned"],
+)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_ablations_equal_reference_float64(switch, train):
+    # Ablations that still run the fused op (no BN → normalize=False, no residual) or mix fused and reference
+    # blocks (an unconditioned block has an affine BN and runs the reference code).
+    cfg = cfg_for("features", **switch)
+    ref, tri = make_pair(cfg, "triton", torch.float64)
+    if not train:
+        warm_up(cfg, ref, tri, dtype=torch.float64)
+    x, q = inputs(cfg, dtype=torch.float64)
+    lr, gr, sr = run(ref, x, q, train)
+    lt, gt, st = run(tri, x, q, train)
+    torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
+    assert gr.keys() == gt.keys()
+    for k in gr:
+        torch.testing.assert_close(gt[k], gr[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"grad {k}: {m}")
+    for k in sr:
+        torch.testing.assert_close(st[k], sr[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"state {k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("stem", ["pixels", "features"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_triton_model_autocast_is_as_close_as_reference(dtype, stem, train):
+    # fp16 and bf16 autocast, both stems, train and eval: the triton model's logits are no further from the
+    # float32 truth than PyTorch's own autocast reference (2× + 1e-2 of their scale), BN buffers stay float32 and
+    # as close as the reference's, gradients are finite float32. Gradients are not compared by value here: at
+    # this model size a 2^-9 relative change of the float32 weights alone moved the float32 gradient by 5-19 %
+    # (rel. L2; ReLU masks and max-pool argmaxes flip), so any bf16 path lands anywhere in that range. The
+    # kernels' gradients under autocast are compared op by op (test_conv_coords_inputs, test_bn_film_relu_inputs).
+    cfg = cfg_for(stem)
+    truth_model, ref = make_pair(cfg, "reference")
+    _, tri = make_pair(cfg, "triton")
+    if not train:
+        warm_up(cfg, truth_model, ref, tri)
+    x, q = inputs(cfg)
+    truth, _, s_truth = run(truth_model, x, q, train)
+    with torch.autocast("cpu", dtype=dtype):
+        lr, _, sr = run(ref, x, q, train)
+        lt, gt, st = run(tri, x, q, train)
+    assert lt.dtype == lr.dtype
+
+    def err(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+    assert err(lt, truth) <= 2 * err(lr, truth) + 1e-2, ("logits", err(lt, truth), err(lr, truth))
+    assert gt.keys() == {n for n, p in tri.named_parameters()}
+    for k, g in gt.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), k
+    for k in s_truth:
+        if "running" in k:
+            assert st[k].dtype == torch.float32, k
+            assert err(st[k], s_truth[k]) <= 2 * err(sr[k], s_truth[k]) + 1e-2, (k, err(st[k], s_truth[k]))
+        elif k.endswith("num_batches_tracked"):
+            assert torch.equal(st[k], sr[k]), k
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="fastfilm/model.py passes bn.momentum=None to kernels.bn_film_relu; nn.BatchNorm2d uses "
+    "1/num_batches_tracked then (fix proposed in helper-B's report: remove this marker with it)",
+)
+def test_triton_model_with_cumulative_average_batchnorm():
+    # nn.BatchNorm2d(momentum=None) keeps a cumulative average of the batch statistics; the reference model
+    # supports it through nn.BatchNorm2d, so the fused blocks must give the same running buffers.
+    cfg = cfg_for("features")
+    ref, tri = make_pair(cfg, "triton", torch.float64)
+    for m in (ref, tri):
+        for block in m.net.blocks:
+            block.bn1.momentum = None
+    for seed in (1, 2):
+        x, q = inputs(cfg, dtype=torch.float64, seed=seed)
+        _, _, sr = run(ref, x, q)
+        _, _, st = run(tri, x, q)
+    for k in sr:
+        torch.testing.assert_close(st[k], sr[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"state {k}: {m}")
