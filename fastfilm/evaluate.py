@@ -26,8 +26,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     family_names: dict | list | None = None,
     max_questions: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy of `model` on every question the loader yields (summed over ranks when distributed).
+    """Accuracy of `model` on every question the loader yields (summed over ranks when distributed); with
+    `progress`, a tqdm bar of this rank's batches on stderr (rank 0 only).
 
     Returns {"accuracy", "correct", "total", "families": {name: {"accuracy", "correct", "total"}}}; questions
     without a family (-1) are counted in their own row, "unknown". A question whose answer is not in the
@@ -41,7 +43,9 @@ def evaluate(
     correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)  # the last slot: unknown family
     total = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
     seen = 0
+    bar = progress_bar(loader, max_questions, progress)
     for batch in loader.epoch(0):
+        bar.update(1)
         answers = batch["answer"]
         if (answers < 0).any():
             raise DataError(
@@ -59,6 +63,7 @@ def evaluate(
         seen += answers.numel()
         if max_questions and seen >= max_questions:
             break
+    bar.close()
     if dist.is_available() and dist.is_initialized():
         both = torch.stack([correct, total])
         dist.all_reduce(both)
@@ -82,6 +87,21 @@ def evaluate(
         "total": t,
         "families": dict(sorted(families.items())),
     }
+
+
+def progress_bar(loader, max_questions: int, progress: bool) -> Any:
+    """A tqdm bar over the loader's batches (fewer with `max_questions`), shown on rank 0 when `progress`."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if total is not None and max_questions and getattr(loader, "batch_size", None):
+        total = min(total, -(-max_questions // loader.batch_size))
+    split = getattr(loader, "split", "")
+    return tqdm(
+        total=total, desc=f"eval {split}", unit="batch", leave=False, disable=not (progress and rank0)
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -125,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
         if not write_for_eval(args, model, cfg, vocab, loader, device):
             return 0  # a split without answers (CLEVR's test): predictions only, no accuracy
     result = evaluate(
-        model, loader, device, autocast_dtype(cfg.deepspeed), vocab.get("question_family_names")
+        model,
+        loader,
+        device,
+        autocast_dtype(cfg.deepspeed),
+        vocab.get("question_family_names"),
+        progress=True,
     )
     expected = loader.total
     result["split"], result["checkpoint"] = args.split, folder

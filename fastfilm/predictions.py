@@ -37,15 +37,25 @@ def _amp_dtype(ds: dict[str, Any]) -> torch.dtype | None:
 
 @torch.no_grad()
 def predict_split(
-    model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None, top: int = 5
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    top: int = 5,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Argmax and top-k (ids, probabilities) for every question of the loader's split, in the split's row order."""
+    """Argmax and top-k (ids, probabilities) for every question of the loader's split, in the split's row order
+    (with `progress`, a tqdm bar on stderr)."""
+    from fastfilm.evaluate import progress_bar
+
     model.eval()
+    bar = progress_bar(loader, 0, progress)
     n = loader.total
     pred = np.full(n, -1, np.int64)
     k = None
     top_idx = top_prob = None
     for batch in loader.epoch(0):
+        bar.update(1)
         ctx = (
             torch.autocast(device.type, dtype=amp_dtype)
             if amp_dtype is not None
@@ -61,6 +71,7 @@ def predict_split(
         p, i = torch.softmax(logits, 1).topk(k, dim=1)
         pred[rows] = logits.argmax(1).numpy()
         top_idx[rows], top_prob[rows] = i.numpy(), p.numpy()
+    bar.close()
     if (pred < 0).any():
         raise DataError(f"{loader.split}: {int((pred < 0).sum())} of {n} questions got no prediction")
     return {"pred": pred, "top_idx": top_idx, "top_prob": top_prob}
@@ -114,7 +125,7 @@ def write_for_eval(
     dc = cfg.data
     check_lines_up(dc.cache, args.split, vocab)
     arrays = load_split(dc.cache, args.split)
-    out = predict_split(model, loader, device, _amp_dtype(cfg.deepspeed))
+    out = predict_split(model, loader, device, _amp_dtype(cfg.deepspeed), progress=True)
     names = {v: k for k, v in vocab["answer_token_to_idx"].items()}
     answers = [names.get(int(i), str(int(i))) for i in out["pred"]]
     if args.predictions:

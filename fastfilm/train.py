@@ -506,6 +506,7 @@ def evaluate(run: Run, state: TrainState) -> dict[str, Any]:
         run.amp_dtype,
         run.vocab.get("question_family_names"),
         max_questions=run.cfg.data.max_val_questions,
+        progress=run.cfg.train.progress,
     )
     run.engine.module.train()
     improved = result["accuracy"] > state.best_acc

@@ -202,3 +202,20 @@ def test_no_function_in_fastfilm_is_longer_than_80_lines():
                 if n > 80 and (rel, node.name) not in LONG_ALLOWED:
                     long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys):
+    """`fastfilm eval` (and --predictions) shows a tqdm bar on stderr; `train.progress: false` hides the one of the
+    evaluations inside training."""
+    from fastfilm.cli import main as cli
+
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_config(dataset, run, max_steps=2, eval_every=2)))  # progress: false
+    assert "eval val" not in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(run), "--tag", "last"]) == 0
+    assert "eval val" in capsys.readouterr().err
+    assert (
+        cli(["eval", "--checkpoint", str(run), "--tag", "last", "--predictions", str(tmp_path / "p.txt")])
+        == 0
+    )
+    assert capsys.readouterr().err.count("eval val") >= 2  # the predictions' pass and the accuracy's
