@@ -428,6 +428,8 @@ def _check(z, gamma, beta, residual, running_mean, running_var, training, normal
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and tuple(t.shape) != (c,):
             raise ValueError(f"bn_film_relu: {name} must be [C] = [{c}], got {tuple(t.shape)}")
+        if t is not None and c > 1 and t.stride(0) != 1:
+            raise ValueError(f"bn_film_relu: {name} must have stride 1 (updated in place), got {t.stride(0)}")
     if normalize and not training and running_mean is None:
         raise ValueError("bn_film_relu: eval mode (training=False) needs running_mean and running_var")
     if normalize and training and n * h * w <= 1:

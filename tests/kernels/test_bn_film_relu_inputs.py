@@ -278,3 +278,40 @@ def test_double_backward_is_refused(device):
     assert not torch.allclose(d_gamma, torch.ones_like(d_gamma)), "the reference has the second-order term"
     (dz_first,) = torch.autograd.grad((out * inp["dout"]).sum(), z)  # first order stays fine
     assert_rel_close(dz_first, dz, FP32_REL, "dz")
+
+
+def test_strided_running_buffers_are_refused(device):
+    """The running buffers are updated in place by the kernel, which assumes stride 1: a strided view (every other
+    element of a larger buffer) is refused, not silently half-updated (it used to come out wrong)."""
+    inp = make_inputs((3, 5, 4, 3), device, seed=36)
+    big_mean, big_var = torch.zeros(10, device=device), torch.ones(10, device=device)
+    for impl in ("triton", "reference"):
+        with pytest.raises(
+            ValueError, match=r"bn_film_relu: running_mean must have stride 1 \(updated in place\)"
+        ):
+            bn_film_relu(
+                inp["z"],
+                inp["gamma"],
+                inp["beta"],
+                None,
+                big_mean[::2],
+                big_var[:5],
+                training=True,
+                impl=impl,
+            )
+        with pytest.raises(
+            ValueError, match=r"bn_film_relu: running_var must have stride 1 \(updated in place\)"
+        ):
+            bn_film_relu(
+                inp["z"],
+                inp["gamma"],
+                inp["beta"],
+                None,
+                big_mean[:5],
+                big_var[::2],
+                training=False,
+                impl=impl,
+            )
+    assert torch.equal(big_mean, torch.zeros(10, device=device)) and torch.equal(
+        big_var, torch.ones(10, device=device)
+    )
