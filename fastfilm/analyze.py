@@ -35,10 +35,14 @@ ARITHMETIC_EXAMPLE = {
 
 def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[str, Any]:
     """Run the model over up to `max_questions` questions; FiLM parameters, predictions and labels."""
+    from fastfilm.evaluate import progress_bar
+
     gammas, betas, fams, hits, answers, preds = [], [], [], [], [], []
     seen = 0
+    bar = progress_bar(loader, max_questions, True, desc=f"analyze {loader.split}")
     with torch.no_grad():
         for batch in loader.epoch(0):
+            bar.update(1)
             q = batch["question"].to(device)
             g, b = model.film_params(q)
             if film_fn is not None:
@@ -54,6 +58,7 @@ def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[st
             seen += len(p)
             if seen >= max_questions:
                 break
+    bar.close()
     cat = torch.cat
     return {
         "gammas": cat(gammas)[:max_questions],

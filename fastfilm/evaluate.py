@@ -89,7 +89,7 @@ def evaluate(
     }
 
 
-def progress_bar(loader, max_questions: int, progress: bool) -> Any:
+def progress_bar(loader, max_questions: int, progress: bool, desc: str | None = None) -> Any:
     """A tqdm bar over the loader's batches (fewer with `max_questions`), shown on rank 0 when `progress`."""
     import torch.distributed as dist
     from tqdm import tqdm
@@ -98,10 +98,8 @@ def progress_bar(loader, max_questions: int, progress: bool) -> Any:
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_questions and getattr(loader, "batch_size", None):
         total = min(total, -(-max_questions // loader.batch_size))
-    split = getattr(loader, "split", "")
-    return tqdm(
-        total=total, desc=f"eval {split}", unit="batch", leave=False, disable=not (progress and rank0)
-    )
+    desc = desc or f"eval {getattr(loader, 'split', '')}"
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not (progress and rank0))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ LEARNED_MODEL = dict(
 LEARNED_EPOCHS = 8
 
 
-def test_analyze_produces_every_artefact(dataset, tmp_path):
+def test_analyze_produces_every_artefact(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     train(config_from_dict(tiny_config(dataset, run, epochs=1)))
     model = tmp_path / "model"
@@ -39,6 +39,7 @@ def test_analyze_produces_every_artefact(dataset, tmp_path):
         cli(["analyze", "--model", str(model), "--split", "val", "--out", str(out), "--max-questions", "18"])
         == 0
     )
+    assert "analyze val" in capsys.readouterr().err  # a progress bar over the model's passes
     s = json.loads((out / "summary.json").read_text())
     assert s["questions"] == 18
     for p in s["histograms"] + s["tsne"] + s["activation_maps"]:
