@@ -202,3 +202,14 @@ def test_double_backward_is_refused(device):
         torch.autograd.grad((out * inp["dout"]).sum(), x, create_graph=True)
     (dx,) = torch.autograd.grad((out * inp["dout"]).sum(), x)  # first order stays fine
     assert dx.shape == x.shape and not dx.requires_grad
+
+
+@pytest.mark.parametrize("k, padding", [(3, 0), (1, 1), (3, 2), (5, 2)], ids=lambda v: str(v))
+def test_other_kernel_sizes_and_paddings(device, k, padding):
+    """The unfused path (k > 1 or padding > 0): any kernel size with any zero padding, the bias map carrying the
+    border effect (a smaller 'valid' output, a larger over-padded one)."""
+    inp = make_inputs(2, 4, 5, 6, 5, k, device, seed=32)
+    h_out, w_out = 6 + 2 * padding - k + 1, 5 + 2 * padding - k + 1
+    inp["dout"] = torch.randn(2, 5, h_out, w_out, generator=torch.Generator().manual_seed(32)).to(device)
+    out, _ = check_against_reference(inp, padding, False)
+    assert out.shape == (2, 5, h_out, w_out)
