@@ -35,7 +35,7 @@ ARITHMETIC_EXAMPLE = {
 
 def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[str, Any]:
     """Run the model over up to `max_questions` questions; FiLM parameters, predictions and labels."""
-    from fastfilm.evaluate import progress_bar
+    from fastfilm.evaluate import UNK_ANSWER, progress_bar
 
     gammas, betas, fams, hits, answers, preds = [], [], [], [], [], []
     seen = 0
@@ -54,7 +54,7 @@ def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[st
             fams.append(batch["family"])
             answers.append(batch["answer"])
             preds.append(p)
-            hits.append(p == batch["answer"])
+            hits.append((p == batch["answer"]) & (batch["answer"] != UNK_ANSWER))  # as eval counts them
             seen += len(p)
             if seen >= max_questions:
                 break
@@ -295,9 +295,12 @@ def _analyses(
     summary["histograms"] = plot_histograms(base["gammas"], base["betas"], out)
     summary["tsne"] = plot_tsne(base["gammas"], base["betas"], base["family"], names, out)
 
-    tr = _collect(model, train, device, max_questions)
-    mean_g, mean_b = tr["gammas"].mean(0, keepdim=True), tr["betas"].mean(0, keepdim=True)
-    summary["ablations"] = ablations(model, val, device, mean_g, mean_b, names, max_questions)
+    if (base["answer"] < 0).any():  # CLEVR's test split: nothing to score the ablations against
+        summary["ablations"] = {"skipped": f"the {split} split has no answers"}
+    else:
+        tr = _collect(model, train, device, max_questions)
+        mean_g, mean_b = tr["gammas"].mean(0, keepdim=True), tr["betas"].mean(0, keepdim=True)
+        summary["ablations"] = ablations(model, val, device, mean_g, mean_b, names, max_questions)
 
     # FiLM arithmetic and activation maps on the first images of the split (from the loader, as the model sees them).
     batch = next(iter(val.epoch(0)))
@@ -343,8 +346,12 @@ def to_markdown(s: dict[str, Any]) -> str:
         "| case | accuracy | drop |",
         "|---|---|---|",
     ]
-    for name, r in s["ablations"].items():
-        lines.append(f"| {name} | {100 * r['accuracy']['overall']:.2f} | {100 * r['drop']['overall']:.2f} |")
+    if "skipped" in s["ablations"]:
+        lines[-2:] = [f"Skipped: {s['ablations']['skipped']}."]
+    else:
+        for name, r in s["ablations"].items():
+            acc, drop = 100 * r["accuracy"]["overall"], 100 * r["drop"]["overall"]
+            lines.append(f"| {name} | {acc:.2f} | {drop:.2f} |")
     a = s["arithmetic"]
     lines += ["", "## FiLM arithmetic", ""]
     if "skipped" in a:

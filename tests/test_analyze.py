@@ -103,3 +103,36 @@ def test_gamma_ablation_hurts_a_trained_model(learned, tmp_path):
     # Calibrated on this machine: 61% vs a 42% baseline; γ → mean costs 9 points, β → mean 5 (paper: 65 and 1).
     assert gamma_drop >= 0.05, ab["gamma=train mean"]
     assert gamma_drop > beta_drop, (gamma_drop, beta_drop)
+
+
+def test_an_answer_outside_the_training_answers_is_never_a_hit():
+    """As `fastfilm eval`: a question whose answer prep encoded as <UNK> is wrong whatever the model says."""
+    import torch
+
+    from fastfilm.analyze import _collect
+    from fastfilm.evaluate import UNK_ANSWER
+
+    class Model:
+        def film_params(self, q):
+            return torch.zeros(len(q), 1, 2), torch.zeros(len(q), 1, 2)
+
+        def __call__(self, images, q, lengths, film):
+            return torch.nn.functional.one_hot(torch.full((len(q),), UNK_ANSWER), 8).float()
+
+    class Loader:
+        split, batch_size = "val", 4
+
+        def __len__(self):
+            return 1
+
+        def epoch(self, e):
+            yield {
+                "question": torch.ones(4, 3, dtype=torch.long),
+                "image": torch.zeros(4, 3, 2, 2),
+                "length": torch.full((4,), 3),
+                "answer": torch.tensor([UNK_ANSWER, UNK_ANSWER, 5, 6]),
+                "family": torch.zeros(4, dtype=torch.long),
+            }
+
+    r = _collect(Model(), Loader(), torch.device("cpu"), 4)
+    assert r["hit"].tolist() == [False, False, False, False]

@@ -4,6 +4,7 @@ existed is deleted or overwritten."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -151,3 +152,27 @@ def test_analyze_with_too_few_questions_is_one_line(trained, tmp_path, capsys, c
     line = one_line(capsys)
     assert f"--max-questions {count}" in line and ">= 3" in line, line
     assert not out.exists()
+
+
+def test_analyze_on_a_split_without_answers_skips_the_ablations(trained, tmp_path, capsys):
+    """`analyze --split test` (no answers, as CLEVR's): the ablations say so instead of a table of 0% rows."""
+    out = tmp_path / "analysis"
+    assert (
+        cli(
+            [
+                "analyze",
+                "--model",
+                str(trained[1]),
+                "--out",
+                str(out),
+                "--split",
+                "test",
+                "--max-questions",
+                "6",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ablations"] == {"skipped": "the test split has no answers"}
+    assert "Skipped: the test split has no answers." in (out / "summary.md").read_text()
