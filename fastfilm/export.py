@@ -78,15 +78,15 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
 EXPORT_FOLDER_FILES = (*EXPORT_FILES, "manifest.json", "original.json")
 
 
-def check_export_target(out: str) -> None:
+def check_export_target(out: str, option: str = "export --out") -> None:
     """Refuse an `--out` that is a file, or a folder holding anything but an earlier export (never deleted)."""
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise UsageError(f"export --out {out}: exists and is not a folder (give a new folder)")
+        raise UsageError(f"{option} {out}: exists and is not a folder (give a new folder)")
     if os.path.isdir(out):
         other = sorted(set(os.listdir(out)) - set(EXPORT_FOLDER_FILES))
         if other:
             raise UsageError(
-                f"export --out {out}: holds files that are not an exported model ({', '.join(other[:3])}"
+                f"{option} {out}: holds files that are not an exported model ({', '.join(other[:3])}"
                 f"{', ...' if len(other) > 3 else ''}); nothing was written (give a new folder or an earlier export)"
             )
 

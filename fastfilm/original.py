@@ -433,8 +433,12 @@ def write_model_folder(
 ) -> str:
     """Write an exported-model folder (what `fastfilm export` writes, plus a manifest) atomically."""
     from fastfilm.checkpoint import atomic_save_safetensors, atomic_write_json, model_state, write_manifest
+    from fastfilm.export import check_export_target
 
-    out = out.rstrip("/") or out
+    out = os.path.normpath(out)
+    check_export_target(
+        out, "--out"
+    )  # an earlier model folder is replaced; any other folder is never deleted
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -460,9 +464,10 @@ def import_original(path: str, out: str, overrides: list[str] | tuple[str, ...] 
     `fastfilm eval` reads for this model.
     """
     from fastfilm.config import apply_overrides
-    from fastfilm.export import load_model_folder
+    from fastfilm.export import check_export_target, load_model_folder
     from fastfilm.model import count_parameters
 
+    check_export_target(os.path.normpath(out), "import-original --out")  # before any work
     model, cfg, vocab, info = load_original(path)
     if overrides:
         cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source=f"{path} (mapped, --set)")

@@ -246,6 +246,26 @@ def test_cli_import_and_one_line_refusal(tmp_path, capsys):
     assert not (tmp_path / "n").exists() and not (tmp_path / "p").exists()
 
 
+def test_import_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+    """`import-original --out` a folder holding other files was deleted and replaced; now it is refused."""
+    from fastfilm.cli import main
+
+    model, cfg = tiny_model()
+    path = write_original(str(tmp_path / "film.pt"), model, cfg, legacy=False)
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "other_model.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["import-original", path, "--out", str(precious)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(precious) in err and "other_model.txt" in err, err
+    assert [p.name for p in precious.iterdir()] == ["other_model.txt"]
+    out = tmp_path / "m"
+    for _ in range(2):  # an earlier import is replaced
+        assert main(["import-original", path, "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
