@@ -28,11 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a CLEVR-format synthetic data set")
     p.add_argument("--out", required=True, help="output folder (CLEVR v1.0 layout)")
-    p.add_argument("--train-images", type=int, default=2000)
-    p.add_argument("--val-images", type=int, default=400)
-    p.add_argument("--test-images", type=int, default=200)
-    p.add_argument("--questions-per-image", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-images", type=int, default=2000, help="train images (2000; with --cogent: trainA)"
+    )
+    p.add_argument(
+        "--val-images", type=int, default=400, help="val images (400; with --cogent: valA and valB each)"
+    )
+    p.add_argument(
+        "--test-images", type=int, default=200, help="test images (200; with --cogent: testA and testB each)"
+    )
+    p.add_argument("--questions-per-image", type=int, default=10, help="questions asked per image (10)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes (0)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--min-objects", type=int, default=3, help="fewest objects per scene (CLEVR: 3)")
     p.add_argument("--max-objects", type=int, default=10, help="most objects per scene (CLEVR: 10)")
@@ -94,10 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy overall and per question family")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--tag", default="best", help="checkpoint tag (best or last)")
+    p.add_argument("--split", default="val", help="a split prepared in the cache (val)")
+    p.add_argument("--tag", default="best", help="checkpoint tag: best (default) or last")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
-    p.add_argument("--kernels", choices=["reference", "triton", "compile"], default=None)
+    p.add_argument(
+        "--kernels",
+        choices=["reference", "triton", "compile"],
+        default=None,
+        help="hot-path implementation (default: the model's kernels.mode)",
+    )
     p.add_argument(
         "--predictions",
         default=None,
@@ -119,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export weights as safetensors + config.json + vocab.json")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    p.add_argument("--tag", default="best")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tag", default="best", help="checkpoint tag: best (default) or last")
+    p.add_argument(
+        "--out", required=True, help="output folder: new, empty or an earlier export (which is replaced)"
+    )
 
     p = sub.add_parser("predict", help="answer a question about an image with an exported model")
     p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", required=True, help="a PNG or JPEG, resized to the model's image size")
     p.add_argument("--question", default=None, help="the question (or use --interactive)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="how many answers to print, most probable first (5)")
     p.add_argument(
         "--interactive",
         action="store_true",
@@ -171,16 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="ResNet-101 ImageNet weights, a local file (torchvision's state dict .pth or .safetensors)",
     )
     p.add_argument("--splits", default=None, help="comma-separated splits (default: every images/ folder)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (128)")
+    p.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float32", help="of the written features (float32)"
+    )
     p.add_argument("--image-size", type=int, default=224, help="resize (bicubic) before the network (224)")
 
     p = sub.add_parser("analyze", help="the paper's FiLM analyses (histograms, t-SNE, ablations, arithmetic)")
     p.add_argument("--model", required=True, help="folder written by `fastfilm export`")
-    p.add_argument("--split", default="val")
-    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="val", help="a split prepared in the cache (val)")
+    p.add_argument("--out", required=True, help="output folder: PNGs, summary.json, summary.md")
     p.add_argument("--cache", default=None, help="preprocessed cache (default: the model's data.cache)")
-    p.add_argument("--max-questions", type=int, default=2000)
+    p.add_argument(
+        "--max-questions", type=int, default=2000, help="questions per pass of the model, at least 3 (2000)"
+    )
     return parser
 
 

@@ -136,3 +136,19 @@ def test_readme_config_table_names_every_key_and_the_shipped_synthetic_lr():
         r"`configs/synthetic.json` \(small, for the synthetic set; it uses lr ([0-9.e-]+)", readme
     )
     assert said and float(said.group(1)) == load_config("configs/synthetic.json").lr
+
+
+def test_every_command_line_option_has_help():
+    """`fastfilm COMMAND --help` explains every option (synth's counts, eval --split, predict --top... had none)."""
+    import argparse
+
+    from fastfilm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {x.option_strings or x.dest}"
+        for name, p in sub.choices.items()
+        for x in p._actions
+        if not x.help
+    ]
+    assert not bare, bare
