@@ -42,6 +42,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -528,7 +529,7 @@ def load_split(cache_dir: str, split: str, *, vocab_hash: str | None = None) -> 
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated .npz is a bad zip file
         raise DataError(f"{path}: cannot read ({e}); rerun fastfilm prep") from None
     got = str(arrays.pop("vocab_hash", ""))
     if got != expected:

@@ -188,3 +188,17 @@ def test_cache_split_from_a_different_vocabulary_is_refused(work, dataset, tmp_p
         (tmp_path / "run" / "checkpoints").iterdir()
     )
     assert np.load(cache / split).files  # the foreign file is left for the user to see, not deleted
+
+
+@pytest.mark.parametrize("size", [0, 100, 1000])
+def test_truncated_split_file_in_the_cache_is_a_data_error(work, size):
+    """A cache's split file cut short (a copy that stopped, a full disk): a DataError naming it, not a
+    zipfile.BadZipFile traceback from the trainer's loader."""
+    from fastfilm.data import DataError
+
+    _, cache = work
+    path = cache / "val_questions.npz"
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(DataError, match=r"val_questions\.npz: cannot read") as e:
+        load_split(str(cache), "val")
+    assert "\n" not in str(e.value)
