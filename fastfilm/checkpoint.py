@@ -336,6 +336,36 @@ def load(engine, ckpt_dir: str, tag: str) -> dict | None:
         return json.load(f)
 
 
+def check_resume_fits(ckpt_dir: str, cfg, vocab: dict) -> None:
+    """`--resume`: refuse, before any work, a config whose `model` section or a cache whose vocabulary is not the
+    one `last` was trained with (its weights would not load, or its word ids would mean other words)."""
+    folder = resolve_tag_dir(ckpt_dir, "last")
+    if folder is None:
+        return  # the trainer says that there is nothing to resume
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)["model"]
+        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+            saved_hash = json.load(f).get("hash")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # verify() names what is wrong with the checkpoint when it is loaded
+    now = cfg.to_dict()["model"]
+    diffs = [k for k in now if k in saved and saved[k] != now[k] and k != "memory_format"]  # layout only
+    fix = f"resume with the run's own {folder}/config.json, or start afresh with --overwrite or another train.run_dir"
+    if diffs:
+        k = diffs[0]
+        more = f" (and {len(diffs) - 1} other model key(s))" if len(diffs) > 1 else ""
+        raise CheckpointError(
+            f"--resume: {folder} was trained with model.{k}={saved[k]!r}, {cfg.source} gives {now[k]!r}{more}; {fix}"
+        )
+    if saved_hash is not None and saved_hash != vocab.get("hash"):
+        raise CheckpointError(
+            f"--resume: {folder} was trained with vocabulary {str(saved_hash)[:12]}…, data.cache "
+            f"{cfg.data.cache} has {str(vocab.get('hash'))[:12]}… (another vocabulary); {fix}"
+        )
+
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 

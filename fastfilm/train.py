@@ -322,6 +322,8 @@ def setup(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Run, Trai
         cfg.train.run_dir, resume=resume, overwrite=overwrite, rank=int(os.environ.get("RANK", "0"))
     )
     try:
+        if resume:
+            ckpt.check_resume_fits(os.path.join(cfg.train.run_dir, "checkpoints"), cfg, vocab)
         return _setup(cfg, resume, vocab, lock, t_start)
     except BaseException:
         lock.release()

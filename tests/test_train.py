@@ -95,6 +95,36 @@ def test_resume_is_bit_exact(dataset, tmp_path):
     assert sa == sb
 
 
+def test_resume_with_another_model_or_vocabulary_is_one_line_before_any_work(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    """--resume under a config whose model section differs from the checkpoint's (a traceback of size
+    mismatches after set-up), or on a cache with another vocabulary: one line, exit 2, the run untouched."""
+    from fastfilm import train as train_mod
+    from fastfilm.cli import main as cli
+    from fastfilm.data import prep
+
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_config(dataset, run, max_steps=1)))
+    before = (run / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    other_cache = tmp_path / "cache2"
+    prep.prepare(str(dataset / "clevr"), str(other_cache), image_size=32, workers=1, unk_threshold=2)
+    monkeypatch.setattr(train_mod, "setup_distributed", lambda *a: pytest.fail("work started"))
+    for edit, expected in (
+        (("model", "module_dim", 16), "model.module_dim=8"),
+        (("data", "cache", str(other_cache)), "another vocabulary"),
+    ):
+        raw = tiny_config(dataset, run, max_steps=2)
+        raw[edit[0]][edit[1]] = edit[2]
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(raw))
+        capsys.readouterr()
+        assert cli(["train", "--config", str(path), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--resume" in err[0] and expected in err[0], err
+    assert (run / "checkpoints" / "last" / "model.safetensors").read_bytes() == before
+
+
 def test_resume_without_checkpoint_is_a_clear_error(dataset, tmp_path):
     from fastfilm.config import ConfigError
 
