@@ -6,12 +6,12 @@ import argparse
 from collections.abc import Sequence
 
 from fastfilm.config import add_config_args
-from fastfilm.errors import with_one_line_errors
+from fastfilm.errors import OneLineParser, with_one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastfilm",
         description="FiLM visual reasoning: data generation, preprocessing, training, evaluation, export.",
     )

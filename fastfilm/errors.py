@@ -7,9 +7,11 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class FastfilmError(Exception):
@@ -21,6 +23,13 @@ class FastfilmError(Exception):
 
 class UsageError(FastfilmError, ValueError):
     """A command-line option or an input file does not fit the command (e.g. an image that cannot be read)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one stderr line naming the option and pointing at --help; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:

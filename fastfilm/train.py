@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import Config, ConfigError, add_config_args, load_config
-from fastfilm.errors import FastfilmError, with_one_line_errors
+from fastfilm.errors import FastfilmError, OneLineParser, with_one_line_errors
 from fastfilm.evaluate import evaluate as evaluate_model
 from fastfilm.model import FiLMModel, count_parameters
 from fastfilm.precision import autocast_dtype
@@ -673,7 +673,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[st
 # --------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Arguments of the training script (the deepspeed launcher adds --local_rank)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's `last` checkpoint")
     p.add_argument(

@@ -152,3 +152,22 @@ def test_every_command_line_option_has_help():
         if not x.help
     ]
     assert not bare, bare
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--config", "c.json", "--kernels", "foo"], "--kernels: invalid choice: 'foo'"),
+        (["trian"], "invalid choice: 'trian'"),
+        (["synth", "--out", "x", "--train-images", "abc"], "--train-images: invalid int value: 'abc'"),
+        (["eval"], "required: --checkpoint"),
+    ],
+    ids=["bad-choice", "misspelled-command", "not-an-int", "missing-option"],
+)
+def test_command_line_mistakes_are_one_line(argv, expected, capsys):
+    """argparse's own errors are one line too (they printed the usage block first)."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "--help" in err[0], err
