@@ -185,7 +185,8 @@ def _forward_kernel(
     mask = cmask[:, None] & (p < HW)[None, :]
     n64 = tl.cast(n, tl.int64)
     z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
-    out = tl.maximum(tl.fma(z, scale[:, None], shift[:, None]), 0.0)
+    # NaN propagates as in torch.relu (max.f32 and the interpreter's default max would return 0 for a NaN)
+    out = tl.maximum(tl.fma(z, scale[:, None], shift[:, None]), 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_RES:
         out += tl.load(R + n64 * s_rn + c[:, None] * s_rc + p[None, :] * s_rp, mask=mask, other=0.0).to(ACC)
     tl.store(Y + n64 * s_yn + c[:, None] * s_yc + p[None, :] * s_yp, out.to(Y.dtype.element_ty), mask=mask)
@@ -229,7 +230,7 @@ def _backward_reduce_kernel(
             mask = cmask[:, None] & (p < HW)[None, :]
             z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
             do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
-            g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) > 0.0, do.to(ACC), 0.0)
+            g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) <= 0.0, 0.0, do.to(ACC))  # as torch's
             x_hat = (z - mean[:, None]) * rstd[:, None]
             d_beta += tl.sum(g, axis=1)
             d_gamma += tl.sum(g * x_hat, axis=1)
@@ -276,7 +277,7 @@ def _backward_dz_kernel(
     n64 = tl.cast(n, tl.int64)
     z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
     do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
-    g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) > 0.0, do.to(ACC), 0.0)
+    g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) <= 0.0, 0.0, do.to(ACC))  # NaN passes, as torch's
     x_hat = (z - mean[:, None]) * rstd[:, None]
     dz = rstd[:, None] * (gamma[:, None] * g - a[:, None] - x_hat * b[:, None])
     x_ptr = DZ + n64 * s_xn + c[:, None] * s_xc + p[None, :] * s_xp

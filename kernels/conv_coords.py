@@ -144,7 +144,7 @@ def _forward_kernel(
     if HAS_BIAS:
         acc += tl.load(B + o, mask=omask, other=0.0).to(ACC)[:, None]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     y_ptr = Y + n64 * s_yn + o[:, None] * s_yc + p[None, :] * s_yp
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=omask[:, None] & pmask[None, :])
 
@@ -157,7 +157,7 @@ def _grad_tile(
     g = tl.load(DY + n64 * s_dn + o * s_dc + p * s_dp, mask=mask, other=0.0).to(ACC)
     if RELU:
         y = tl.load(Y + n64 * s_yn + o * s_yc + p * s_yp, mask=mask, other=0.0)
-        g = tl.where(y > 0.0, g, 0.0)
+        g = tl.where(y <= 0.0, 0.0, g)  # torch's relu backward: a NaN output passes the gradient
     return g
 
 

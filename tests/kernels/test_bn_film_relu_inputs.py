@@ -315,3 +315,36 @@ def test_strided_running_buffers_are_refused(device):
     assert torch.equal(big_mean, torch.zeros(10, device=device)) and torch.equal(
         big_var, torch.ones(10, device=device)
     )
+
+
+def _same_non_finite(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """NaN where the reference has NaN, ±inf where it has ±inf, and the finite rest within FP32_REL."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{name}: NaN at other places than the reference's"
+    assert torch.equal(actual.isposinf(), expected.isposinf()), f"{name}: +inf at other places"
+    assert torch.equal(actual.isneginf(), expected.isneginf()), f"{name}: -inf at other places"
+    finite = expected.isfinite()
+    if finite.any():
+        assert_rel_close(actual[finite], expected[finite], FP32_REL, f"{name} (finite part)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_and_inf_propagate_as_in_pytorch(device, mode):
+    """A NaN or inf in z (an fp16 overflow upstream) reaches the output, the gradients and the running statistics
+    where PyTorch's ones do; the fused ReLU used a max that drops NaN (PTX max.f32, and np.fmax in the
+    interpreter), so a NaN channel came out as 0 and the loss stayed finite: divergence went unseen and a loss
+    scaler could not skip the step."""
+    inp = make_inputs((3, 5, 4, 3), device, seed=37)
+    inp["z"][1, 2, 0, 0] = float("nan")
+    inp["z"][2, 3, 1, 1] = float("inf")
+    results = []
+    for impl in ("triton", "reference"):
+        leaves = {k: inp[k].clone().requires_grad_() for k in ("z", "gamma", "beta", "residual")}
+        rm, rv = _buffers(inp, mode)
+        out = bn_film_relu(*leaves.values(), rm, rv, impl=impl, **_kw(mode))
+        out.backward(inp["dout"])
+        results.append((out, *(v.grad for v in leaves.values()), rm, rv))
+    assert results[1][0].isnan().any(), "the reference output has NaN (else the check is vacuous)"
+    names = ("out", "dz", "dgamma", "dbeta", "dresidual", "running_mean", "running_var")
+    for name, a, b in zip(names, *results):
+        if b is not None:
+            _same_non_finite(a, b, name)

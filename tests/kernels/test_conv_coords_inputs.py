@@ -213,3 +213,25 @@ def test_other_kernel_sizes_and_paddings(device, k, padding):
     inp["dout"] = torch.randn(2, 5, h_out, w_out, generator=torch.Generator().manual_seed(32)).to(device)
     out, _ = check_against_reference(inp, padding, False)
     assert out.shape == (2, 5, h_out, w_out)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+def test_nan_and_inf_propagate_as_in_pytorch(device, relu):
+    """NaN and inf in x reach the output and every gradient where PyTorch's conv + relu put them; the fused ReLU
+    used a max that drops NaN (PTX max.f32; np.fmax in the interpreter), so NaN came out as 0."""
+    inp = make_inputs(2, 4, 6, 5, 6, 1, device, seed=33)
+    inp["x"][0, 1, 2, 3] = float("nan")
+    inp["x"][1, 2, 0, 0] = float("inf")
+    results = []
+    for impl in ("triton", "reference"):
+        leaves = {k: inp[k].clone().requires_grad_() for k in ("x", "weight", "bias")}
+        out = conv_coords(*leaves.values(), padding=0, relu=relu, impl=impl)
+        out.backward(inp["dout"])
+        results.append((out, *(v.grad for v in leaves.values())))
+    assert results[1][0].isnan().any(), "the reference output has NaN (else the check is vacuous)"
+    for name, a, b in zip(("out", "dx", "dW", "db"), *results):
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN at other places than the reference's"
+        assert torch.equal(a.isposinf(), b.isposinf()) and torch.equal(a.isneginf(), b.isneginf()), name
+        finite = b.isfinite()
+        if finite.any():
+            assert_rel_close(a[finite], b[finite], FP32_REL, f"{name} (finite part)")
