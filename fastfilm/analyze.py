@@ -39,26 +39,26 @@ def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[st
 
     gammas, betas, fams, hits, answers, preds = [], [], [], [], [], []
     seen = 0
-    bar = progress_bar(loader, max_questions, True, desc=f"analyze {loader.split}")
-    with torch.no_grad():
-        for batch in loader.epoch(0):
-            bar.update(1)
-            q = batch["question"].to(device)
-            g, b = model.film_params(q)
-            if film_fn is not None:
-                g, b = film_fn(g, b)
-            logits = model(batch["image"].to(device), q, batch["length"], film=(g, b))
-            p = logits.argmax(1).cpu()
-            gammas.append(g.float().cpu())
-            betas.append(b.float().cpu())
-            fams.append(batch["family"])
-            answers.append(batch["answer"])
-            preds.append(p)
-            hits.append((p == batch["answer"]) & (batch["answer"] != UNK_ANSWER))  # as eval counts them
-            seen += len(p)
-            if seen >= max_questions:
-                break
-    bar.close()
+    desc = f"analyze {loader.split}"
+    with progress_bar(loader, max_questions, True, desc=desc) as bar:  # closed (cleared) on an error too
+        with torch.no_grad():
+            for batch in loader.epoch(0):
+                bar.update(1)
+                q = batch["question"].to(device)
+                g, b = model.film_params(q)
+                if film_fn is not None:
+                    g, b = film_fn(g, b)
+                logits = model(batch["image"].to(device), q, batch["length"], film=(g, b))
+                p = logits.argmax(1).cpu()
+                gammas.append(g.float().cpu())
+                betas.append(b.float().cpu())
+                fams.append(batch["family"])
+                answers.append(batch["answer"])
+                preds.append(p)
+                hits.append((p == batch["answer"]) & (batch["answer"] != UNK_ANSWER))  # as eval counts them
+                seen += len(p)
+                if seen >= max_questions:
+                    break
     cat = torch.cat
     return {
         "gammas": cat(gammas)[:max_questions],

@@ -43,27 +43,27 @@ def evaluate(
     correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)  # the last slot: unknown family
     total = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
     seen = 0
-    bar = progress_bar(loader, max_questions, progress)
-    for batch in loader.epoch(0):
-        bar.update(1)
-        answers = batch["answer"]
-        if (answers < 0).any():
-            raise DataError(
-                f"{loader.split}: this split has no answers (as CLEVR's test split): it cannot be scored"
-            )
-        fam = batch["family"]
-        if (fam >= MAX_FAMILIES).any():
-            raise DataError(f"{loader.split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
-        with autocast(device, amp_dtype):
-            logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
-        hit = ((logits.argmax(1).cpu() == answers) & (answers != UNK_ANSWER)).double()
-        fam = torch.where(fam < 0, MAX_FAMILIES, fam)
-        correct.index_add_(0, fam, hit)
-        total.index_add_(0, fam, torch.ones_like(hit))
-        seen += answers.numel()
-        if max_questions and seen >= max_questions:
-            break
-    bar.close()
+    with progress_bar(loader, max_questions, progress) as bar:  # closed (cleared) on an error too
+        for batch in loader.epoch(0):
+            bar.update(1)
+            answers = batch["answer"]
+            if (answers < 0).any():
+                raise DataError(
+                    f"{loader.split}: this split has no answers (as CLEVR's test split): it cannot be scored "
+                    "(`--predictions FILE` writes its answers)"
+                )
+            fam = batch["family"]
+            if (fam >= MAX_FAMILIES).any():
+                raise DataError(f"{loader.split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
+            with autocast(device, amp_dtype):
+                logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
+            hit = ((logits.argmax(1).cpu() == answers) & (answers != UNK_ANSWER)).double()
+            fam = torch.where(fam < 0, MAX_FAMILIES, fam)
+            correct.index_add_(0, fam, hit)
+            total.index_add_(0, fam, torch.ones_like(hit))
+            seen += answers.numel()
+            if max_questions and seen >= max_questions:
+                break
     if dist.is_available() and dist.is_initialized():
         both = torch.stack([correct, total])
         dist.all_reduce(both)

@@ -49,29 +49,28 @@ def predict_split(
     from fastfilm.evaluate import progress_bar
 
     model.eval()
-    bar = progress_bar(loader, 0, progress)
-    n = loader.total
-    pred = np.full(n, -1, np.int64)
-    k = None
-    top_idx = top_prob = None
-    for batch in loader.epoch(0):
-        bar.update(1)
-        ctx = (
-            torch.autocast(device.type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
-        logits = logits.float().cpu()
-        rows = batch["index"].numpy()
-        if k is None:
-            k = min(top, logits.shape[1])
-            top_idx, top_prob = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-        p, i = torch.softmax(logits, 1).topk(k, dim=1)
-        pred[rows] = logits.argmax(1).numpy()
-        top_idx[rows], top_prob[rows] = i.numpy(), p.numpy()
-    bar.close()
+    with progress_bar(loader, 0, progress) as bar:  # closed (cleared) on an error too
+        n = loader.total
+        pred = np.full(n, -1, np.int64)
+        k = None
+        top_idx = top_prob = None
+        for batch in loader.epoch(0):
+            bar.update(1)
+            ctx = (
+                torch.autocast(device.type, dtype=amp_dtype)
+                if amp_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
+            logits = logits.float().cpu()
+            rows = batch["index"].numpy()
+            if k is None:
+                k = min(top, logits.shape[1])
+                top_idx, top_prob = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+            p, i = torch.softmax(logits, 1).topk(k, dim=1)
+            pred[rows] = logits.argmax(1).numpy()
+            top_idx[rows], top_prob[rows] = i.numpy(), p.numpy()
     if (pred < 0).any():
         raise DataError(f"{loader.split}: {int((pred < 0).sum())} of {n} questions got no prediction")
     return {"pred": pred, "top_idx": top_idx, "top_prob": top_prob}

@@ -176,3 +176,15 @@ def test_analyze_on_a_split_without_answers_skips_the_ablations(trained, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ablations"] == {"skipped": "the test split has no answers"}
     assert "Skipped: the test split has no answers." in (out / "summary.md").read_text()
+
+
+def test_eval_of_a_split_without_answers_is_one_clean_line(trained, capsys):
+    """`eval --split test` (no answers): the progress bar is cleared before the one error line, which names
+    --predictions (the error used to follow the bar's text on the same terminal line)."""
+    run, _ = trained
+    assert cli(["eval", "--checkpoint", str(run), "--tag", "last", "--split", "test"]) == 2
+    lines = [x.split("\r")[-1] for x in capsys.readouterr().err.split("\n") if x.split("\r")[-1].strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastfilm: data error: test: this split has no answers"), (
+        lines
+    )
+    assert "--predictions FILE" in lines[0]
