@@ -37,8 +37,16 @@ def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
     try:
         return fn()
     except FastfilmError as e:
+        _close_progress_bars()
         print(f"fastfilm: {e.label}: {e}", file=sys.stderr)
         return e.exit_status
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an error left open (e.g. training's epoch bar), so the error line starts a line."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def check_output_file(path: str, option: str) -> None:

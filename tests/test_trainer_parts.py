@@ -219,3 +219,20 @@ def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().err.count("eval val") >= 2  # the predictions' pass and the accuracy's
+
+
+def test_an_error_line_starts_its_own_line_after_an_open_progress_bar(capsys):
+    """An error that ends a command while a bar is open (training's epoch bar on a non-finite loss) is printed on
+    its own line, not after the bar's text."""
+    from tqdm import tqdm
+
+    from fastfilm.errors import UsageError, with_one_line_errors
+
+    def command():
+        bar = tqdm(total=5, desc="epoch 1/3")
+        bar.update(2)
+        raise UsageError("boom")
+
+    assert with_one_line_errors(command) == 2
+    last = [x for x in capsys.readouterr().err.split("\n") if x.strip()][-1]
+    assert last == "fastfilm: error: boom", last
