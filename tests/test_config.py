@@ -171,3 +171,19 @@ def test_command_line_mistakes_are_one_line(argv, expected, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and "--help" in err[0], err
+
+
+def test_readme_gives_the_makefiles_torch_pin_and_how_to_get_the_cpu_build():
+    """The README said the Makefile installs the CPU build; it installs `TORCH` from pip's indexes (PyPI's Linux
+    wheels are CUDA builds) unless TORCH_INDEX names the CPU index: the README must say so, with the same pin."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    makefile, readme = (root / "Makefile").read_text(), (root / "README.md").read_text()
+    pin = re.search(r"^TORCH \?= (\S+)$", makefile, re.M).group(1)
+    index = re.search(r"^TORCH_INDEX \?=(.*)$", makefile, re.M).group(1).strip()
+    assert f"`{pin}`" in readme
+    if "whl/cpu" not in index:
+        assert "make TORCH_INDEX=https://download.pytorch.org/whl/cpu" in readme
+        assert "installs the **CPU** build" not in readme
