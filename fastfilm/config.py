@@ -361,6 +361,26 @@ def validate(cfg: Config) -> None:
     _validate_run(cfg)
     _validate_deepspeed(cfg)
     _check_deepspeed_keys(cfg)
+    _check_adam_and_clipping(cfg)
+
+
+def _check_adam_and_clipping(cfg: Config) -> None:
+    """Adam's betas and eps and the gradient clipping, which torch or DeepSpeed would reject (or misread) only
+    after set-up."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    params = cfg.deepspeed.get("optimizer", {}).get("params", {})
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)):
+        raise _bad(cfg, "deepspeed.optimizer.params.betas", f"expected two numbers in [0, 1), got {betas!r}")
+    eps = params.get("eps", 1e-8)
+    if not (number(eps) and eps >= 0):
+        raise _bad(cfg, "deepspeed.optimizer.params.eps", f"must be a number >= 0, got {eps!r}")
+    clip = cfg.deepspeed.get("gradient_clipping", 0.0)
+    if not (number(clip) and clip >= 0):
+        raise _bad(cfg, "deepspeed.gradient_clipping", f"must be a number >= 0 (0 = off), got {clip!r}")
 
 
 # fastfilm builds the optimizer itself (`train.build_optimizer`): every key it reads.
@@ -486,6 +506,8 @@ def _validate_run(cfg: Config) -> None:
     def choice(key: str, value: str, options: Iterable[str]) -> None:
         _choice(cfg, key, value, options)
 
+    if not t.run_dir.strip():
+        raise bad("train.run_dir", "must name a folder, got an empty string")
     if t.epochs <= 0:
         raise bad("train.epochs", f"must be > 0, got {t.epochs}")
     if t.patience < 0 or t.max_steps < 0 or t.eval_every < 0 or t.max_minutes < 0:

@@ -195,6 +195,9 @@ def preflight(cfg: Config) -> dict:
     cfg.resolve_batch(int(os.environ.get("WORLD_SIZE", "1")))
     ckpt.check_zero_stage(cfg)
     check_kernels_mode(cfg)
+    run_dir = cfg.train.run_dir
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"{cfg.source}: train.run_dir: '{run_dir}' exists and is not a folder")
     dc = cfg.data
     if not os.path.isdir(dc.cache):
         raise ConfigError(

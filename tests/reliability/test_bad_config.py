@@ -87,6 +87,15 @@ CASES = [
         1,
         ["deepspeed.zero_optimization.stgae"],
     ),
+    (
+        "Adam betas",
+        [("deepspeed.optimizer.params.betas", [0.9])],
+        1,
+        ["deepspeed.optimizer.params.betas", "two"],
+    ),
+    ("Adam eps", [("deepspeed.optimizer.params.eps", "x")], 1, ["deepspeed.optimizer.params.eps", ">= 0"]),
+    ("gradient clipping", [("deepspeed.gradient_clipping", -1)], 1, ["deepspeed.gradient_clipping", ">= 0"]),
+    ("empty run folder", [("train.run_dir", "")], 1, ["train.run_dir", "empty"]),
     ("missing data cache", [("data.cache", "/nonexistent/cache")], 1, ["data.cache", "/nonexistent/cache"]),
     (
         "missing data root (png source)",
@@ -152,3 +161,15 @@ def test_the_training_script_reports_the_same_line(tmp_path):
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.strip() and "[WARNING]" not in x]
     assert len(lines) == 1 and "train.epochs" in lines[0], proc.stderr
+
+
+def test_run_folder_that_is_a_file_is_one_line_before_any_work(dataset, tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(good_config(dataset, a_file)))
+    monkeypatch.setattr(train_mod, "setup_distributed", lambda *a: pytest.fail("work started"))
+    assert cli(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.run_dir" in err[0] and "not a folder" in err[0], err
+    assert a_file.read_text() == "keep"
