@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -358,6 +359,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def validate(cfg: Config) -> None:
     """Reject impossible values with one clear line naming the key."""
     _validate_model(cfg)
+    _validate_data(cfg)
     _validate_run(cfg)
     _validate_deepspeed(cfg)
     _check_deepspeed_keys(cfg)
@@ -464,10 +466,11 @@ def _validate_model(cfg: Config) -> None:
     choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
     choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
     choice("data.image_source", d.image_source, ("cache", "png", "features"))
-    if not (
-        m.classifier_downsample == "maxpoolfull" or m.classifier_downsample.startswith(("maxpool", "avgpool"))
-    ):
-        raise bad("model.classifier_downsample", "expected maxpoolfull, avgpoolfull, maxpoolK or avgpoolK")
+    if not re.fullmatch(r"(max|avg)pool(full|[1-9])", m.classifier_downsample):
+        raise bad(
+            "model.classifier_downsample",
+            f"expected maxpoolfull, avgpoolfull, maxpoolK or avgpoolK (K = 1..9), got {m.classifier_downsample!r}",
+        )
     for key in ("num_blocks", "module_dim", "wordvec_dim", "rnn_hidden_dim", "rnn_num_layers", "image_size"):
         if getattr(m, key) <= 0:
             raise bad(f"model.{key}", f"must be > 0, got {getattr(m, key)}")
@@ -495,6 +498,21 @@ def _validate_model(cfg: Config) -> None:
         )
     if (m.stem == "features") != (d.image_source == "features"):
         raise bad("data.image_source", f"'{d.image_source}' does not fit model.stem='{m.stem}'")
+
+
+def _validate_data(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    for key in ("num_threads", "prefetch"):
+        if getattr(d, key) < 1:
+            raise _bad(cfg, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    if d.max_val_questions < 0:
+        raise _bad(
+            cfg, "data.max_val_questions", f"must be >= 0 (0 = the whole split), got {d.max_val_questions}"
+        )
+    if t.seed < 0:
+        raise _bad(cfg, "train.seed", f"must be >= 0, got {t.seed}")
+    if t.dist_timeout_s < 1:
+        raise _bad(cfg, "train.dist_timeout_s", f"must be >= 1 (seconds), got {t.dist_timeout_s}")
 
 
 def _validate_run(cfg: Config) -> None:

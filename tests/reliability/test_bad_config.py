@@ -96,6 +96,17 @@ CASES = [
     ("Adam eps", [("deepspeed.optimizer.params.eps", "x")], 1, ["deepspeed.optimizer.params.eps", ">= 0"]),
     ("gradient clipping", [("deepspeed.gradient_clipping", -1)], 1, ["deepspeed.gradient_clipping", ">= 0"]),
     ("empty run folder", [("train.run_dir", "")], 1, ["train.run_dir", "empty"]),
+    (
+        "pool of 0",
+        [("model.classifier_downsample", "maxpool0")],
+        1,
+        ["model.classifier_downsample", "'maxpool0'"],
+    ),
+    ("pool not a size", [("model.classifier_downsample", "avgpoolx")], 1, ["model.classifier_downsample"]),
+    ("negative seed", [("train.seed", -1)], 1, ["train.seed", ">= 0"]),
+    ("zero collective timeout", [("train.dist_timeout_s", 0)], 1, ["train.dist_timeout_s", ">= 1"]),
+    ("negative val limit", [("data.max_val_questions", -1)], 1, ["data.max_val_questions", ">= 0"]),
+    ("no loader threads", [("data.num_threads", 0)], 1, ["data.num_threads", ">= 1"]),
     ("missing data cache", [("data.cache", "/nonexistent/cache")], 1, ["data.cache", "/nonexistent/cache"]),
     (
         "missing data root (png source)",
