@@ -42,6 +42,12 @@ def with_one_line_errors(fn: Callable[[], int | None]) -> int | None:
         return e.exit_status
 
 
+def progress_off() -> bool:
+    """Whether TQDM_DISABLE turns progress bars off: tqdm reads it only for bars that do not pass `disable`
+    themselves, so fastfilm's bars that do (training, eval, features) ask here."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _close_progress_bars() -> None:
     """Close the tqdm bars an error left open (e.g. training's epoch bar), so the error line starts a line."""
     tqdm = sys.modules.get("tqdm.std")

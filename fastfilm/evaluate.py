@@ -94,12 +94,16 @@ def progress_bar(loader, max_questions: int, progress: bool, desc: str | None = 
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from fastfilm.errors import progress_off
+
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_questions and getattr(loader, "batch_size", None):
         total = min(total, -(-max_questions // loader.batch_size))
     desc = desc or f"eval {getattr(loader, 'split', '')}"
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not (progress and rank0))
+    return tqdm(
+        total=total, desc=desc, unit="batch", leave=False, disable=not (progress and rank0) or progress_off()
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:

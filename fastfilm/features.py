@@ -177,6 +177,8 @@ def extract(
 
     from tqdm import tqdm
 
+    from fastfilm.errors import progress_off
+
     rows = image_rows(folder)
     if not rows:
         raise DataError(f"{folder}: no PNG images")
@@ -188,7 +190,11 @@ def extract(
     try:
         dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
         bar = tqdm(
-            total=len(rows), desc=os.path.basename(out_path), unit="img", disable=not progress, leave=False
+            total=len(rows),
+            desc=os.path.basename(out_path),
+            unit="img",
+            disable=not progress or progress_off(),
+            leave=False,
         )
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
             for i in range(0, len(rows), batch_size):

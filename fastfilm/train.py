@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import Config, ConfigError, add_config_args, load_config
-from fastfilm.errors import FastfilmError, OneLineParser, with_one_line_errors
+from fastfilm.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
 from fastfilm.evaluate import evaluate as evaluate_model
 from fastfilm.model import FiLMModel, count_parameters
 from fastfilm.precision import autocast_dtype
@@ -585,7 +585,7 @@ def train_loop(run: Run, state: TrainState) -> str:
             total=state.questions // per_step + micro_left // gas,
             initial=state.questions // per_step,
             desc=f"epoch {state.epoch + 1}/{tc.epochs}",
-            disable=not (run.is_main and tc.progress),
+            disable=not (run.is_main and tc.progress) or progress_off(),
             dynamic_ncols=True,
         )
         t_log, steps_since_log = time.time(), 0

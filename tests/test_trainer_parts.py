@@ -204,9 +204,9 @@ def test_no_function_in_fastfilm_is_longer_than_80_lines():
     assert not long, long
 
 
-def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys):
+def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys, monkeypatch):
     """`fastfilm eval` (and --predictions) shows a tqdm bar on stderr; `train.progress: false` hides the one of the
-    evaluations inside training."""
+    evaluations inside training; TQDM_DISABLE=1 hides the bars that set `disable` themselves (train's, eval's)."""
     from fastfilm.cli import main as cli
 
     run = tmp_path / "run"
@@ -219,6 +219,14 @@ def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().err.count("eval val") >= 2  # the predictions' pass and the accuracy's
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert cli(["eval", "--checkpoint", str(run), "--tag", "last"]) == 0
+    assert "eval val" not in capsys.readouterr().err
+    raw = tiny_config(dataset, tmp_path / "run2", max_steps=2, eval_every=2)
+    raw["train"]["progress"] = True
+    train(config_from_dict(raw))
+    err = capsys.readouterr().err
+    assert "epoch 1/" not in err and "eval val" not in err
 
 
 def test_an_error_line_starts_its_own_line_after_an_open_progress_bar(capsys):
