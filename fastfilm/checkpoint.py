@@ -447,8 +447,15 @@ def find_checkpoint(path: str, tag: str = "best") -> str:
         if found is not None:
             verify(found)
             return found
+    ckpt_dir = os.path.join(path, "checkpoints")
+    tags = sorted(
+        t
+        for t in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+        if "." not in t and resolve_tag_dir(ckpt_dir, t) is not None
+    )
+    has = f"; it has {', '.join(tags)}: use --tag {tags[0]}" if tags else ""
     raise CheckpointError(
-        f"{path}: no checkpoint with tag '{tag}' (expected RUN/checkpoints/{tag}/{MANIFEST})"
+        f"{path}: no checkpoint with tag '{tag}' (expected RUN/checkpoints/{tag}/{MANIFEST}){has}"
     )
 
 

@@ -188,3 +188,13 @@ def test_eval_of_a_split_without_answers_is_one_clean_line(trained, capsys):
         lines
     )
     assert "--predictions FILE" in lines[0]
+
+
+def test_a_missing_tag_names_the_tags_the_run_has(trained, tmp_path, capsys):
+    """`eval` of a run stopped before its first evaluation (no `best` yet): the line says to use --tag last."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.rmtree(run / "checkpoints" / "best")
+    assert cli(["eval", "--checkpoint", str(run)]) == 2
+    line = one_line(capsys)
+    assert "no checkpoint with tag 'best'" in line and line.endswith("it has last: use --tag last"), line
