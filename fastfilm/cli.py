@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write question index, image, question, answer and top-5 probabilities per question (JSON lines)",
     )
 
-    p = sub.add_parser("export", help="export weights as safetensors + config.json + vocab.json")
+    p = sub.add_parser(
+        "export", help="export weights as safetensors + config.json + vocab.json + a sha256 manifest"
+    )
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     p.add_argument("--tag", default="best", help="checkpoint tag: best (default) or last")
     p.add_argument(
