@@ -30,8 +30,12 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
 
     for name in EXPORT_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
+            hint = ""
+            if os.path.isdir(os.path.join(folder, "checkpoints")):  # a run folder
+                best = os.path.join(folder, "checkpoints", "best")
+                hint = f"; {folder} is a run folder: give {best}, or `fastfilm export --checkpoint {folder}` first"
             raise CheckpointError(
-                f"{folder}: missing {name} (expected a folder written by `fastfilm export`)"
+                f"{folder}: missing {name} (expected a folder written by `fastfilm export`){hint}"
             )
 
     def read_json(name: str):

@@ -198,3 +198,15 @@ def test_a_missing_tag_names_the_tags_the_run_has(trained, tmp_path, capsys):
     assert cli(["eval", "--checkpoint", str(run)]) == 2
     line = one_line(capsys)
     assert "no checkpoint with tag 'best'" in line and line.endswith("it has last: use --tag last"), line
+
+
+@pytest.mark.parametrize("command", ["predict", "analyze"])
+def test_a_run_folder_given_for_a_model_folder_says_what_to_give(trained, tmp_path, capsys, command):
+    run, _ = trained
+    argv = {
+        "predict": ["predict", "--model", str(run), "--image", "x.png", "--question", "What color is it?"],
+        "analyze": ["analyze", "--model", str(run), "--out", str(tmp_path / "a")],
+    }[command]
+    assert cli(argv) == 2
+    line = one_line(capsys)
+    assert f"{run} is a run folder: give {run}/checkpoints/best" in line and "fastfilm export" in line, line
