@@ -156,8 +156,8 @@ class Loader:
             path = os.path.join(self.cache_dir, f"{self.split}_features.npy")
             if not os.path.isfile(path):
                 raise DataError(
-                    f"{path}: not found (image_source='features' reads features you extract; see "
-                    "fastfilm/data/loader.py)"
+                    f"{path}: not found (image_source='features': make it with `fastfilm features`, or convert "
+                    "the original's HDF5 file with `fastfilm prep --features-h5`)"
                 )
             images = self._memmap(path, num_images)
             if images.ndim != 4 or images.dtype not in (np.float16, np.float32):
@@ -421,7 +421,7 @@ def loader_for(
 
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     dc = cfg.data
-    return build_loader(
+    loader = build_loader(
         cache_dir or dc.cache,
         split,
         batch_size or cfg.batch_size,
@@ -439,3 +439,20 @@ def loader_for(
         vocab=vocab,
         bucket_by_length=train and dc.bucket_by_length,
     )
+    _check_features_fit(loader, cfg.model)
+    return loader
+
+
+def _check_features_fit(loader: Loader, model: Any) -> None:
+    """A feature cache whose [C, H, W] is not the feature stem's (model.feature_channels × feature_size²) is a
+    DataError naming the file, not a convolution's shape error at the first batch."""
+    images = getattr(loader, "_images", None)
+    if loader.image_source != "features" or images is None:
+        return
+    want = (model.feature_channels, model.feature_size, model.feature_size)
+    if tuple(images.shape[1:]) != want:
+        path = os.path.join(loader.cache_dir, f"{loader.split}_features.npy")
+        raise DataError(
+            f"{path}: features of shape {list(images.shape[1:])}, but the model reads {list(want)} "
+            "(model.feature_channels × feature_size²)"
+        )

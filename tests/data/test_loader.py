@@ -170,6 +170,24 @@ def test_features_source(cache, tmp_path):
         assert np.array_equal(b["image"].numpy(), ref)
 
 
+def test_features_that_do_not_fit_the_feature_stem_are_a_data_error(cache, tmp_path):
+    """loader_for (train, eval, analyze): features [16, 14, 14] under a model reading [1024, 14, 14] name the
+    file and both shapes (was a conv2d channel error at the first batch, after set-up)."""
+    from fastfilm.config import config_from_dict
+    from fastfilm.data.loader import loader_for
+
+    c = tmp_path / "cache"
+    shutil.copytree(cache, c)
+    np.save(c / "val_features.npy", np.zeros((6, 16, 14, 14), np.float16))
+    raw = {"model": {"stem": "features"}, "data": {"cache": str(c), "image_source": "features"}}
+    with pytest.raises(
+        DataError, match=r"val_features\.npy: features of shape \[16, 14, 14\], .* \[1024, 14, 14\]"
+    ):
+        loader_for(config_from_dict(raw), "val", train=False)
+    raw["model"]["feature_channels"] = 16
+    assert loader_for(config_from_dict(raw), "val", train=False).total == 18
+
+
 def test_test_split_has_no_answers(cache):
     batches = collect(loader(cache, "test", batch_size=5))
     assert sum(len(b["answer"]) for b in batches) == 12
