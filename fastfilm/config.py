@@ -627,6 +627,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), kernels:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:  # e.g. an image or a binary file given as --config
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); expected JSON"
+        ) from None
     overrides = list(overrides)
     if kernels is not None:
         overrides.append(f"kernels.mode={kernels}")

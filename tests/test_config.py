@@ -45,6 +45,13 @@ def test_deepspeed_keys_far_from_any_misspelling_pass_through(tmp_path):
     assert cfg.deepspeed["some_future_deepspeed_feature"] == {"enabled": True}
 
 
+def test_a_binary_file_as_config_is_one_line(tmp_path):
+    p = tmp_path / "image.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"image\.png: not a UTF-8 text file .*expected JSON"):
+        load_config(str(p))
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(ConfigError, match="unknown section 'trian'.*'train'"):
         load_config(write(tmp_path, {"trian": {}}))
