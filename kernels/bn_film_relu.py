@@ -2,13 +2,14 @@
 
 Per channel c, over the batch and positions (M = N·H·W values; p runs over H·W):
     mean_c = Σ z / M,    var_c = Σ (z − mean_c)² / M,    rstd_c = 1 / √(var_c + eps)
-    scale[n,c] = γ[n,c]·rstd_c,    shift[n,c] = β[n,c] − mean_c·scale[n,c]
-    out = r + max(scale·z + shift, 0)                              (one FMA, a max and an add per element)
+    scale[n,c] = γ[n,c]·rstd_c,    out = r + max((z − mean_c)·scale + β, 0)        (a subtraction, an FMA, a max
+    and an add per element; not z·scale + (β − mean·scale), which cancels when |mean_c| ≫ the channel's spread)
     running_mean ← (1 − m)·running_mean + m·mean_c,   running_var ← (1 − m)·running_var + m·var_c·M/(M − 1)
-Eval mode takes mean_c and var_c from the running buffers; `normalize=False` (the "no BN" ablation) uses
-scale = γ, shift = β.
+The statistics are those of z − K_c (K_c = z[0, c, 0], its first value; shift-invariant for the variance) so
+that a channel far from zero keeps its precision. Eval mode takes mean_c and var_c from the running buffers;
+`normalize=False` (the "no BN" ablation) uses mean = 0, scale = γ.
 
-Backward, with x̂ = (z − mean)·rstd recomputed from z (never stored) and g = dout·[scale·z + shift > 0]:
+Backward, with x̂ = (z − mean)·rstd recomputed from z (never stored) and g = dout·[(z − mean)·scale + β > 0]:
     dβ[n,c] = Σ_p g,    dγ[n,c] = Σ_p g·x̂,    dr = dout
     training:  dz = rstd·(γ·g − A_c − x̂·B_c),   A_c = Σ_n γ[n,c]·dβ[n,c] / M,   B_c = Σ_n γ[n,c]·dγ[n,c] / M
     eval:      dz = γ·rstd·g (the statistics are constants);    no BN: dz = γ·g
@@ -83,7 +84,8 @@ def bn_film_relu_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Partial statistics of channels c over the samples of one batch split s (N_s·HW values each):
+# Partial statistics of z − K over the samples of one batch split s (N_s·HW values each), K = z[0, c, 0] the
+# same pivot in every split (_pivot):
 #   tiles t of the split in order; per tile its mean m_t and M2_t = Σ (x − m_t)²;
 #   running (count k, mean μ, M2) ← Chan: δ = m_t − μ, μ += δ·n_t/(k + n_t), M2 += M2_t + δ²·k·n_t/(k + n_t).
 @triton.jit
@@ -102,12 +104,13 @@ def _stats_kernel(
     n1 = tl.minimum(n0 + NPS, N)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    pivot = _pivot(Z, c, cmask, s_zc, ACC)
     for n in range(n0, n1):
         base = Z + tl.cast(n, tl.int64) * s_zn + c[:, None] * s_zc
         for p0 in range(0, HW, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             mask = cmask[:, None] & (p < HW)[None, :]
-            x = tl.load(base + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+            x = tl.load(base + p[None, :] * s_zp, mask=mask, other=pivot[:, None]).to(ACC) - pivot[:, None]
             cnt = tl.cast(tl.minimum(HW - p0, BLOCK_P), ACC)
             t_mean = tl.sum(x, axis=1) / cnt
             d = tl.where(mask, x - t_mean[:, None], 0.0)
@@ -120,8 +123,14 @@ def _stats_kernel(
     tl.store(PM2 + pid_s * C + c, m2, mask=cmask)
 
 
+# The statistics' pivot K of channels c: z[0, c, 0] (a non-finite K gives non-finite statistics, as z does).
+@triton.jit
+def _pivot(Z, c, cmask, s_zc, ACC: tl.constexpr):
+    return tl.load(Z + c * s_zc, mask=cmask, other=0.0).to(ACC)
+
+
 # Combine the S split partials of channels c (split s holds n_s = min(NPS, N − s·NPS)·HW values):
-#   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M
+#   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M       (means of z − K)
 @triton.jit
 def _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
     s = tl.arange(0, BLOCK_S)
@@ -137,9 +146,9 @@ def _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC: tl.constex
     return mean, m2
 
 
-# out[n,c,p] = r[n,c,p] + max(scale[n,c]·z[n,c,p] + shift[n,c], 0) for one sample n, channels c, positions p.
+# out[n,c,p] = r[n,c,p] + max((z[n,c,p] − mean[c])·scale[n,c] + β[n,c], 0) for one sample n, channels c, positions p.
 # MODE 0 combines the batch statistics (and the programs of sample 0, first position block, update the running
-# buffers and save mean/rstd for the backward), MODE 1 reads the running buffers, MODE 2 has scale = γ, shift = β.
+# buffers and save mean/rstd for the backward), MODE 1 reads the running buffers, MODE 2 has mean = 0, scale = γ.
 @triton.jit
 def _forward_kernel(
     Z, R, Y, GAMMA, BETA, PMEAN, PM2, RMEAN, RVAR, MEAN, RSTD,
@@ -155,17 +164,13 @@ def _forward_kernel(
     pid_p = tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
-    beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
-    if MODE == 2:
-        scale = gamma
-        shift = beta
-    else:
+    if MODE != 2:
         # sample 0's first position block writes the per-channel results (a block-shaped mask: the interpreter
         # mishandles scalar & block masks)
         first = (0 * c + n + pid_p) == 0
         if MODE == 0:
             mean, m2 = _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC, BLOCK_S)
+            mean += _pivot(Z, c, cmask, s_zc, ACC)
             rstd = 1.0 / tl.sqrt(m2 / M + eps)
             if UPDATE_RUNNING:
                 r_mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
@@ -179,20 +184,24 @@ def _forward_kernel(
             rstd = 1.0 / tl.sqrt(tl.load(RVAR + c, mask=cmask, other=1.0).to(ACC) + eps)
         tl.store(MEAN + c, mean, mask=cmask & first)
         tl.store(RSTD + c, rstd, mask=cmask & first)
-        scale = gamma * rstd
-        shift = beta - mean * scale
+    # γ and β loaded after the statistics' combine (fewer registers live through it)
+    gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
+    beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
+    scale = gamma if MODE == 2 else gamma * rstd
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = cmask[:, None] & (p < HW)[None, :]
     n64 = tl.cast(n, tl.int64)
     z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
+    if MODE != 2:
+        z -= mean[:, None]
     # NaN propagates as in torch.relu (max.f32 and the interpreter's default max would return 0 for a NaN)
-    out = tl.maximum(tl.fma(z, scale[:, None], shift[:, None]), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    out = tl.maximum(tl.fma(z, scale[:, None], beta[:, None]), 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_RES:
         out += tl.load(R + n64 * s_rn + c[:, None] * s_rc + p[None, :] * s_rp, mask=mask, other=0.0).to(ACC)
     tl.store(Y + n64 * s_yn + c[:, None] * s_yc + p[None, :] * s_yp, out.to(Y.dtype.element_ty), mask=mask)
 
 
-# Per (n, c) of one batch split: dβ = Σ_p g, dγ = Σ_p g·x̂ with g = dout·[scale·z + shift > 0];
+# Per (n, c) of one batch split: dβ = Σ_p g, dγ = Σ_p g·x̂ with g = dout·[(z − mean)·scale + β > 0] (the forward's);
 # MODE 0 stores the split's sums A_s = Σ_n γ·dβ and B_s = Σ_n γ·dγ; MODE 1/2 write dz = scale·g in the same pass.
 @triton.jit
 def _backward_reduce_kernel(
@@ -222,7 +231,6 @@ def _backward_reduce_kernel(
         gamma = tl.load(GAMMA + n64 * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
         beta = tl.load(BETA + n64 * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
         scale = gamma * rstd
-        shift = beta - mean * scale
         d_beta = tl.zeros([BLOCK_C], dtype=ACC)
         d_gamma = tl.zeros([BLOCK_C], dtype=ACC)
         for p0 in range(0, HW, BLOCK_P):
@@ -230,8 +238,9 @@ def _backward_reduce_kernel(
             mask = cmask[:, None] & (p < HW)[None, :]
             z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
             do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
-            g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) <= 0.0, 0.0, do.to(ACC))  # as torch's
-            x_hat = (z - mean[:, None]) * rstd[:, None]
+            z -= mean[:, None]
+            g = tl.where(tl.fma(z, scale[:, None], beta[:, None]) <= 0.0, 0.0, do.to(ACC))  # as torch's
+            x_hat = z * rstd[:, None]
             d_beta += tl.sum(g, axis=1)
             d_gamma += tl.sum(g * x_hat, axis=1)
             if MODE != 0:
@@ -271,14 +280,14 @@ def _backward_dz_kernel(
     gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
     beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
     scale = gamma * rstd
-    shift = beta - mean * scale
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = cmask[:, None] & (p < HW)[None, :]
     n64 = tl.cast(n, tl.int64)
     z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
     do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
-    g = tl.where(tl.fma(z, scale[:, None], shift[:, None]) <= 0.0, 0.0, do.to(ACC))  # NaN passes, as torch's
-    x_hat = (z - mean[:, None]) * rstd[:, None]
+    z -= mean[:, None]
+    g = tl.where(tl.fma(z, scale[:, None], beta[:, None]) <= 0.0, 0.0, do.to(ACC))  # NaN passes, as torch's
+    x_hat = z * rstd[:, None]
     dz = rstd[:, None] * (gamma[:, None] * g - a[:, None] - x_hat * b[:, None])
     x_ptr = DZ + n64 * s_xn + c[:, None] * s_xc + p[None, :] * s_xp
     tl.store(x_ptr, dz.to(DZ.dtype.element_ty), mask=mask)
