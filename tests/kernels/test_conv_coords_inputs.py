@@ -107,8 +107,9 @@ def test_without_bias(device):
 
 
 def test_strided_views(device):
-    """x a channel slice of a wider tensor (storage offset), x with batch and channel axes swapped in memory, and a
-    weight sliced out of a wider one (input stride ≠ C_in + 2): read through strides, no copy."""
+    """x a channel slice of a wider tensor (storage offset), x with batch and channel axes swapped in memory, a
+    weight sliced out of a wider one (input stride ≠ C_in + 2), x expanded over the batch: read through strides,
+    no copy."""
     n, c_in, c_out, h, w = 3, 5, 7, 4, 6
     inp = make_inputs(n, c_in, c_out, h, w, 1, device, seed=25)
     wide = torch.randn(n, c_in + 4, h, w, device=device)
@@ -122,6 +123,9 @@ def test_strided_views(device):
     inp["weight"] = w_wide[:, 1 : c_in + 3]
     assert inp["weight"].stride(0) == c_in + 5
     check_against_reference(inp, 0, False)
+    inp["x"] = inp["x"][:1].expand(n, c_in, h, w)  # one image for every question (stride 0 over the batch)
+    assert inp["x"].stride(0) == 0
+    check_against_reference(inp, 0, True)
 
 
 DOUT_LAYOUTS = {
