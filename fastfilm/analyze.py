@@ -259,7 +259,7 @@ def analyze(
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
     from fastfilm.data import loader_for
-    from fastfilm.errors import UsageError, check_output_folder
+    from fastfilm.errors import UsageError, check_model_cache, check_output_folder
     from fastfilm.export import load_model_folder
 
     if not isinstance(max_questions, int) or max_questions < 3:
@@ -269,6 +269,8 @@ def analyze(
     check_output_folder(out, "analyze --out")
     os.makedirs(out, exist_ok=True)
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")
+    if cache is None:
+        check_model_cache(cfg.data.cache, model_dir)
     device = torch.device("cpu")
     names = {int(k): v for k, v in (vocab.get("question_family_names") or {}).items()}
     bs = min(cfg.batch_size, 64)

@@ -55,6 +55,15 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def check_model_cache(cache: str, folder: str) -> None:
+    """Refuse, with the way out, a model whose config's data.cache is not on this machine (no --cache given)."""
+    if not os.path.isdir(cache):
+        raise UsageError(
+            f"{folder}/config.json: data.cache '{cache}' is not a folder here: pass --cache CACHE (a cache prepared "
+            "with this model's vocabulary, e.g. `fastfilm prep --vocab-from MODEL_DIR`)"
+        )
+
+
 def check_output_file(path: str, option: str) -> None:
     """Refuse, before any work, an output file that could not be written: `path` is a folder, or a file stands
     where one of its folders would be (missing folders are made when the file is written)."""

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
         cfg.data.cache = args.cache
         check_same_vocab(args.cache, vocab)  # the cache's ids must be the model's words
+    else:
+        from fastfilm.errors import check_model_cache
+
+        check_model_cache(cfg.data.cache, folder)
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()

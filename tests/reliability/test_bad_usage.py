@@ -210,3 +210,24 @@ def test_a_run_folder_given_for_a_model_folder_says_what_to_give(trained, tmp_pa
     assert cli(argv) == 2
     line = one_line(capsys)
     assert f"{run} is a run folder: give {run}/checkpoints/best" in line and "fastfilm export" in line, line
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_a_model_whose_cache_is_elsewhere_points_at_cache(trained, tmp_path, capsys, command):
+    """A model folder from another machine (or import-original's default data.cache): the line says to pass
+    --cache (it said to run `fastfilm prep` into the missing folder)."""
+    from fastfilm.checkpoint import write_manifest
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained[1], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["data"]["cache"] = str(tmp_path / "elsewhere" / "cache")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    write_manifest(str(folder))
+    argv = {
+        "eval": ["eval", "--checkpoint", str(folder)],
+        "analyze": ["analyze", "--model", str(folder), "--out", str(tmp_path / "a")],
+    }[command]
+    assert cli(argv) == 2
+    line = one_line(capsys)
+    assert "elsewhere" in line and "--cache CACHE" in line, line
