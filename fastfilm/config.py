@@ -352,6 +352,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                 node = node.setdefault(p, {})
         elif len(path) != 2:
             raise ConfigError(f"--set {item!r}: expected {section}.KEY=VALUE")
+        else:  # name the override, not the config file, when the key is misspelled on the command line
+            fields = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+            if path[1] not in fields:
+                raise ConfigError(
+                    f"--set {item!r}: unknown key '{path[1]}' in {section}{_closest(path[1], fields)}"
+                )
         node[path[-1]] = value
     return raw
 

@@ -87,7 +87,7 @@ def test_invalid_json_names_line(tmp_path):
         ("model.condition_method=film-bn", r"condition_method: 'film-bn' is not one of"),
         ("train.epochs=0", r"train\.epochs: must be > 0"),
         ("model.stem=features", r"data\.image_source: 'cache' does not fit model\.stem='features'"),
-        ("train.epoch=3", r"unknown key 'epoch'.*'epochs'"),
+        ("train.epoch=3", r"^--set 'train\.epoch=3': unknown key 'epoch'.*'epochs'"),  # names the --set
         ("epochs=3", r"expected SECTION\.KEY=VALUE"),
     ],
 )
