@@ -436,8 +436,9 @@ def resume_message(saved: dict | None, now: dict, lr: float, position: int, tota
     return line
 
 
-def find_checkpoint(path: str, tag: str = "best") -> str:
-    """A run folder, a checkpoints folder or a tag folder → the verified tag folder to read weights from."""
+def find_checkpoint(path: str, tag: str = "best", tag_option: str | None = None) -> str:
+    """A run folder, a checkpoints folder or a tag folder → the verified tag folder to read weights from.
+    `tag_option` (e.g. "--tag") is the option that picks the tag, named when `tag` is missing."""
     candidates = [path, os.path.join(path, "checkpoints")]
     for c in candidates:
         if os.path.isfile(os.path.join(c, MANIFEST)):
@@ -453,7 +454,10 @@ def find_checkpoint(path: str, tag: str = "best") -> str:
         for t in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
         if "." not in t and resolve_tag_dir(ckpt_dir, t) is not None
     )
-    has = f"; it has {', '.join(tags)}: use --tag {tags[0]}" if tags else ""
+    has = ""
+    if tags:
+        use = f"use {tag_option} {tags[0]}" if tag_option else f"give {os.path.join(ckpt_dir, tags[0])}"
+        has = f"; it has {', '.join(tags)}: {use}"
     raise CheckpointError(
         f"{path}: no checkpoint with tag '{tag}' (expected RUN/checkpoints/{tag}/{MANIFEST}){has}"
     )

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
         if getattr(args, option, None):
             check_output_file(getattr(args, option), "--" + option.replace("_", "-"))
-    folder = find_checkpoint(args.checkpoint, args.tag)
+    folder = find_checkpoint(args.checkpoint, args.tag, tag_option="--tag")
     model, cfg, vocab = load_model_folder(folder, kernels=args.kernels)
     if getattr(args, "cache", None):  # eval --cache: another prepared cache (e.g. a zero-shot question set)
         from fastfilm.predictions import check_same_vocab

@@ -103,7 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     out = os.path.normpath(args.out)
     check_export_target(out)
-    folder = find_checkpoint(args.checkpoint, args.tag)
+    folder = find_checkpoint(args.checkpoint, args.tag, tag_option="--tag")
     load_model_folder(folder)  # proves the weights load into the described model before anything is written
     tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
     try:

@@ -198,6 +198,11 @@ def test_a_missing_tag_names_the_tags_the_run_has(trained, tmp_path, capsys):
     assert cli(["eval", "--checkpoint", str(run)]) == 2
     line = one_line(capsys)
     assert "no checkpoint with tag 'best'" in line and line.endswith("it has last: use --tag last"), line
+    from fastfilm.checkpoint import CheckpointError, find_checkpoint
+
+    with pytest.raises(CheckpointError) as e:  # train.init_from and prep --vocab-from have no --tag
+        find_checkpoint(str(run))
+    assert str(e.value).endswith(f"it has last: give {run}/checkpoints/last"), e.value
 
 
 @pytest.mark.parametrize("command", ["predict", "analyze"])
