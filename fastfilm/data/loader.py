@@ -447,7 +447,7 @@ def _check_features_fit(loader: Loader, model: Any) -> None:
     """A feature cache whose [C, H, W] is not the feature stem's (model.feature_channels × feature_size²) is a
     DataError naming the file, not a convolution's shape error at the first batch."""
     images = getattr(loader, "_images", None)
-    if loader.image_source != "features" or images is None:
+    if getattr(loader, "image_source", None) != "features" or images is None:
         return
     want = (model.feature_channels, model.feature_size, model.feature_size)
     if tuple(images.shape[1:]) != want:
