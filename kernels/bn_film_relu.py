@@ -351,7 +351,7 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
     return y, mean, rstd
 
 
-def _backward(dout, z, gamma, beta, mean, rstd, mode):
+def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     n, c, h, w = z.shape
     hw, m = h * w, n * h * w
     acc = mean.dtype
@@ -364,7 +364,10 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode):
     block_c, block_p = _tile(c, hw, is_channels_last(z))
     nps = _samples_per_split(n)
     splits = triton.cdiv(n, nps)
-    dz = empty_like_layout(tuple(z.shape), z, z.dtype)
+    # Training without dz (z needs no gradient: a frozen visual network) skips the dz pass; the reduction writes
+    # no dz in training, so z stands in for the pointer. Eval / no BN write dz in the reduction anyway.
+    skip_dz = mode == MODE_BATCH_STATS and not need_dz
+    dz = z if skip_dz else empty_like_layout(tuple(z.shape), z, z.dtype)
     d_gamma = torch.empty((n, c), device=z.device, dtype=gamma.dtype)
     d_beta = torch.empty((n, c), device=z.device, dtype=beta.dtype)
     p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
@@ -377,13 +380,13 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode):
         dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
         MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
     )  # fmt: skip
-    if mode == MODE_BATCH_STATS:
+    if mode == MODE_BATCH_STATS and not skip_dz:
         _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
             dout, z, gamma, beta, mean, rstd, p_sum, dz, c, hw, splits, float(m), *common,
             ACC=TL_DTYPE[acc], VEC=vec, BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p,
             num_warps=BN_NUM_WARPS,
         )  # fmt: skip
-    return dz, d_gamma, d_beta, dout
+    return None if skip_dz else dz, d_gamma, d_beta, dout
 
 
 class BnFilmReluFunction(torch.autograd.Function):
@@ -401,7 +404,9 @@ class BnFilmReluFunction(torch.autograd.Function):
     def backward(ctx, dout):
         no_double_backward("bn_film_relu")
         z, gamma, beta, mean, rstd = ctx.saved_tensors
-        dz, d_gamma, d_beta, dr = _backward(dout, z, gamma, beta, mean, rstd, ctx.mode)
+        dz, d_gamma, d_beta, dr = _backward(
+            dout, z, gamma, beta, mean, rstd, ctx.mode, ctx.needs_input_grad[0]
+        )
         if ctx.residual_dtype is not None:
             dr = dr.to(ctx.residual_dtype)
         else:

@@ -392,3 +392,34 @@ def test_channel_mean_far_from_zero(device, mode):
         theirs = rel_error(results["torch"][i], results["truth"][i])
         assert ours <= 2 * theirs + 1e-6, f"{what}: ours {ours:.2e} vs PyTorch float32 {theirs:.2e}"
         assert ours <= 2 * FP32_REL, f"{what}: ours {ours:.2e} against the float64 truth"
+
+
+@pytest.mark.parametrize("z_grad", [True, False], ids=["z_grad", "frozen_network"])
+def test_training_backward_skips_dz_when_z_needs_no_gradient(device, monkeypatch, z_grad):
+    """A frozen visual network (train.trainable=generator): z needs no gradient, so the training backward runs
+    the reduction only (one pass over dout and z instead of two); the γ, β and residual gradients are unchanged."""
+    import importlib
+
+    bn_module = importlib.import_module("kernels.bn_film_relu")
+    original, launches = bn_module._backward_dz_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(bn_module, "_backward_dz_kernel", Counting())
+    inp = make_inputs((3, 5, 7, 6), device, seed=39)
+    results = []
+    for impl in ("triton", "reference"):
+        leaves = {
+            k: inp[k].clone().requires_grad_(k != "z" or z_grad) for k in ("z", "gamma", "beta", "residual")
+        }
+        rm, rv = _buffers(inp, "train")
+        out = bn_film_relu(*leaves.values(), rm, rv, training=True, impl=impl)
+        out.backward(inp["dout"])
+        results.append({k: v.grad for k, v in leaves.items()})
+    assert len(launches) == (1 if z_grad else 0)
+    for k in ("gamma", "beta", "residual") + (("z",) if z_grad else ()):
+        assert_rel_close(results[0][k], results[1][k], FP32_REL, f"d{k}")
+    assert z_grad or results[0]["z"] is None
