@@ -149,7 +149,12 @@ def run(args: argparse.Namespace) -> int:
         from fastfilm.predictions import write_for_eval  # issue 17: answer files in CLEVR's format
 
         if not write_for_eval(args, model, cfg, vocab, loader, device):
-            return 0  # a split without answers (CLEVR's test): predictions only, no accuracy
+            if args.json:  # a split without answers (CLEVR's test): predictions only, no accuracy
+                print(
+                    f"fastfilm: note: --json {args.json} not written: {args.split} has no answers to score",
+                    file=sys.stderr,
+                )
+            return 0
     result = evaluate(
         model,
         loader,

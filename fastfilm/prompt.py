@@ -134,6 +134,11 @@ def run_interactive(args: argparse.Namespace) -> int:
     from fastfilm.export import load_model_folder
 
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
+    if cfg.model.stem == "pixels" and getattr(args, "resnet_weights", None):
+        print(
+            "fastfilm: note: --resnet-weights is not used: this model reads the image's pixels",
+            file=sys.stderr,
+        )
     answerer = Answerer(model, cfg, vocab, getattr(args, "resnet_weights", None))
     allow = getattr(args, "allow_unknown", False)
     if not getattr(args, "interactive", False):

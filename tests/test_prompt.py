@@ -197,3 +197,12 @@ def test_prompt_answers_under_the_models_autocast(tmp_path):
     answerer.load(png(tmp_path, "a.png", (200, 30, 30)))
     answerer.ask("How many things are there?")
     assert seen == [torch.bfloat16, True]
+
+
+def test_resnet_weights_given_to_a_pixel_model_are_named_as_unused(tmp_path, capsys):
+    from fastfilm.cli import main as cli
+
+    folder, img = pixel_model_folder(tmp_path), png(tmp_path, "a.png", (200, 30, 30))
+    argv = ["predict", "--model", folder, "--image", img, "--question", "How many things are there?"]
+    assert cli([*argv, "--resnet-weights", str(tmp_path / "never-read.pth")]) == 0
+    assert "--resnet-weights is not used: this model reads the image's pixels" in capsys.readouterr().err

@@ -236,3 +236,12 @@ def test_a_model_whose_cache_is_elsewhere_points_at_cache(trained, tmp_path, cap
     assert cli(argv) == 2
     line = one_line(capsys)
     assert "elsewhere" in line and "--cache CACHE" in line, line
+
+
+def test_eval_json_of_a_split_without_answers_says_it_is_not_written(trained, tmp_path, capsys):
+    run, _ = trained
+    answers, result = tmp_path / "test.txt", tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", str(run), "--tag", "last", "--split", "test"]
+    assert cli([*argv, "--predictions", str(answers), "--json", str(result)]) == 0
+    assert answers.is_file() and not result.exists()
+    assert f"--json {result} not written: test has no answers" in capsys.readouterr().err
