@@ -219,6 +219,7 @@ def test_other_kernel_sizes_and_paddings(device, k, padding):
     assert out.shape == (2, 5, h_out, w_out)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 def test_nan_and_inf_propagate_as_in_pytorch(device, relu):
     """NaN and inf in x reach the output and every gradient where PyTorch's conv + relu put them; the fused ReLU
