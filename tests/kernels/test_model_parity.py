@@ -211,13 +211,29 @@ def test_triton_model_channels_last_equals_reference_float64(stem, train, monkey
 
 @pytest.mark.parametrize(
     "switch",
-    [{"module_batchnorm": False}, {"module_residual": False}, {"condition_pattern": [0, 1]}],
-    ids=["no_bn", "no_residual", "first_block_unconditioned"],
+    [
+        {"module_batchnorm": False},
+        {"module_residual": False},
+        {"condition_pattern": [0, 1]},
+        {"module_input_proj": 3},
+        {"use_coords": False},
+        {"use_gamma": False, "classifier_proj_dim": 0},
+    ],
+    ids=[
+        "no_bn",
+        "no_residual",
+        "first_block_unconditioned",
+        "input_proj_3x3",
+        "no_coords",
+        "no_gamma_no_proj",
+    ],
 )
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fused_ablations_equal_reference_float64(switch, train):
-    # Ablations that still run the fused op (no BN → normalize=False, no residual) or mix fused and reference
-    # blocks (an unconditioned block has an affine BN and runs the reference code).
+    # Ablations that still run the fused op (no BN → normalize=False, no residual), mix fused and reference
+    # blocks (an unconditioned block has an affine BN and runs the reference code), send the ResBlocks' input
+    # projection through the unfused k > 1 path, drop the coordinate convs, or feed γ ≡ 1 and the classifier's
+    # own coordinate concatenation.
     cfg = cfg_for("features", **switch)
     if "condition_pattern" in switch:
         with pytest.warns(UserWarning, match="with_cond=False.*no fused kernel"):
