@@ -178,6 +178,16 @@ class FiLMGen(nn.Module):
         return gammas, betas
 
 
+def _bn_momentum(bn: nn.BatchNorm2d | None) -> float:
+    """The running-stats momentum `nn.BatchNorm2d` would use for this step (None: the cumulative average,
+    1/num_batches_tracked, counted after this step's increment)."""
+    if bn is None:
+        return 0.1
+    if bn.momentum is None:
+        return 1.0 / float(max(int(bn.num_batches_tracked), 1))
+    return bn.momentum
+
+
 class FiLMedResBlock(nn.Module):
     """One ResBlock: [coords] → 1×1 conv → ReLU (= r) → 3×3 conv → BN → FiLM → ReLU → r + that.
 
@@ -236,10 +246,10 @@ class FiLMedResBlock(nn.Module):
             import kernels
 
             bn = getattr(self, "bn1", None)
-            if bn is not None and self.training:
-                bn.num_batches_tracked.add_(
-                    1
-                )  # as nn.BatchNorm2d does (the kernel updates the running stats)
+            if (
+                bn is not None and self.training
+            ):  # as nn.BatchNorm2d does (the kernel updates the running stats)
+                bn.num_batches_tracked.add_(1)
             return kernels.bn_film_relu(
                 z,
                 gammas,
@@ -248,7 +258,7 @@ class FiLMedResBlock(nn.Module):
                 bn.running_mean if bn is not None else None,
                 bn.running_var if bn is not None else None,
                 training=self.training,
-                momentum=bn.momentum if bn is not None else 0.1,
+                momentum=_bn_momentum(bn),
                 eps=bn.eps if bn is not None else 1e-5,
                 normalize=bn is not None,
                 impl=self.kernels,

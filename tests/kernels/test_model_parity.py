@@ -290,12 +290,6 @@ def test_triton_model_autocast_is_as_close_as_reference(dtype, stem, train):
             assert torch.equal(st[k], sr[k]), k
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="fastfilm/model.py passes bn.momentum=None to kernels.bn_film_relu; nn.BatchNorm2d uses "
-    "1/num_batches_tracked then (fix proposed in helper-B's report: remove this marker with it)",
-)
 def test_triton_model_with_cumulative_average_batchnorm():
     # nn.BatchNorm2d(momentum=None) keeps a cumulative average of the batch statistics; the reference model
     # supports it through nn.BatchNorm2d, so the fused blocks must give the same running buffers.
