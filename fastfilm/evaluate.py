@@ -52,15 +52,9 @@ def evaluate(
                     f"{loader.split}: this split has no answers (as CLEVR's test split): it cannot be scored "
                     "(`--predictions FILE` writes its answers)"
                 )
-            fam = batch["family"]
-            if (fam >= MAX_FAMILIES).any():
-                raise DataError(f"{loader.split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
             with autocast(device, amp_dtype):
                 logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
-            hit = ((logits.argmax(1).cpu() == answers) & (answers != UNK_ANSWER)).double()
-            fam = torch.where(fam < 0, MAX_FAMILIES, fam)
-            correct.index_add_(0, fam, hit)
-            total.index_add_(0, fam, torch.ones_like(hit))
+            _tally(correct, total, logits.argmax(1).cpu(), answers, batch["family"], loader.split)
             seen += answers.numel()
             if max_questions and seen >= max_questions:
                 break
@@ -68,6 +62,44 @@ def evaluate(
         both = torch.stack([correct, total])
         dist.all_reduce(both)
         correct, total = both[0], both[1]
+    return _summary(correct, total, family_names)
+
+
+def score_predictions(
+    pred: torch.Tensor,
+    answers: torch.Tensor,
+    families: torch.Tensor,
+    family_names: dict | list | None,
+    split: str,
+) -> dict[str, Any]:
+    """`evaluate`'s result for predicted answer ids already computed (`eval --predictions`: one pass, not two)."""
+    correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
+    total = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
+    _tally(correct, total, pred.long(), answers.long(), families.long(), split)
+    return _summary(correct, total, family_names)
+
+
+def _tally(
+    correct: torch.Tensor,
+    total: torch.Tensor,
+    pred: torch.Tensor,
+    answers: torch.Tensor,
+    fam: torch.Tensor,
+    split,
+) -> None:
+    """Add the hits and counts of predicted answers to the per-family sums (the last slot: no family)."""
+    from fastfilm.data import DataError
+
+    if (fam >= MAX_FAMILIES).any():
+        raise DataError(f"{split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
+    hit = ((pred == answers) & (answers != UNK_ANSWER)).double()
+    fam = torch.where(fam < 0, MAX_FAMILIES, fam)
+    correct.index_add_(0, fam, hit)
+    total.index_add_(0, fam, torch.ones_like(hit))
+
+
+def _summary(correct: torch.Tensor, total: torch.Tensor, family_names: dict | list | None) -> dict[str, Any]:
+    """The per-family sums as `evaluate`'s result dict."""
     names = family_names or {}
     if isinstance(names, list):
         names = dict(enumerate(names))
@@ -148,21 +180,23 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "predictions", None) or getattr(args, "predictions_json", None):
         from fastfilm.predictions import write_for_eval  # issue 17: answer files in CLEVR's format
 
-        if not write_for_eval(args, model, cfg, vocab, loader, device):
+        result = write_for_eval(args, model, cfg, vocab, loader, device)  # scored from the same pass
+        if result is None:
             if args.json:  # a split without answers (CLEVR's test): predictions only, no accuracy
                 print(
                     f"fastfilm: note: --json {args.json} not written: {args.split} has no answers to score",
                     file=sys.stderr,
                 )
             return 0
-    result = evaluate(
-        model,
-        loader,
-        device,
-        autocast_dtype(cfg.deepspeed),
-        vocab.get("question_family_names"),
-        progress=True,
-    )
+    else:
+        result = evaluate(
+            model,
+            loader,
+            device,
+            autocast_dtype(cfg.deepspeed),
+            vocab.get("question_family_names"),
+            progress=True,
+        )
     expected = loader.total
     result["split"], result["checkpoint"] = args.split, folder
     print(format_table(result))

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from fastfilm.config import Config, config_from_dict
 from fastfilm.errors import UsageError
 from fastfilm.model import FiLMModel
-from fastfilm.precision import autocast, autocast_dtype
 
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 
@@ -137,21 +136,22 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-@torch.no_grad()
-def predict(model: FiLMModel, cfg: Config, vocab: dict, image: str, question: str, top: int = 5):
-    """The top-k (answer, probability) pairs for one image and one question."""
-    from fastfilm.data.tokenize import encode_question
+def predict(
+    model: FiLMModel,
+    cfg: Config,
+    vocab: dict,
+    image: str,
+    question: str,
+    top: int = 5,
+    resnet_weights: str | None = None,
+) -> list[tuple[str, float]]:
+    """The top-k (answer, probability) pairs for one image and one question (Python API of `fastfilm predict`;
+    a features model needs the ResNet-101 weights its features came from)."""
+    from fastfilm.prompt import Answerer
 
-    if cfg.model.stem != "pixels":
-        raise UsageError("predict needs a raw-pixel model (stem=pixels); this one reads precomputed features")
-    ids = torch.tensor([encode_question(question, vocab)], dtype=torch.long)
-    img = load_image(image, cfg.model.image_size)
-    with autocast(img.device, autocast_dtype(cfg.deepspeed)):
-        logits = model(img, ids, torch.tensor([ids.shape[1]]))
-    probs = torch.softmax(logits.float(), dim=1)[0]
-    idx_to_answer = {v: k for k, v in vocab["answer_token_to_idx"].items()}
-    p, i = probs.topk(min(top, probs.numel()))
-    return [(idx_to_answer.get(int(j), str(int(j))), float(q)) for q, j in zip(p, i)]
+    answerer = Answerer(model, cfg, vocab, resnet_weights)
+    answerer.load(image)
+    return answerer.ask(question, top)
 
 
 def run_predict(args: argparse.Namespace) -> int:

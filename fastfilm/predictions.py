@@ -14,7 +14,6 @@ file: refused, naming the split. So is a cache whose vocabulary differs from the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from typing import Any
@@ -23,16 +22,7 @@ import numpy as np
 import torch
 
 from fastfilm.data import DataError
-
-
-def _amp_dtype(ds: dict[str, Any]) -> torch.dtype | None:
-    """The autocast dtype `fastfilm eval` uses for this DeepSpeed section (so predictions equal its argmax)."""
-    try:
-        from fastfilm.precision import autocast_dtype
-
-        return autocast_dtype(ds)
-    except ImportError:
-        return torch.bfloat16 if ds.get("bf16", {}).get("enabled") else None
+from fastfilm.precision import autocast, autocast_dtype
 
 
 @torch.no_grad()
@@ -56,12 +46,7 @@ def predict_split(
         top_idx = top_prob = None
         for batch in loader.epoch(0):
             bar.update(1)
-            ctx = (
-                torch.autocast(device.type, dtype=amp_dtype)
-                if amp_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
+            with autocast(device, amp_dtype):  # as `evaluate`, so the argmax is the one it scores
                 logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
             logits = logits.float().cpu()
             rows = batch["index"].numpy()
@@ -116,15 +101,16 @@ def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
 
 def write_for_eval(
     args: argparse.Namespace, model: torch.nn.Module, cfg: Any, vocab: dict, loader, device: torch.device
-) -> bool:
-    """`fastfilm eval --predictions/--predictions-json`: write the files; True when the split has answers."""
+) -> dict[str, Any] | None:
+    """`fastfilm eval --predictions/--predictions-json`: write the files; return the split's accuracy (as
+    `fastfilm.evaluate.evaluate` gives it, from the same predictions), or None for a split without answers."""
     from fastfilm.data import load_split
     from fastfilm.data.prep import questions_path, read_questions
 
     dc = cfg.data
     check_lines_up(dc.cache, args.split, vocab)
     arrays = load_split(dc.cache, args.split)
-    out = predict_split(model, loader, device, _amp_dtype(cfg.deepspeed), progress=True)
+    out = predict_split(model, loader, device, autocast_dtype(cfg.deepspeed), progress=True)
     names = {v: k for k, v in vocab["answer_token_to_idx"].items()}
     answers = [names.get(int(i), str(int(i))) for i in out["pred"]]
     if args.predictions:
@@ -161,7 +147,15 @@ def write_for_eval(
             lines.append(json.dumps(rec))
         _atomic_text(args.predictions_json, lines)
         print(f"predictions: {len(lines)} records → {args.predictions_json}")
-    has_answers = bool((arrays["answers"] >= 0).all())
-    if not has_answers:
+    if not bool((arrays["answers"] >= 0).all()):
         print(f"{args.split}: no answers in this split: predictions written, no accuracy")
-    return has_answers
+        return None
+    from fastfilm.evaluate import score_predictions
+
+    return score_predictions(
+        torch.from_numpy(out["pred"]),
+        torch.from_numpy(arrays["answers"]),
+        torch.from_numpy(arrays["family"]),
+        vocab.get("question_family_names"),
+        args.split,
+    )

@@ -29,10 +29,20 @@ def trained(dataset, tmp_path_factory):
     return run
 
 
-def test_predictions_file_scores_as_eval(dataset, trained, tmp_path):
+def test_predictions_file_scores_as_eval(dataset, trained, tmp_path, monkeypatch):
+    import fastfilm.evaluate
+
     preds, js, res = tmp_path / "val.txt", tmp_path / "val.jsonl", tmp_path / "val.json"
+    plain = tmp_path / "plain.json"
+    assert main(["eval", "--checkpoint", str(trained), "--split", "val", "--json", str(plain)]) == 0
+
+    def second_pass(*a, **k):
+        raise AssertionError("eval --predictions ran the model over the split a second time")
+
+    monkeypatch.setattr(fastfilm.evaluate, "evaluate", second_pass)  # scored from the predictions' own pass
     args = ["eval", "--checkpoint", str(trained), "--split", "val", "--json", str(res)]
     assert main([*args, "--predictions", str(preds), "--predictions-json", str(js)]) == 0
+    assert json.loads(res.read_text()) == json.loads(plain.read_text())  # the same table, every family
     acc = json.loads(res.read_text())["accuracy"]
     qfile = dataset / "clevr" / "questions" / "CLEVR_val_questions.json"
     assert clevr_score(qfile, preds) == acc

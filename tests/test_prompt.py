@@ -206,3 +206,20 @@ def test_resnet_weights_given_to_a_pixel_model_are_named_as_unused(tmp_path, cap
     argv = ["predict", "--model", folder, "--image", img, "--question", "How many things are there?"]
     assert cli([*argv, "--resnet-weights", str(tmp_path / "never-read.pth")]) == 0
     assert "--resnet-weights is not used: this model reads the image's pixels" in capsys.readouterr().err
+
+
+def test_python_predict_is_the_models_softmax(tmp_path):
+    from fastfilm.data.tokenize import encode_question
+    from fastfilm.export import load_image, predict
+
+    model, cfg, vocab = load_model_folder(pixel_model_folder(tmp_path))
+    image = png(tmp_path, "a.png", (200, 30, 30))
+    question = "What color is the cube"
+    top = predict(model, cfg, vocab, image, question, top=3)
+    ids = torch.tensor([encode_question(question, vocab)])
+    with torch.no_grad():
+        probs = torch.softmax(model(load_image(image, 32), ids, torch.tensor([ids.shape[1]])), 1)[0]
+    names = {v: k for k, v in vocab["answer_token_to_idx"].items()}
+    p, i = probs.topk(3)
+    assert [a for a, _ in top] == [names[int(j)] for j in i]
+    torch.testing.assert_close(torch.tensor([q for _, q in top]), p)
