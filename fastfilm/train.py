@@ -86,6 +86,7 @@ class StepResult:
     answers: torch.Tensor
     boundary: bool  # an optimizer step was taken (the last micro-batch of a gradient accumulation)
     grad_norm: float | None  # at a boundary when asked for: the global gradient norm before the step
+    lr: float | None = None  # at a boundary: the learning rate the step applied (a scheduler moves it after)
 
 
 @dataclass
@@ -397,7 +398,8 @@ def restore(run: Run) -> TrainState:
         saved = ckpt.read_layout(ckpt.resolve_tag_dir(run.ckpt_dir, "last"))
         now = ckpt.layout_of(run.engine, run.cfg)
         total = run.train_loader.total
-        print(ckpt.resume_message(saved, now, run.cfg.lr, state.questions, total), flush=True)
+        lr = run.optimizer.param_groups[0]["lr"]  # restored: the next step's (a scheduler's, not cfg.lr)
+        print(ckpt.resume_message(saved, now, lr, state.questions, total), flush=True)
     return state
 
 
@@ -438,11 +440,12 @@ def train_step(
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     norm = grad_norm(engine) if boundary and want_grad_norm else None
+    lr = float(engine.get_lr()[0]) if boundary else None  # before the step: DeepSpeed's scheduler steps in it
     engine.step()
     if boundary and want_grad_norm and norm is None:  # ZeRO: DeepSpeed computed it during the step
         norm = engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-    return StepResult(loss.detach(), logits.detach(), answers, boundary, norm)
+    return StepResult(loss.detach(), logits.detach(), answers, boundary, norm, lr)
 
 
 # ------------------------------------------------------------------------ agreement, evaluation, saving
@@ -549,7 +552,7 @@ def log_train(run: Run, state: TrainState, out: StepResult, questions: int, seco
         {
             "train/loss": out.loss.item(),
             "train/acc": acc,
-            "train/lr": run.optimizer.param_groups[0]["lr"],
+            "train/lr": out.lr,  # the rate this step applied (param_groups already hold the next step's)
             "train/questions_per_s": questions / max(seconds, 1e-9),
             "train/grad_norm": out.grad_norm,
             "time/minutes": run.minutes(),

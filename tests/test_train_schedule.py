@@ -1,0 +1,90 @@
+"""The trainer with a DeepSpeed `scheduler`, gradient clipping and ZeRO on one rank: the logged learning rate is
+the one each optimizer step applied, a resume is bit-exact and says the rate it continues with, the logged grad
+norm is the pre-clip norm at every stage."""
+
+import json
+
+import pytest
+import torch
+
+import fastfilm.train as train_mod
+from fastfilm.config import config_from_dict
+from fastfilm.train import train
+from tests.test_train import tiny_config, weights
+
+
+def records(run, key):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+@pytest.fixture
+def applied_lrs(monkeypatch):
+    """The learning rate of every optimizer step the trainer's optimizer takes (read as the step runs)."""
+    seen = []
+    real = train_mod.build_optimizer
+
+    def watched(model, ds):
+        opt = real(model, ds)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", watched)
+    return seen
+
+
+def warmup(dataset, run, **kw):
+    # 48 questions, micro-batch 4, accumulation 2: 6 optimizer steps per epoch; linear warm-up over 5 steps.
+    raw = tiny_config(dataset, run, log_every=1, eval_every=3, **kw)
+    raw["deepspeed"].update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+    raw["deepspeed"]["scheduler"] = {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": 1e-4,
+            "warmup_max_lr": 1e-3,
+            "warmup_num_steps": 5,
+            "warmup_type": "linear",
+        },
+    }
+    return config_from_dict(raw)
+
+
+def test_scheduler_is_stepped_per_optimizer_step_logged_as_applied_and_resumed_exactly(
+    dataset, tmp_path, applied_lrs, capsys
+):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(warmup(dataset, straight, max_steps=8))
+    lrs = records(straight, "train/lr")
+    assert [s for s, _ in lrs] == list(range(1, 9))
+    # One scheduler step per optimizer step (not per micro-batch): 8 rates, the warm-up's, as applied.
+    assert [lr for _, lr in lrs] == applied_lrs, (lrs, applied_lrs)
+    assert len(set(applied_lrs)) > 3 and max(applied_lrs) == pytest.approx(1e-3)
+
+    applied_lrs.clear()
+    train(warmup(dataset, split, max_steps=4))
+    capsys.readouterr()
+    train(warmup(dataset, split, max_steps=8), resume=True)
+    resumed_line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("resume:")]
+    assert records(split, "train/lr") == lrs and applied_lrs == [lr for _, lr in lrs]
+    a, b = weights(straight), weights(split)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # The line names the rate the resumed run continues with (step 5's), not the optimizer section's.
+    assert len(resumed_line) == 1 and f"lr {lrs[4][1]:g}" in resumed_line[0], (resumed_line, lrs)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_grad_norm_with_clipping_is_the_pre_clip_norm_at_every_zero_stage(dataset, tmp_path, stage):
+    def clipped(run, zero):
+        raw = tiny_config(dataset, run, log_every=1, max_steps=3)
+        raw["deepspeed"].update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+        raw["deepspeed"]["gradient_clipping"] = 1e-3  # far below the norm: every step is clipped
+        raw["deepspeed"]["zero_optimization"] = {"stage": zero}
+        return config_from_dict(raw)
+
+    train(clipped(tmp_path / "z0", 0))
+    train(clipped(tmp_path / "zn", stage))
+    n0, nn = records(tmp_path / "z0", "train/grad_norm"), records(tmp_path / "zn", "train/grad_norm")
+    assert [s for s, _ in n0] == [1, 2, 3] and all(v > 1e-2 for _, v in n0), n0  # pre-clip: above the clip
+    assert [s for s, _ in nn] == [1, 2, 3]
+    for (_, a), (_, b) in zip(n0, nn):
+        assert b == pytest.approx(a, rel=1e-4), (n0, nn)
