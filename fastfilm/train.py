@@ -561,6 +561,21 @@ def log_train(run: Run, state: TrainState, out: StepResult, questions: int, seco
 
 
 # ------------------------------------------------------------------------------------------- the loop
+def early_stopping(tc) -> str:
+    """The reason a run stopped early (`train.patience` evaluations without a better val accuracy)."""
+    return f"early stopping (no better val accuracy in {tc.patience} evaluations)"
+
+
+def stopped_already(tc, state: TrainState) -> str | None:
+    """Why a run at `state` (a resumed one) takes no further step: it reached `train.max_steps`, or early stopping
+    had ended it (a resume with a larger patience goes on); None if neither."""
+    if tc.max_steps and state.step >= tc.max_steps:
+        return "train.max_steps"
+    if tc.patience and state.evals_since_best >= tc.patience:
+        return early_stopping(tc)
+    return None
+
+
 def train_loop(run: Run, state: TrainState) -> str:
     """Optimizer steps until `train.epochs`, `max_steps`, the time budget, a signal or early stopping; returns
     why it stopped. Evaluates every `eval_every` steps (once per epoch by default), saving `last` (and `best`)."""
@@ -573,6 +588,8 @@ def train_loop(run: Run, state: TrainState) -> str:
     per_micro = run.cfg.batch_size * run.world  # questions one micro-batch consumes over the ranks
     per_step = per_micro * gas
     engine.module.train()
+    if (done := stopped_already(tc, state)) is not None:  # a resume of a run that had stopped: no step more
+        return done
     while state.epoch < tc.epochs:
         if run.train_loader.bucket_by_length:  # the order depends on the global batch it was drawn for: a run
             if state.questions == 0 or not state.order_batch:  # resumed mid-epoch on another layout keeps it
@@ -628,7 +645,7 @@ def train_loop(run: Run, state: TrainState) -> str:
                 if result["improved"]:
                     save(run, state, "best")
                 if tc.patience and state.evals_since_best >= tc.patience:
-                    return f"early stopping (no better val accuracy in {tc.patience} evaluations)"
+                    return early_stopping(tc)
             if stop is not None:
                 save(run, state, "last")
                 return stop

@@ -1,6 +1,7 @@
 """The trainer with a DeepSpeed `scheduler`, gradient clipping and ZeRO on one rank: the logged learning rate is
 the one each optimizer step applied, a resume is bit-exact and says the rate it continues with, the logged grad
-norm is the pre-clip norm at every stage."""
+norm is the pre-clip norm at every stage. And `--resume` of a run that had reached `max_steps` or stopped early
+takes no further step."""
 
 import json
 
@@ -88,3 +89,28 @@ def test_grad_norm_with_clipping_is_the_pre_clip_norm_at_every_zero_stage(datase
     assert [s for s, _ in nn] == [1, 2, 3]
     for (_, a), (_, b) in zip(n0, nn):
         assert b == pytest.approx(a, rel=1e-4), (n0, nn)
+
+
+def test_resume_of_a_run_that_reached_max_steps_takes_no_step(dataset, tmp_path):
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_config(dataset, run, max_steps=3)))
+    before = weights(run)
+    summary = train(config_from_dict(tiny_config(dataset, run, max_steps=3)), resume=True)
+    assert summary["step"] == 3 and summary["reason"] == "train.max_steps"
+    after = weights(run)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert json.loads((run / "checkpoints/last/trainer_state.json").read_text())["step"] == 3
+
+
+def test_resume_of_an_early_stopped_run_takes_no_step(dataset, tmp_path):
+    run = tmp_path / "run"
+    # Evaluating every step with patience 1, a run stops at the first evaluation that is not better.
+    straight = train(config_from_dict(tiny_config(dataset, run, epochs=4, eval_every=1, patience=1)))
+    assert straight["reason"].startswith("early stopping"), straight
+    before = weights(run)
+    again = train(
+        config_from_dict(tiny_config(dataset, run, epochs=4, eval_every=1, patience=1)), resume=True
+    )
+    assert again["reason"] == straight["reason"] and again["step"] == straight["step"], (straight, again)
+    after = weights(run)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
