@@ -28,7 +28,8 @@ def evaluate(
     max_questions: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy of `model` on every question the loader yields (summed over ranks when distributed); with
+    """Accuracy of `model` on every question the loader yields (summed over ranks when distributed), or with
+    `max_questions` on exactly the split's first `max_questions` (the same ones on any number of ranks); with
     `progress`, a tqdm bar of this rank's batches on stderr (rank 0 only).
 
     Returns {"accuracy", "correct", "total", "families": {name: {"accuracy", "correct", "total"}}}; questions
@@ -42,9 +43,13 @@ def evaluate(
     model.eval()
     correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)  # the last slot: unknown family
     total = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)
-    seen = 0
+    seen, quota = 0, shard_quota(loader, max_questions)
     with progress_bar(loader, max_questions, progress) as bar:  # closed (cleared) on an error too
         for batch in loader.epoch(0):
+            if quota is not None and seen >= quota:
+                break
+            if quota is not None and quota - seen < len(batch["answer"]):  # the last of this shard's quota
+                batch = {k: v[: quota - seen] for k, v in batch.items()}
             bar.update(1)
             answers = batch["answer"]
             if (answers < 0).any():
@@ -56,13 +61,21 @@ def evaluate(
                 logits = model(batch["image"].to(device), batch["question"].to(device), batch["length"])
             _tally(correct, total, logits.argmax(1).cpu(), answers, batch["family"], loader.split)
             seen += answers.numel()
-            if max_questions and seen >= max_questions:
-                break
     if dist.is_available() and dist.is_initialized():
         both = torch.stack([correct, total])
         dist.all_reduce(both)
         correct, total = both[0], both[1]
     return _summary(correct, total, family_names)
+
+
+def shard_quota(loader, max_questions: int) -> int | None:
+    """With `max_questions`: how many of the split's first `max_questions` questions (in the loader's order, the
+    same for any number of ranks) this shard holds; they are the first it yields. None: the whole split."""
+    if not max_questions:
+        return None
+    import numpy as np
+
+    return int(np.isin(loader.rows(0), loader.order(0)[:max_questions]).sum())
 
 
 def score_predictions(

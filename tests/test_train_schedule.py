@@ -161,3 +161,37 @@ def test_accumulation_that_does_not_divide_the_epoch_drops_its_tail_and_resumes_
     seen.clear()
     train(accum(tmp_path / "seed1", max_steps=1, seed=1))
     assert [i for _, idx in seen for i in idx] != [i for _, idx in straight_seen[:5] for i in idx]
+
+
+def test_max_val_questions_is_the_first_n_questions_on_any_number_of_ranks(dataset, tmp_path):
+    """`data.max_val_questions: 10` scores exactly the split's first 10 questions: not a whole batch more (16 at
+    micro-batch 8 on one rank), and not 10 per rank; the shards of 3 ranks together score the same 10 questions
+    (the same hits, family by family) as one rank."""
+    from fastfilm.data import load_vocab
+    from fastfilm.data.loader import loader_for
+    from fastfilm.evaluate import evaluate
+    from fastfilm.model import FiLMModel
+
+    cfg = config_from_dict(tiny_config(dataset, tmp_path / "unused"))
+    vocab = load_vocab(cfg.data.cache)
+    torch.manual_seed(0)
+    model = FiLMModel(cfg.model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]))
+    cpu = torch.device("cpu")
+
+    def score(shard, shards, limit):
+        loader = loader_for(
+            cfg, "val", train=False, device=cpu, shard_id=shard, num_shards=shards, vocab=vocab
+        )
+        return evaluate(
+            model, loader, cpu, family_names=vocab.get("question_family_names"), max_questions=limit
+        )
+
+    whole = score(0, 1, 0)
+    one = score(0, 1, 10)
+    assert (whole["total"], one["total"]) == (18, 10)
+    parts = [score(s, 3, 10) for s in range(3)]
+    assert sum(p["total"] for p in parts) == 10 and sum(p["correct"] for p in parts) == one["correct"]
+    for name, row in one["families"].items():
+        assert sum(p["families"].get(name, {"total": 0})["total"] for p in parts) == row["total"], name
+        assert sum(p["families"].get(name, {"correct": 0})["correct"] for p in parts) == row["correct"], name
+    assert score(0, 1, 100)["total"] == 18  # a limit above the split is the whole split
