@@ -34,10 +34,11 @@ def applied_lrs(monkeypatch):
     return seen
 
 
-def warmup(dataset, run, **kw):
+def warmup(dataset, run, stage=0, **kw):
     # 48 questions, micro-batch 4, accumulation 2: 6 optimizer steps per epoch; linear warm-up over 5 steps.
     raw = tiny_config(dataset, run, log_every=1, eval_every=3, **kw)
     raw["deepspeed"].update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+    raw["deepspeed"]["zero_optimization"] = {"stage": stage}
     raw["deepspeed"]["scheduler"] = {
         "type": "WarmupLR",
         "params": {
@@ -50,11 +51,12 @@ def warmup(dataset, run, **kw):
     return config_from_dict(raw)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
 def test_scheduler_is_stepped_per_optimizer_step_logged_as_applied_and_resumed_exactly(
-    dataset, tmp_path, applied_lrs, capsys
+    dataset, tmp_path, applied_lrs, capsys, stage
 ):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(warmup(dataset, straight, max_steps=8))
+    train(warmup(dataset, straight, stage, max_steps=8))
     lrs = records(straight, "train/lr")
     assert [s for s, _ in lrs] == list(range(1, 9))
     # One scheduler step per optimizer step (not per micro-batch): 8 rates, the warm-up's, as applied.
@@ -62,9 +64,9 @@ def test_scheduler_is_stepped_per_optimizer_step_logged_as_applied_and_resumed_e
     assert len(set(applied_lrs)) > 3 and max(applied_lrs) == pytest.approx(1e-3)
 
     applied_lrs.clear()
-    train(warmup(dataset, split, max_steps=4))
+    train(warmup(dataset, split, stage, max_steps=4))
     capsys.readouterr()
-    train(warmup(dataset, split, max_steps=8), resume=True)
+    train(warmup(dataset, split, stage, max_steps=8), resume=True)
     resumed_line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("resume:")]
     assert records(split, "train/lr") == lrs and applied_lrs == [lr for _, lr in lrs]
     a, b = weights(straight), weights(split)
@@ -195,3 +197,22 @@ def test_max_val_questions_is_the_first_n_questions_on_any_number_of_ranks(datas
         assert sum(p["families"].get(name, {"total": 0})["total"] for p in parts) == row["total"], name
         assert sum(p["families"].get(name, {"correct": 0})["correct"] for p in parts) == row["correct"], name
     assert score(0, 1, 100)["total"] == 18  # a limit above the split is the whole split
+
+
+def test_early_stopping_across_a_resume_stops_at_the_straight_runs_step(dataset, tmp_path):
+    """best_acc and evals_since_best travel in the checkpoint: a run stopped one step before early stopping ended
+    the straight run, and resumed, stops at the same step with the same best checkpoint."""
+
+    def patient(run, **kw):
+        return config_from_dict(tiny_config(dataset, run, epochs=4, eval_every=1, patience=2, **kw))
+
+    straight = train(patient(tmp_path / "straight"))
+    assert straight["reason"].startswith("early stopping") and straight["step"] >= 3, straight
+    train(patient(tmp_path / "split", max_steps=straight["step"] - 1))
+    resumed = train(patient(tmp_path / "split"), resume=True)
+    assert (resumed["reason"], resumed["step"], resumed["best_step"], resumed["best_val_acc"]) == (
+        straight["reason"], straight["step"], straight["best_step"], straight["best_val_acc"],
+    )  # fmt: skip
+    for tag in ("last", "best"):
+        a, b = weights(tmp_path / "straight", tag), weights(tmp_path / "split", tag)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], tag
