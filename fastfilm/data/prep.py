@@ -157,57 +157,175 @@ def _read_json(path: str) -> Any:
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+class _Fallback(Exception):
+    """The streaming reader met a document it does not handle: parse it whole with `json.loads` instead."""
+
+
+def _question_row(q: Any, i: int, where: str, split: str, strings: dict[str, str]) -> dict[str, Any]:
+    """Question `i` of a questions file, checked, as the dict `read_questions` returns (a DataError names the
+    question). `strings` shares equal file names, answers and types between questions (memory)."""
+    if not isinstance(q, dict):
+        raise DataError(f"{where}: expected an object, found {_kind(q)}")
+    for key, types, required in (
+        ("question", (str,), True),
+        ("image_index", (int,), True),
+        ("answer", (str,), False),
+        ("question_family_index", (int,), False),
+        ("question_index", (int,), False),
+        ("image_filename", (str,), False),
+    ):
+        if key not in q:
+            if required:
+                raise DataError(f"{where}: missing field '{key}'")
+            continue
+        v = q[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise DataError(f"{where}: field '{key}' must be {types[0].__name__}, found {_kind(v)} {v!r:.40}")
+    if q["image_index"] < 0:
+        raise DataError(f"{where}: image_index {q['image_index']} is negative")
+    name = q.get("image_filename", f"CLEVR_{split}_{q['image_index']:06d}.png")
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise DataError(f"{where}: image_filename {name!r} is not a plain file name")
+    program = q.get("program")
+    ftype = None
+    if isinstance(program, list) and program and isinstance(program[-1], dict):
+        ftype = program[-1].get("function", program[-1].get("type"))
+    answer = q.get("answer")
+    return {
+        "question": q["question"],
+        "answer": None if answer is None else strings.setdefault(answer, answer),
+        "image_index": q["image_index"],
+        "family": q.get("question_family_index", -1),
+        "question_index": q.get("question_index", i),
+        "image_filename": strings.setdefault(name, name),
+        "type": strings.setdefault(ftype, ftype) if isinstance(ftype, str) else None,
+    }
+
+
+class _QuestionSink:
+    """Takes the questions of a "questions" list one at a time, as they are decoded, and keeps each one checked
+    and compact (`_question_row`): the file's programs and other fields are dropped at once, never held whole.
+    The first bad question's DataError is kept, to be raised once the whole file is known to be valid JSON."""
+
+    def __init__(self, path: str, split: str):
+        self.path, self.split = path, split
+        self.rows: list[dict[str, Any]] = []
+        self.error: DataError | None = None
+        self.strings: dict[str, str] = {}
+
+    def __call__(self, i: int, q: Any) -> None:
+        if self.error is None:
+            try:
+                self.rows.append(_question_row(q, i, f"{self.path}: question {i}", self.split, self.strings))
+            except DataError as e:
+                self.error, self.rows = e, []
+
+
+def _stream_list(dec: json.JSONDecoder, text: str, i: int, sink: _QuestionSink, bar: Any) -> tuple[Any, int]:
+    """Decode the JSON list starting at text[i] (a "[") one element at a time into `sink`; (sink, end)."""
+    ws = _WS.match
+    i, n, mark = ws(text, i + 1).end(), 0, i
+    if text[i : i + 1] == "]":
+        return sink, i + 1
+    while True:
+        item, i = dec.raw_decode(text, i)
+        sink(n, item)
+        n += 1
+        if n % 4096 == 0:
+            bar.update(i - mark)
+            mark = i
+        i = ws(text, i).end()
+        c = text[i : i + 1]
+        if c == "]":
+            bar.update(i - mark)
+            return sink, i + 1
+        if c != ",":
+            raise _Fallback
+        i = ws(text, i + 1).end()
+
+
+def _stream_questions(text: str, path: str, split: str, bar: Any) -> dict[str, Any]:
+    """The members of the JSON object `text`, its "questions" list streamed into a `_QuestionSink` (the same
+    values `json.loads` gives, the last of repeated keys winning); `_Fallback` (or a JSONDecodeError) when
+    `text` is anything else, so that `json.loads` then gives the usual result or error."""
+    dec, ws = json.JSONDecoder(), _WS.match
+    members: dict[str, Any] = {}
+    i = ws(text, 0).end()
+    if text[i : i + 1] != "{":
+        raise _Fallback
+    i = ws(text, i + 1).end()
+    while text[i : i + 1] != "}":
+        if text[i : i + 1] != '"':
+            raise _Fallback
+        key, i = dec.raw_decode(text, i)
+        i = ws(text, i).end()
+        if text[i : i + 1] != ":":
+            raise _Fallback
+        i = ws(text, i + 1).end()
+        if key == "questions" and text[i : i + 1] == "[":
+            members[key], i = _stream_list(dec, text, i, _QuestionSink(path, split), bar)
+        else:
+            members[key], i = dec.raw_decode(text, i)
+        i = ws(text, i).end()
+        if text[i : i + 1] == ",":
+            i = ws(text, i + 1).end()
+            if text[i : i + 1] == "}":  # a trailing comma
+                raise _Fallback
+        elif text[i : i + 1] != "}":
+            raise _Fallback
+    if ws(text, i + 1).end() != len(text):
+        raise _Fallback
+    return members
+
+
+def _read_text(path: str) -> str:
+    """The file as text, or a DataError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_questions(path: str, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Parse and validate a CLEVR questions file: (questions as checked dicts, the file's `info`)."""
+    """Parse and validate a CLEVR questions file: (questions as checked dicts, the file's `info`).
+
+    The questions list is decoded one question at a time (with a progress bar on stderr), so that memory holds
+    the file's text and the checked questions, never the whole parsed file with its programs (its peak is the
+    read, about twice the file's size; the parsed file took about six times, and the garbage collector's passes
+    over its millions of objects took most of the parse's time).
+    """
+    from tqdm import tqdm
+
     if not os.path.isfile(path):
         raise DataError(f"{path}: questions file not found (prepare other splits with --splits)")
-    doc = _read_json(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+    text = _read_text(path)
+    bar = tqdm(total=len(text), desc=f"read {os.path.basename(path)}", unit="B", unit_scale=True, leave=False)
+    try:
+        try:
+            doc = _stream_questions(text, path, split, bar)
+        except (_Fallback, json.JSONDecodeError):
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e})") from None
+            if isinstance(doc, dict) and isinstance(doc.get("questions"), list):
+                sink = _QuestionSink(path, split)
+                for i, q in enumerate(doc["questions"]):
+                    sink(i, q)
+                doc["questions"] = sink
+    finally:
+        bar.close()
+    del text
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), _QuestionSink):
         raise DataError(f'{path}: expected an object with a "questions" list (CLEVR v1.0 format)')
+    if doc["questions"].error is not None:
+        raise doc["questions"].error
     info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
-    out = []
-    for i, q in enumerate(doc["questions"]):
-        where = f"{path}: question {i}"
-        if not isinstance(q, dict):
-            raise DataError(f"{where}: expected an object, found {_kind(q)}")
-        for key, types, required in (
-            ("question", (str,), True),
-            ("image_index", (int,), True),
-            ("answer", (str,), False),
-            ("question_family_index", (int,), False),
-            ("question_index", (int,), False),
-            ("image_filename", (str,), False),
-        ):
-            if key not in q:
-                if required:
-                    raise DataError(f"{where}: missing field '{key}'")
-                continue
-            v = q[key]
-            if not isinstance(v, types) or isinstance(v, bool):
-                raise DataError(
-                    f"{where}: field '{key}' must be {types[0].__name__}, found {_kind(v)} {v!r:.40}"
-                )
-        if q["image_index"] < 0:
-            raise DataError(f"{where}: image_index {q['image_index']} is negative")
-        name = q.get("image_filename", f"CLEVR_{split}_{q['image_index']:06d}.png")
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise DataError(f"{where}: image_filename {name!r} is not a plain file name")
-        program = q.get("program")
-        ftype = None
-        if isinstance(program, list) and program and isinstance(program[-1], dict):
-            ftype = program[-1].get("function", program[-1].get("type"))
-        out.append(
-            {
-                "question": q["question"],
-                "answer": q.get("answer"),
-                "image_index": q["image_index"],
-                "family": q.get("question_family_index", -1),
-                "question_index": q.get("question_index", i),
-                "image_filename": name,
-                "type": ftype if isinstance(ftype, str) else None,
-            }
-        )
-    return out, info
+    return doc["questions"].rows, info
 
 
 def family_names(questions: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, str]:
