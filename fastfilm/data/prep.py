@@ -43,7 +43,7 @@ import re
 import sys
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,12 +298,10 @@ def read_questions(path: str, split: str) -> tuple[list[dict[str, Any]], dict[st
     read, about twice the file's size; the parsed file took about six times, and the garbage collector's passes
     over its millions of objects took most of the parse's time).
     """
-    from tqdm import tqdm
-
     if not os.path.isfile(path):
         raise DataError(f"{path}: questions file not found (prepare other splits with --splits)")
     text = _read_text(path)
-    bar = tqdm(total=len(text), desc=f"read {os.path.basename(path)}", unit="B", unit_scale=True, leave=False)
+    bar = _bar(None, f"read {os.path.basename(path)}", total=len(text), unit="B", unit_scale=True)
     try:
         try:
             doc = _stream_questions(text, path, split, bar)
@@ -335,10 +333,10 @@ def family_names(questions: list[dict[str, Any]], info: dict[str, Any]) -> dict[
     names = info.get("question_families")
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return {str(i): n for i, n in enumerate(names)}
-    by_family: dict[int, Counter] = {}
+    by_family: dict[int, Counter] = defaultdict(Counter)  # (not setdefault: a Counter made per question)
     for q in questions:
         if q["family"] >= 0:
-            by_family.setdefault(q["family"], Counter())[q["type"] or f"family_{q['family']}"] += 1
+            by_family[q["family"]][q["type"] or f"family_{q['family']}"] += 1
     return {str(f): c.most_common(1)[0][0] for f, c in sorted(by_family.items())}
 
 
@@ -442,6 +440,15 @@ def discover_splits(clevr_dir: str) -> list[str]:
     return sorted(found, key=lambda s: (not s.startswith("train"), s))
 
 
+def _bar(items: Any, desc: str, **kwargs: Any) -> Any:
+    """A tqdm progress bar on stderr, cleared when done (TQDM_DISABLE=1 hides it)."""
+    from tqdm import tqdm
+
+    from fastfilm.errors import progress_off
+
+    return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=progress_off(), **kwargs)
+
+
 def encode_split(
     questions: list[dict[str, Any]], vocab: dict[str, Any], present: set[str] | None, where: str
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -455,33 +462,34 @@ def encode_split(
     unknown_answers = Counter()
     n_unk_q = 0
     no_answer = 0
-    for i, q in enumerate(questions):
-        if present is not None and q["image_filename"] not in present:
-            missing.append(f"question {i} → {q['image_filename']}")
-            continue
-        prev = files.setdefault(q["image_index"], q["image_filename"])
-        if prev != q["image_filename"]:
-            raise DataError(
-                f"{where}: question {i}: image_index {q['image_index']} names {q['image_filename']}, an earlier "
-                f"question names {prev} for the same index"
-            )
-        toks = tokenize(q["question"])
-        row, n_unknown = encode_tokens(toks, q2i)
-        if n_unknown:
-            n_unk_q += 1
-            unknown_words.update(t for t in toks if t not in q2i)
-        ids.append(row)
-        if q["answer"] is None:
-            answers.append(-1)
-            no_answer += 1
-        elif q["answer"] in a2i:
-            answers.append(a2i[q["answer"]])
-        else:
-            answers.append(unk)
-            unknown_answers[q["answer"]] += 1
-        image_index.append(q["image_index"])
-        family.append(q["family"])
-        qindex.append(q["question_index"])
+    with _bar(questions, f"encode {os.path.basename(where)}", unit="q") as bar:
+        for i, q in enumerate(bar):
+            if present is not None and q["image_filename"] not in present:
+                missing.append(f"question {i} → {q['image_filename']}")
+                continue
+            prev = files.setdefault(q["image_index"], q["image_filename"])
+            if prev != q["image_filename"]:
+                raise DataError(
+                    f"{where}: question {i}: image_index {q['image_index']} names {q['image_filename']}, an earlier "
+                    f"question names {prev} for the same index"
+                )
+            toks = tokenize(q["question"])
+            row, n_unknown = encode_tokens(toks, q2i)
+            if n_unknown:
+                n_unk_q += 1
+                unknown_words.update(t for t in toks if t not in q2i)
+            ids.append(row)
+            if q["answer"] is None:
+                answers.append(-1)
+                no_answer += 1
+            elif q["answer"] in a2i:
+                answers.append(a2i[q["answer"]])
+            else:
+                answers.append(unk)
+                unknown_answers[q["answer"]] += 1
+            image_index.append(q["image_index"])
+            family.append(q["family"])
+            qindex.append(q["question_index"])
     if not ids:
         detail = f" ({len(missing)} skipped: their images are missing)" if missing else ""
         raise DataError(f"{where}: the split has no usable questions{detail}")

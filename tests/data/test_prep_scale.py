@@ -128,3 +128,16 @@ def test_bad_questions_are_named(tmp_path, questions, message):
     path.write_text(text)
     with pytest.raises(DataError, match=message):
         prep.read_questions(str(path), "val")
+
+
+def test_long_phases_show_progress(synth_set, tmp_path, capsys, monkeypatch):
+    """Reading and encoding each questions file show a bar on stderr (at CLEVR's scale, seconds each), hidden
+    by TQDM_DISABLE=1."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    prep.prepare(str(synth_set[0]), str(tmp_path / "c"), workers=1, splits=("train", "val"))
+    err = capsys.readouterr().err
+    for split in ("train", "val"):
+        assert f"read CLEVR_{split}_questions.json" in err and f"encode CLEVR_{split}_questions.json" in err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    prep.prepare(str(synth_set[0]), str(tmp_path / "d"), workers=1, splits=("train", "val"))
+    assert "questions.json" not in capsys.readouterr().err
