@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -551,6 +552,13 @@ def claim_run_dir(run_dir: str, *, resume: bool = False, overwrite: bool = False
     return lock
 
 
+def _json_number(v: Any) -> Any:
+    """A metric as strict JSON: a non-finite float (a NaN loss, an overflowed grad norm) as "nan", "inf", "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
 class RunLogger:
     """The run folder's resolved config.json, metrics.jsonl and TensorBoard scalars (rank 0 only)."""
 
@@ -575,7 +583,8 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: v for k, v in metrics.items() if v is not None}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        record = {"step": step, **{k: _json_number(v) for k, v in clean.items()}}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: jq and JSON.parse read it
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in clean.items():

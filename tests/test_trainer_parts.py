@@ -246,3 +246,18 @@ def test_an_error_line_starts_its_own_line_after_an_open_progress_bar(capsys):
     assert with_one_line_errors(command) == 2
     last = [x for x in capsys.readouterr().err.split("\n") if x.strip()][-1]
     assert last == "fastfilm: error: boom", last
+
+
+def test_metrics_jsonl_is_strict_json_with_non_finite_values(tmp_path):
+    from fastfilm.checkpoint import RunLogger
+
+    def strict(text):
+        return json.loads(
+            text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in metrics.jsonl")
+        )
+
+    logger = RunLogger(str(tmp_path), config_from_dict({}), tensorboard=False)
+    logger.log(3, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "x": -float("inf"), "y": 0.5})
+    logger.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict(line) == {"step": 3, "train/loss": "nan", "train/grad_norm": "inf", "x": "-inf", "y": 0.5}
