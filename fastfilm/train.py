@@ -268,6 +268,22 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return ds
 
 
+def forget_previous_autocast() -> None:
+    """Clear the autocast state DeepSpeed keeps in module globals from an earlier engine of this process.
+
+    DeepSpeed (0.19) records an engine's `torch_autocast` dtype in `deepspeed.runtime.torch_autocast` and never clears
+    it: a later engine without autocast in the same process (a sweep, a notebook, the test suite) would inherit it,
+    e.g. a float32 ZeRO engine built after an fp16 one got fp16's GradScaler (gradients and the logged grad norm
+    scaled by 2**16). An engine with autocast sets it again in `deepspeed.initialize`.
+    """
+    from deepspeed.runtime import torch_autocast
+
+    if hasattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED"):
+        torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
+    if hasattr(torch_autocast, "TORCH_AUTOCAST_DTYPE"):
+        torch_autocast.TORCH_AUTOCAST_DTYPE = None
+
+
 def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = True):
     """The FiLM model wrapped by `deepspeed.initialize`; returns (engine, optimizer, fp16 loss scaler or None).
     `init=False` (a resumed run) skips `train.init_from`: the checkpoint holds the weights."""
@@ -292,6 +308,7 @@ def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = Tr
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
     optimizer = build_optimizer(model, cfg.deepspeed)
+    forget_previous_autocast()
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg)
     )

@@ -261,3 +261,24 @@ def test_metrics_jsonl_is_strict_json_with_non_finite_values(tmp_path):
     logger.close()
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert strict(line) == {"step": 3, "train/loss": "nan", "train/grad_norm": "inf", "x": "-inf", "y": 0.5}
+
+
+def test_an_engine_does_not_inherit_an_earlier_engines_autocast(dataset, tmp_path):
+    """DeepSpeed keeps the last engine's autocast dtype in module globals: a float32 ZeRO engine built after an fp16
+    one in the same process got fp16's GradScaler (gradients and the logged grad norm scaled by 2**16)."""
+    from deepspeed.runtime.torch_autocast import is_autocast_initialized
+
+    from fastfilm import train as trainer
+
+    vocab = {"question_token_to_idx": {f"q{i}": i for i in range(8)}, "answer_token_to_idx": {"a": 0, "b": 1}}
+    engines = []
+    for precision, stage in (("fp16", 0), (None, 1)):
+        raw = tiny_config(dataset, tmp_path / str(stage))
+        raw["deepspeed"]["zero_optimization"] = {"stage": stage}
+        if precision:
+            raw["deepspeed"][precision] = {"enabled": True}
+        cfg = config_from_dict(raw)
+        trainer.setup_distributed(cfg)
+        engines.append(trainer.build_engine(cfg, vocab, torch.device("cpu"))[0])
+        assert is_autocast_initialized() == bool(precision)
+    assert engines[1].optimizer.torch_autocast_gradscaler is None  # ZeRO's own scaler: none in float32
