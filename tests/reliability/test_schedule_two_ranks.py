@@ -3,14 +3,11 @@ gradient clipping is logged as applied and resumes bit-exact; `data.max_val_ques
 scored exactly once over the ranks; a time budget that one rank's clock has spent stops both at the same step."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from tests.reliability.test_distributed import DEEPSPEED, free_port
-from tests.test_train import ROOT, tiny_config, weights
+from tests.reliability.test_distributed import launch_args
+from tests.test_train import tiny_config, weights
 
 
 def records(run, key):
@@ -39,22 +36,7 @@ def test_schedule_zero1_resume_val_limit_and_time_budget_on_two_ranks(dataset, t
     )
     cfg = tmp_path / "base.json"
     cfg.write_text(json.dumps(raw))
-    env = dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-    )
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "tests/reliability/schedule_runs.py",
-    ]
-    proc = subprocess.run(
-        cmd + [str(cfg), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = launch_args("tests/reliability/schedule_runs.py", [cfg, tmp_path], timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -17,8 +17,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,8 +27,8 @@ from fastfilm.cli import main as cli
 from fastfilm.config import config_from_dict
 from fastfilm.data.loader import Loader
 from fastfilm.train import train
-from tests.reliability.test_distributed import DEEPSPEED, free_port
-from tests.test_train import ROOT, tiny_config
+from tests.reliability.test_distributed import launch_args
+from tests.test_train import tiny_config
 
 CASES = ("stage0", "stage1", "stage2", "stage0_bf16", "stage2_bf16")
 QUESTIONS = 48  # the `dataset` fixture's train split; 2 ranks × micro-batch 8 = 3 steps per epoch
@@ -48,15 +46,7 @@ def zero_runs(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
     cfg = out / "base.json"
     cfg.write_text(json.dumps(base_config(dataset, out / "unused")))
-    env = dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-    )
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/reliability/zero_runs.py"]
-    proc = subprocess.run(
-        cmd + [str(cfg), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = launch_args("tests/reliability/zero_runs.py", [cfg, out], timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout
 
