@@ -600,8 +600,6 @@ def train_loop(run: Run, state: TrainState) -> str:
 
     tc, engine = run.cfg.train, run.engine
     gas = engine.gradient_accumulation_steps()
-    steps_per_epoch = len(run.train_loader) // gas  # an epoch ends on an optimizer step
-    eval_every = tc.eval_every or steps_per_epoch
     per_micro = run.cfg.batch_size * run.world  # questions one micro-batch consumes over the ranks
     per_step = per_micro * gas
     engine.module.train()
@@ -654,9 +652,11 @@ def train_loop(run: Run, state: TrainState) -> str:
             stop = agree(run, state) if state.step % tc.sync_every == 0 else None
             if stop is None and tc.max_steps and state.step >= tc.max_steps:
                 stop = "train.max_steps"
-            # Evaluate every eval_every steps, and once more when the time budget ends the run (its last minutes
-            # count); a signal or max_steps does not evaluate, so a resumed run stays exact.
-            if state.step % eval_every == 0 or stop == "train.max_minutes":
+            # Evaluate every eval_every steps (by default at each epoch's end, also in an epoch resumed on another
+            # layout), and once more when the time budget ends the run (its last minutes count); a signal or
+            # max_steps does not evaluate, so a resumed run stays exact.
+            due = state.step % tc.eval_every == 0 if tc.eval_every else end_of_epoch  # 0: at each epoch's end
+            if due or stop == "train.max_minutes":
                 result = evaluate(run, state)
                 save(run, state, "last")
                 if result["improved"]:

@@ -282,3 +282,17 @@ def test_an_engine_does_not_inherit_an_earlier_engines_autocast(dataset, tmp_pat
         engines.append(trainer.build_engine(cfg, vocab, torch.device("cpu"))[0])
         assert is_autocast_initialized() == bool(precision)
     assert engines[1].optimizer.torch_autocast_gradscaler is None  # ZeRO's own scaler: none in float32
+
+
+def test_default_evaluation_is_at_each_epochs_end_also_after_a_resume_on_another_layout(dataset, tmp_path):
+    """eval_every 0 = once per epoch, at its end: a run resumed with half the micro-batch (12 steps per epoch instead
+    of 6) evaluates where its epochs end (steps 10 and 22), not every 12 steps of the new layout (12, 24)."""
+    run = tmp_path / "run"
+    raw = tiny_config(dataset, run, max_steps=2)  # 48 questions, 1 rank × micro-batch 8: 6 steps per epoch
+    train(config_from_dict(raw))
+    raw["train"]["max_steps"] = 0
+    raw["deepspeed"]["train_micro_batch_size_per_gpu"] = 4  # 32 questions left in epoch 0: 8 steps
+    summary = train(config_from_dict(raw), resume=True)
+    assert summary["step"] == 22 and summary["epoch"] == 2
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/acc" in r] == [10, 22]
