@@ -71,18 +71,26 @@ def test_triton_model_equals_reference_float64(stem, train):
     # float64: the kernels accumulate in float64 too, so any difference beyond rounding is a bug (tol 1e-10).
     cfg = cfg_for(stem)
     ref, tri = make_pair(cfg, "triton", torch.float64)
+    grads = assert_float64_parity(cfg, ref, tri, train)
+    assert len(grads) == len(list(ref.parameters()))
+
+
+def assert_float64_parity(cfg, ref, tri, train: bool) -> dict:
+    """The triton model equals the reference in float64 (logits, every gradient, every buffer) to rounding;
+    returns the reference's gradients."""
     if not train:
         warm_up(cfg, ref, tri, dtype=torch.float64)
     x, q = inputs(cfg, dtype=torch.float64)
     lr, gr, sr = run(ref, x, q, train)
     lt, gt, st = run(tri, x, q, train)
     torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
-    assert gr.keys() == gt.keys() and len(gr) == len(list(ref.parameters()))
+    assert gr.keys() == gt.keys()
     for k in gr:
         torch.testing.assert_close(gt[k], gr[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"grad {k}: {m}")
     assert sr.keys() == st.keys()
     for k in sr:  # running_mean / running_var / num_batches_tracked included
         torch.testing.assert_close(st[k], sr[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"state {k}: {m}")
+    return gr
 
 
 @pytest.mark.parametrize("stem", ["pixels", "features"])
@@ -240,17 +248,7 @@ def test_fused_ablations_equal_reference_float64(switch, train):
             ref, tri = make_pair(cfg, "triton", torch.float64)
     else:
         ref, tri = make_pair(cfg, "triton", torch.float64)
-    if not train:
-        warm_up(cfg, ref, tri, dtype=torch.float64)
-    x, q = inputs(cfg, dtype=torch.float64)
-    lr, gr, sr = run(ref, x, q, train)
-    lt, gt, st = run(tri, x, q, train)
-    torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
-    assert gr.keys() == gt.keys()
-    for k in gr:
-        torch.testing.assert_close(gt[k], gr[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"grad {k}: {m}")
-    for k in sr:
-        torch.testing.assert_close(st[k], sr[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"state {k}: {m}")
+    assert_float64_parity(cfg, ref, tri, train)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
