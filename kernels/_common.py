@@ -17,6 +17,16 @@ import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# FASTFILM_KERNELS_AS_GPU=sm_90 (or sm_80): the launchers choose as on that GPU, also under the interpreter: the
+# GPU's BN tiles and batch splits, its autotune candidates (the pick fixed by GEMM_AS_GPU_PICK, the winner a GPU
+# could choose: tests run each one), weight-gradient splits sized by its SM count, TF32 as torch's switch says.
+# Then a CPU run of the tests takes the code paths a GPU takes (the interpreter still computes the arithmetic).
+AS_GPU_SMS = {"sm_90": 132, "sm_80": 108}
+AS_GPU: str = os.environ.get("FASTFILM_KERNELS_AS_GPU", "")
+if AS_GPU and AS_GPU not in AS_GPU_SMS:
+    raise ValueError(f"FASTFILM_KERNELS_AS_GPU={AS_GPU!r}: expected one of {sorted(AS_GPU_SMS)}")
+GPU_CHOICES: bool = not INTERPRET or bool(AS_GPU)  # the launchers choose as on a GPU
+
 TL_DTYPE = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -25,15 +35,17 @@ TL_DTYPE = {
 }
 
 # Elements per tile of the BatchNorm-FiLM kernels, and programs' share of the batch in its reductions.
-BN_TILE = 16384 if INTERPRET else 2048
+BN_TILE = 2048 if GPU_CHOICES else 16384
 BN_NUM_WARPS = 4
-BN_SAMPLES_PER_SPLIT = 64 if INTERPRET else 4  # the reductions run ceil(N / this) programs per channel block
+# the reductions run ceil(N / BN_SAMPLES_PER_SPLIT) programs per channel block
+BN_SAMPLES_PER_SPLIT = 4 if GPU_CHOICES else 64
 BN_MAX_SPLITS = 64  # ... but at most this many (a batch of 70,000 takes 1,094 samples per split)
 
 # 1×1 conv GEMMs on a GPU: autotuned lists per kernel, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-# "mma": tensor-core products (bf16, fp16, float32 as TF32). "fma": float32 at IEEE precision (and float64), which
-# multiply on the CUDA cores and hold more operands in registers: 1–2 stages, shorter K blocks or more warps (the
-# "mma" lists spill there: loads prefetched for later stages wait in registers). `python -m kernels.aot`
+# "mma": tensor-core products (bf16, fp16, float32 as TF32). "fma": float32 at IEEE precision, which multiplies
+# on the CUDA cores and holds more operands in registers: 1–2 stages, shorter K blocks or more warps (the "mma"
+# lists spill there: loads prefetched for later stages wait in registers). "fp64": float64 (gradcheck's dtype,
+# not a speed path): one small tile that holds twice-as-wide operands without spilling. `python -m kernels.aot`
 # compiles every one for sm_90 and sm_80 (tests/kernels/test_aot.py): none spills, none needs more shared memory
 # than an A100 block may have (166,912 B). Under the interpreter the blocks are fitted to the problem instead, up
 # to GEMM_INTERPRET_CONFIG; GEMM_INTERPRET_EXACT[kind] (tests) imposes exact blocks.
@@ -42,55 +54,84 @@ GEMM_GPU_CONFIGS = {
     "forward": {
         "mma": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
         "fma": [(32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2)],
+        "fp64": [(32, 32, 16, 4, 1)],
     },
     # dx: M = C_in, N = H·W of one sample, K = C_out
     "dx": {
         "mma": [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)],
         "fma": [(64, 64, 16, 4, 2), (64, 64, 32, 4, 1), (128, 64, 16, 8, 2)],
+        "fp64": [(32, 32, 16, 4, 1)],
     },
-    # dW: M = C_out, N = C_in, K = N·H·W (split over the batch until the grid covers the SMs)
+    # dW: M = C_out, N = C_in, K = N·H·W (split over the batch until the grid covers the SMs); a second
+    # accumulator [BLOCK_M, 16] holds the coordinate and bias columns, hence 8 warps for the 64×64 tiles
     "dw": {
-        "mma": [(64, 64, 32, 4, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3)],
-        "fma": [(64, 64, 32, 4, 1), (64, 64, 16, 4, 1), (64, 64, 32, 8, 1)],
+        "mma": [(64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3)],
+        "fma": [(64, 64, 32, 4, 1), (32, 64, 32, 4, 1), (64, 64, 32, 8, 1)],
+        "fp64": [(32, 32, 16, 4, 1)],
     },
 }
 GEMM_INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}
 GEMM_INTERPRET_EXACT: dict[str, dict[str, int]] = {}
+# Under the interpreter with FASTFILM_KERNELS_AS_GPU: index of the candidate (in the family the launch's products
+# select) each GEMM kind runs with, standing in for the autotuner's winner; a shorter list wraps around.
+GEMM_AS_GPU_PICK: dict[str, int] = {"forward": 0, "dx": 0, "dw": 0}
 # Weight gradient's split-K over the batch: under the interpreter this many samples per split; on a GPU (None)
 # as many splits as it takes for the 64×64-tile grid to cover the SMs (conv_coords._wgrad_samples_per_split).
-CONV_WGRAD_SAMPLES_PER_SPLIT: int | None = 64 if INTERPRET else None
-DEFAULT_SM_COUNT = 132  # H100 SXM; used when there is no CUDA device to ask (ahead-of-time compilation)
+CONV_WGRAD_SAMPLES_PER_SPLIT: int | None = None if GPU_CHOICES else 64
+DEFAULT_SM_COUNT = AS_GPU_SMS.get(AS_GPU, 132)  # H100/H200 SXM; used when there is no CUDA device to ask
+
+
+def _family(compute, precision: str) -> str:
+    """The config family of a GEMM's products: "fp64", "fma" for IEEE float32, "mma" (tensor cores) else."""
+    if compute == tl.float64:
+        return "fp64"
+    return "fma" if precision == "ieee" and compute == tl.float32 else "mma"
 
 
 def _configs_for_products(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotune configs of the family that fits the launch's products: "fma" for IEEE float32 and float64."""
-    fma = kwargs["PRECISION"] == "ieee" and kwargs["COMPUTE"] in (tl.float32, tl.float64)
-    return [c for c in configs if c.family == ("fma" if fma else "mma")]
+    """The autotune configs of the family that fits the launch's products (`_family`)."""
+    family = _family(kwargs["COMPUTE"], kwargs["PRECISION"])
+    return [c for c in configs if c.family == family]
+
+
+def as_gpu_blocks(kind: str, compute, precision: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the GPU candidate GEMM_AS_GPU_PICK[kind] selects for these products."""
+    configs = GEMM_GPU_CONFIGS[kind][_family(compute, precision)]
+    return configs[GEMM_AS_GPU_PICK[kind] % len(configs)][:3]
+
+
+# What changes the best GEMM config, beyond the sizes and the products: the ReLU epilogue (an extra load in the
+# backward), the alignment hint and the layout (the position stride: 1 in NCHW, C in channels_last).
+GEMM_TUNING_KEYS = {
+    "forward": ["RELU", "VEC", "s_xp", "s_yp"],
+    "dx": ["RELU", "VEC", "s_dp", "s_xp"],
+    "dw": ["RELU", "VEC", "s_dp", "s_xp"],
+}
 
 
 def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k: Callable[[dict], int]):
     """Block sizes of a GEMM kernel whose sizes M, N, K are functions of its arguments.
 
     On a GPU: autotuned over GEMM_GPU_CONFIGS[kind] (the family that fits the products), keyed on the problem
-    size and the products' dtype and precision. Under the interpreter: one block
+    size, the products' dtype and precision, the epilogue, alignment and layout. Under the interpreter with
+    FASTFILM_KERNELS_AS_GPU: the candidate GEMM_AS_GPU_PICK[kind] of that family. Under the interpreter: one block
     per dimension sized to the problem (power of 2, at least 16 for tl.dot, at most GEMM_INTERPRET_CONFIG), since
     its cost grows with the tile, masked or not.
     """
 
-    def fit(size: int, name: str) -> int:
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    sizes = dict(zip(names, (m, n, k)))
+
+    def fit(a: dict, name: str) -> int:
         if kind in GEMM_INTERPRET_EXACT:
             return GEMM_INTERPRET_EXACT[kind][name]
-        return max(16, min(GEMM_INTERPRET_CONFIG[name], triton.next_power_of_2(size)))
+        if AS_GPU:
+            return as_gpu_blocks(kind, a["COMPUTE"], a["PRECISION"])[names.index(name)]
+        return max(16, min(GEMM_INTERPRET_CONFIG[name], triton.next_power_of_2(sizes[name](a))))
 
     def decorate(fn):
         if INTERPRET:
-            return triton.heuristics(
-                {
-                    "BLOCK_M": lambda a: fit(m(a), "BLOCK_M"),
-                    "BLOCK_N": lambda a: fit(n(a), "BLOCK_N"),
-                    "BLOCK_K": lambda a: fit(k(a), "BLOCK_K"),
-                }
-            )(fn)
+            return triton.heuristics({name: (lambda a, name=name: fit(a, name)) for name in names})(fn)
         configs = []
         for family, settings in GEMM_GPU_CONFIGS[kind].items():
             for bm, bn, bk, w, s in settings:
@@ -99,7 +140,7 @@ def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k
                 )
                 config.family = family
                 configs.append(config)
-        key = ["C_in", "C_out", "HW", "COMPUTE", "PRECISION"]
+        key = ["C_in", "C_out", "HW", "COMPUTE", "PRECISION", *GEMM_TUNING_KEYS[kind]]
         prune = {"early_config_prune": _configs_for_products}
         return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
 

@@ -43,7 +43,7 @@ GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
 PAPER = {"n": 64, "c": 128, "h": 14, "w": 14, "proj": 512}
 # (label, N, C, H, W): one sample, 2×2 maps, one channel, and a batch beyond CUDA's 65,535 grid rows.
 EDGES = [("batch 1", 1, 128, 14, 14), ("2x2", 64, 128, 2, 2), ("1 channel", 64, 1, 14, 14), ("batch 70000", 70_000, 128, 14, 14)]  # fmt: skip
-PRECISIONS = ("tf32", "ieee", "bf16")  # float32 with TF32 allowed, float32 IEEE, bf16 autocast
+PRECISIONS = ("tf32", "ieee", "bf16", "fp64")  # float32 with TF32 allowed, float32 IEEE, bf16 autocast, float64
 LAYOUTS = ("nchw", "nhwc")
 BN_MODES = ("train", "eval", "no_bn")
 
@@ -127,13 +127,15 @@ def record_bn(n: int, c: int, h: int, w: int, dtype, layout: str, mode: str, res
 def record_conv(
     n: int, c_in: int, c_out: int, h: int, w: int, precision: str, layout: str, relu: bool, case, out
 ):
-    """The launches of one 1×1 coordinate conv forward + backward (dx and dW): bf16 = autocast (weights float32)."""
+    """The launches of one 1×1 coordinate conv forward + backward (dx and dW): bf16 = autocast (weights float32),
+    fp64 = float64 throughout (gradcheck's dtype; a float64 accumulator needs tl.dot's out_dtype on triton 3.6)."""
     import torch
 
     cc = importlib.import_module("kernels.conv_coords")
-    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    compute = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(precision, torch.float32)
+    param_dtype = torch.float64 if precision == "fp64" else torch.float32
     x = _meta((n, c_in, h, w), compute, layout)
-    weight, bias = _meta((c_out, c_in + 2, 1, 1), torch.float32), _meta((c_out,), torch.float32)
+    weight, bias = _meta((c_out, c_in + 2, 1, 1), param_dtype), _meta((c_out,), param_dtype)
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
@@ -156,7 +158,7 @@ def record_all(sizes: str) -> list[Launch]:
     out: list[Launch] = []
     for label, n, c, h, w in shapes:
         for layout in LAYOUTS if c > 1 else LAYOUTS[:1]:  # one channel: channels_last is NCHW in memory
-            for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp64", torch.float64)):
                 for mode in BN_MODES:
                     for res in (True, False):
                         case = f"{label} {dt_name} {layout} {mode}{'' if res else ' nores'}"
@@ -182,8 +184,9 @@ def _options_kwargs(fn, kwargs: dict) -> dict:
 
     kw = dict(kwargs)
     kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
-    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kw["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # knobs of newer tritons (3.9, not 3.6)
+        if hasattr(knobs.compilation, name):
+            kw[name] = getattr(knobs.compilation, name)
     return kw
 
 
@@ -214,17 +217,34 @@ def _ptxas_number(pattern: str, log: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+_WGMMA = re.compile(r"ttng\.warp_group_dot (%[\w#]+), (%[\w#]+),[^\n]*isAsync = true")
+_LOCAL_LOAD = re.compile(r"ttg\.local_load (%[\w#]+)")
+
+
+def async_mma_operands_read_elsewhere(ttgir: str) -> list[str]:
+    """Shared-memory tiles that are an operand of an asynchronous wgmma AND read into registers (ttg.local_load).
+
+    The sm_90 pipeliner sizes such a tile's buffer as if only the register read used it, so the prefetch two
+    iterations ahead overwrites the slot while the MMA still reads it (seen: `_backward_dw_kernel` without ReLU,
+    its G tile also summed into the coordinate and bias columns, dW 8% off on an H200; triton issue #6691's
+    pattern). A kernel must feed such a tile to products only, or run with num_stages=1.
+    """
+    operands = {name for m in _WGMMA.finditer(ttgir) for name in m.groups()}
+    return sorted(operands & set(_LOCAL_LOAD.findall(ttgir)))
+
+
 def run_job(job: tuple) -> dict:
     """Compile one variant for its arch (in a worker process); ptxas' report and the metadata as a dict."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import _triton_jit_function_registry
+    from triton.runtime.jit import JITFunction
 
     module, name, arch, signature, constexprs, attrs, options = job
-    importlib.import_module(module)
-    fn = _triton_jit_function_registry[f"{module}:{name}"]
+    fn = getattr(importlib.import_module(module), name)
+    while not isinstance(fn, JITFunction):  # autotuner / heuristics wrappers around the kernel
+        fn = fn.fn
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     try:
@@ -244,6 +264,7 @@ def run_job(job: tuple) -> dict:
     params = re.findall(r"%(\w+): !tt\.ptr", header)
     ptx = kernel.asm["ptx"]
     return {
+        "mma_operands_read": async_mma_operands_read_elsewhere(kernel.asm["ttgir"]),
         "ok": True,
         "error": "",
         "registers": _ptxas_number(r"Used (\d+) registers", text),
@@ -296,6 +317,8 @@ def problems(row: dict) -> list[str]:
         out.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[row['arch']]} B")
     if row["scratch"]:
         out.append(f"global scratch {row['scratch']} B")
+    if row.get("mma_operands_read"):
+        out.append(f"shared tiles {row['mma_operands_read']} are async-MMA operands and read into registers")
     if any(g > lim for g, lim in zip(row["grid"], GRID_LIMIT)):
         out.append(f"grid {tuple(row['grid'])} over CUDA's limits {GRID_LIMIT}")
     return out

@@ -152,11 +152,14 @@ def _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC: tl.constex
 @triton.jit
 def _forward_kernel(
     Z, R, Y, GAMMA, BETA, PMEAN, PM2, RMEAN, RVAR, MEAN, RSTD,
-    N, C, HW, S, NPS, M, momentum, eps,
+    N, C, HW, S, NPS, M: tl.float64, momentum: tl.float64, eps: tl.float64,
     s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp, s_gn, s_gc, s_bn, s_bc,
     MODE: tl.constexpr, HAS_RES: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
     VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    # The float scalars arrive as float64 (a compiled kernel would otherwise get them as float32: momentum 0.1
+    # would be 0.10000000149 in float64 statistics) and are rounded once to the accumulation dtype.
+    M, momentum, eps = tl.cast(M, ACC), tl.cast(momentum, ACC), tl.cast(eps, ACC)
     HW, s_zn, s_zc = aligned(HW, VEC), aligned(s_zn, VEC), aligned(s_zc, VEC)
     s_rn, s_rc, s_yn, s_yc = aligned(s_rn, VEC), aligned(s_rc, VEC), aligned(s_yn, VEC), aligned(s_yc, VEC)
     n = tl.program_id(0)
@@ -260,10 +263,11 @@ def _backward_reduce_kernel(
 @triton.jit
 def _backward_dz_kernel(
     DOUT, Z, GAMMA, BETA, MEAN, RSTD, PSUM, DZ,
-    C, HW, S, M,
+    C, HW, S, M: tl.float64,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
     ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    M = tl.cast(M, ACC)  # float64 in, rounded once (as in _forward_kernel)
     HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
     s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     n = tl.program_id(0)

@@ -11,7 +11,7 @@ one GEMM per sample with the coordinate terms, bias and ReLU in the epilogue (th
 the kernel as torch.linspace does). Backward with G_n = dY_n·[Y_n > 0] (or dY_n without ReLU):
     dX_n = W_xᵀ · G_n,     [dW_x | dW_coords | db] = Σ_n G_n · [X_n ; cx ; cy ; 1]ᵀ
 (the second is one GEMM over K = N·H·W, split over the batch; the coordinate columns' and the bias gradient are
-row sums of the same G tiles, in the same pass). Products run in the input dtype with float32 accumulation
+a second, 16-column product of the same G tiles, in the same pass). Products run in the input dtype with float32 accumulation
 (float64 for float64 inputs); float32 products use TF32 exactly when torch's own float32 matmuls may.
 
 k > 1 (the feature stem's 3×3 conv): cuDNN on the x part, plus the bias map (plain PyTorch autograd).
@@ -92,17 +92,19 @@ def _linspace(i, den, half, ACC: tl.constexpr):
     return tl.where(i < half, lo, hi)
 
 
-# A [BLOCK_M, BLOCK_K] × [BLOCK_K, BLOCK_N] product accumulated into acc. The interpreter's bf16 tl.dot gives
-# wrong results (seen with triton 3.9): there (only) the already-rounded operands are widened to float32, which
-# is the same arithmetic (bf16 products are exact in float32, the accumulation is float32 either way).
+# A [BLOCK_M, BLOCK_K] × [BLOCK_K, BLOCK_N] product accumulated into acc, whose dtype (float32, or float64 for
+# float64 inputs) is the product's out_dtype (triton 3.6 asserts that they agree and defaults to float32). The
+# interpreter's bf16/fp16 tl.dot gives wrong results (seen with triton 3.9): there (only) 16-bit operands, already
+# rounded, are widened to float32 (WIDEN), the same arithmetic (their products are exact in float32, the
+# accumulation is float32 either way). float32 operands keep PRECISION ("tf32" rounds them, as a GPU does).
 @triton.jit
 def _mma(a, b, acc, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     a = a.to(COMPUTE)
     b = b.to(COMPUTE)
     if WIDEN:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -199,8 +201,13 @@ def _backward_dx_kernel(
 
 # For one batch split s, summed over its samples n and all positions p:
 #   dW_x[o, i] = Σ G[n, o, p]·X[n, i, p]      (the GEMM: M = C_out, N = C_in, K = samples × positions)
-#   dW_cx[o] = Σ G·cx(p),   dW_cy[o] = Σ G·cy(p),   db[o] = Σ G      (row sums of the G tiles; stored by i-block 0)
-# Row s of OUT holds dW [C_out, C_in + 2], then db [C_out], so that one sum over the splits gives both, contiguous.
+#   [dW_cx | dW_cy | db][o] = Σ G[n, o, p]·E[p, :],   E[p] = [cx(p), cy(p), 1, 0, …, 0]  (16 columns, for tl.dot)
+# The second sum is a small product too, so that the G tile is only ever an operand of products: a tile that is
+# both an asynchronous wgmma operand in shared memory and read into registers (tl.sum) races with the pipeline's
+# prefetch on sm_90 (dW 8% off in bf16 without the ReLU, seen on an H200; `kernels.aot --check` refuses the
+# pattern). E's values are rounded to the products' dtype, as the reference's concatenated coordinates are.
+# Row s of OUT holds dW [C_out, C_in + 2], then db [C_out], so that one sum over the splits gives both, contiguous;
+# i-block 0 stores the coordinate and bias columns.
 # grid: (input-channel blocks, output-channel blocks, batch splits)
 @gemm_tuning("dw", m=lambda a: a["C_out"], n=lambda a: a["C_in"], k=lambda a: a["HW"])
 @triton.jit(do_not_specialize=["N", "NPS", "Wd", "Hd", "den_x", "half_x", "den_y", "half_y"])
@@ -218,12 +225,11 @@ def _backward_dw_kernel(
     pid_s = tl.program_id(2)
     o = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    e_col = tl.arange(0, 16)
     omask = o < C_out
     jmask = j < C_in
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    g_cx = tl.zeros([BLOCK_M], dtype=ACC)
-    g_cy = tl.zeros([BLOCK_M], dtype=ACC)
-    g_one = tl.zeros([BLOCK_M], dtype=ACC)
+    acc_e = tl.zeros([BLOCK_M, 16], dtype=ACC)
     n0 = pid_s * NPS
     n1 = tl.minimum(n0 + NPS, N)
     for n in range(n0, n1):
@@ -238,12 +244,17 @@ def _backward_dw_kernel(
             x_ptr = X + n64 * s_xn + j[None, :] * s_xc + p[:, None] * s_xp
             x = tl.load(x_ptr, mask=pmask[:, None] & jmask[None, :], other=0.0)
             acc = _mma(g, x, acc, COMPUTE, PRECISION, WIDEN)
-            g_cx += tl.sum(g * _linspace(p % Wd, den_x, half_x, ACC)[None, :], axis=1)
-            g_cy += tl.sum(g * _linspace(p // Wd, den_y, half_y, ACC)[None, :], axis=1)
-            g_one += tl.sum(g, axis=1)
+            cx = _linspace(p % Wd, den_x, half_x, ACC)[:, None]
+            cy = _linspace(p // Wd, den_y, half_y, ACC)[:, None]
+            e = tl.where(e_col[None, :] == 0, cx, tl.where(e_col[None, :] == 1, cy, 1.0))
+            e = tl.where((e_col[None, :] < 3) & pmask[:, None], e, 0.0)
+            acc_e = _mma(g, e, acc_e, COMPUTE, PRECISION, WIDEN)
     row = OUT + pid_s * (C_out * (C_in + 3))
     tl.store(row + o[:, None] * (C_in + 2) + j[None, :], acc, mask=omask[:, None] & jmask[None, :])
     first = omask & ((0 * o + pid_j) == 0)  # i-block 0 stores the row sums (a block mask: see bn_film_relu)
+    g_cx = tl.sum(tl.where(e_col[None, :] == 0, acc_e, 0.0), axis=1)
+    g_cy = tl.sum(tl.where(e_col[None, :] == 1, acc_e, 0.0), axis=1)
+    g_one = tl.sum(tl.where(e_col[None, :] == 2, acc_e, 0.0), axis=1)
     tl.store(row + o * (C_in + 2) + C_in, g_cx, mask=first)
     tl.store(row + o * (C_in + 2) + C_in + 1, g_cy, mask=first)
     tl.store(row + C_out * (C_in + 2) + o, g_one, mask=first)
@@ -263,6 +274,11 @@ def _precision(compute: torch.dtype) -> str:
     """tl.dot input precision: TF32 for float32 exactly when torch's own float32 matmuls may use it
     (`torch.backends.cuda.matmul.allow_tf32`, i.e. `torch.get_float32_matmul_precision()` != "highest")."""
     return "tf32" if compute == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _widen(compute: torch.dtype) -> bool:
+    """Whether `_mma` widens the operands to float32: 16-bit products under the interpreter only."""
+    return INTERPRET and compute in (torch.bfloat16, torch.float16)
 
 
 def _wgrad_samples_per_split(n: int, c_in: int, c_out: int, device: torch.device) -> int:
@@ -293,7 +309,7 @@ def _conv1x1_forward(x, weight, bias, relu, compute):
         x.stride(0), x.stride(1), hw_stride(x, "x"), weight.stride(0), weight.stride(1),
         y.stride(0), y.stride(1), hw_stride(y, "out"),
         HAS_BIAS=bias is not None, RELU=relu, COMPUTE=TL_DTYPE[compute], ACC=TL_DTYPE[acc],
-        PRECISION=_precision(compute), WIDEN=INTERPRET and compute != torch.float64, VEC=vec_hint(hw, x, y),
+        PRECISION=_precision(compute), WIDEN=_widen(compute), VEC=vec_hint(hw, x, y),
     )  # fmt: skip
     return y
 
@@ -314,7 +330,7 @@ def _conv1x1_backward(dy, y, x, weight, relu, need_dx, need_dw):
     x_strides = (x.stride(0), x.stride(1), hw_stride(x, "x"))
     flags = dict(
         RELU=relu, COMPUTE=TL_DTYPE[compute], ACC=TL_DTYPE[acc], PRECISION=_precision(compute),
-        WIDEN=INTERPRET and compute != torch.float64,
+        WIDEN=_widen(compute),
     )  # fmt: skip
     dx = dw = db = None
     if need_dx:
