@@ -34,6 +34,9 @@ $(STAMP): setup.py pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev,analysis]'
+	@# The lowest triton setup.py allows, beside the venv's own: `python -m kernels.aot` compiles the kernels with both
+	@# (tests/kernels/test_aot.py); only that test puts it on PYTHONPATH.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-3.6 triton==3.6.0
 	@# DeepSpeed JIT-builds a small C++ op on its first init on a CPU (~1 min); build it once here, cached.
 	@# (with the venv's ninja first on PATH, as fastfilm/train.py does: another ninja version would rebuild it)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true

@@ -55,7 +55,19 @@ def test_matrix_is_complete(rows):
     assert {r["arch"] for r in rows} == {90, 80}
     cases = {r["case"] for r in rows}
     for size in ("paper", "batch 1 ", "2x2", "1 channel", "batch 70000"):
-        for word in ("nchw", "nhwc", "tf32", "ieee", "bf16", "train", "eval", "no_bn", "nores", "classifier"):
+        for word in (
+            "nchw",
+            "nhwc",
+            "tf32",
+            "ieee",
+            "bf16",
+            "fp64",
+            "train",
+            "eval",
+            "no_bn",
+            "nores",
+            "classifier",
+        ):
             if not (size == "1 channel" and word == "nhwc"):  # one channel: channels_last is NCHW in memory
                 assert any(c.startswith(size) and f" {word}" in c for c in cases), (
                     f"no case '{size} … {word}'"
@@ -88,10 +100,13 @@ def test_every_variant_compiles_without_spills_within_limits(rows):
 
 
 def test_tensor_cores_where_expected(rows):
-    """bf16 and TF32 GEMMs use wgmma on sm_90 and mma on sm_80; IEEE float32 GEMMs and BN kernels use none."""
+    """bf16 and TF32 GEMMs use wgmma on sm_90 and mma on sm_80; float64 GEMMs the DMMA (mma) on both; IEEE
+    float32 GEMMs and BN kernels use none."""
     for r in rows:
         want = "-"
-        if r["kernel"] in GEMM_KIND and " ieee " not in r["case"]:
+        if r["kernel"] in GEMM_KIND and " fp64 " in r["case"]:
+            want = "mma"
+        elif r["kernel"] in GEMM_KIND and " ieee " not in r["case"]:
             want = "wgmma" if r["arch"] == 90 else "mma"
         assert r["tensor_cores"] == want, f"{r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}"
 
@@ -119,3 +134,64 @@ def test_problems_are_detected():
     log = "ptxas info    : Used 166 registers, used 1 barriers\n    0 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads"
     assert aot._ptxas_number(r"Used (\d+) registers", log) == 166
     assert aot._ptxas_number(r"(\d+) bytes spill stores", log) == 24
+
+
+# The dW kernel's G tile as triton 3.9 compiled it for sm_90 before the fix (bf16, no ReLU, 64×64×32, 3 stages):
+# an asynchronous wgmma operand that is also loaded into registers (for the row sums), in a 2-slot buffer.
+RACING_TTGIR = """
+%g_76 = ttg.local_alloc : () -> !ttg.memdesc<2x64x32xbf16, #shared, #smem, mutable>
+%g_157 = ttg.memdesc_index %g_76[%g_one_155] : !ttg.memdesc<2x64x32xbf16, #shared, #smem, mutable> -> !ttg.memdesc<64x32xbf16, #shared, #smem, mutable>
+%g_158 = ttg.local_load %g_157 token %g_156 : !ttg.memdesc<64x32xbf16, #shared, #smem, mutable> -> tensor<64x32xbf16, #blocked>
+%x_160 = ttg.memdesc_index %x_77[%g_one_152] : !ttg.memdesc<3x32x64xbf16, #shared1, #smem, mutable> -> !ttg.memdesc<32x64xbf16, #shared1, #smem, mutable>
+%acc_161 = ttng.warp_group_dot %g_157, %x_160, %acc_134 {isAsync = true} : !ttg.memdesc<64x32xbf16, #shared, #smem, mutable> * !ttg.memdesc<32x64xbf16, #shared1, #smem, mutable> -> tensor<64x64xf32, #mma>
+"""
+
+
+def test_async_mma_operand_read_elsewhere_is_detected():
+    """The structural check finds the H200's racing pattern, and a row with it is a problem."""
+    assert aot.async_mma_operands_read_elsewhere(RACING_TTGIR) == ["%g_157"]
+    fixed = RACING_TTGIR.replace("ttg.local_load %g_157", "ttg.local_load %other")
+    assert aot.async_mma_operands_read_elsewhere(fixed) == []
+    row = dict(ok=True, error="", spill_stores=0, spill_loads=0, stack=0, shared=1024, scratch=0, arch=90)
+    assert aot.problems(row | {"grid": [1, 1, 1], "mma_operands_read": ["%g_157"]})
+
+
+def test_no_async_mma_operand_is_read_elsewhere(rows):
+    """No compiled GEMM feeds a shared tile to an asynchronous wgmma and also reads it into registers."""
+    bad = [f"{r['kernel']} [{r['case']}] {r['config']}" for r in rows if r.get("mma_operands_read")]
+    assert not bad, "\n".join(bad[:20])
+    assert all("mma_operands_read" in r for r in rows if r["ok"])
+
+
+TRITON_36 = os.environ.get("FASTFILM_TRITON_36", str(ROOT / ".venv" / "triton-3.6"))
+
+
+@pytest.mark.skipif(
+    not (Path(TRITON_36) / "triton").is_dir(),
+    reason=f"no triton 3.6.0 in {TRITON_36} (make setup installs it; FASTFILM_TRITON_36 names another folder)",
+)
+def test_aot_compiles_under_triton_3_6(tmp_path):
+    """setup.py allows triton >= 3.6: the whole matrix (float64 included) compiles with the lowest one too.
+    (triton 3.6 asserts that tl.dot's out_dtype equals its accumulator's: the float64 GEMMs failed there.)"""
+    out = tmp_path / "aot36.json"
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([TRITON_36, str(ROOT)]))
+    code = "import triton, sys; assert triton.__version__ == '3.6.0', triton.__version__"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.aot",
+        "--sizes",
+        "all",
+        "--jobs",
+        "2",
+        "--json",
+        str(out),
+        "--check",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (
+        f"kernels.aot under triton 3.6 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == KERNELS and any(" fp64 " in r["case"] for r in rows)

@@ -57,7 +57,8 @@ def test_float64_equals_float64_reference(device, k):
     inp = make_inputs(3, 5, 7, 7, 6, k, device, torch.float64, seed=22)
     gen = torch.Generator().manual_seed(22)
     for name in ("x", "weight", "bias"):  # bits below float32's: products rounded to float32 would show
-        inp[name] = inp[name] * (1 + 1e-4 * torch.rand(inp[name].shape, generator=gen, dtype=torch.float64))
+        noise = torch.rand(inp[name].shape, generator=gen, dtype=torch.float64).to(device)
+        inp[name] = inp[name] * (1 + 1e-4 * noise)
     out, grads = run("triton", inp, k // 2, True)
     ref_out, ref_grads = run("reference", inp, k // 2, True)
     assert out.dtype == torch.float64

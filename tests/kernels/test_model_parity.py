@@ -28,15 +28,17 @@ def cfg_for(stem: str, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def make_pair(cfg, mode, dtype=torch.float32, seed=0):
+def make_pair(cfg, mode, device, dtype=torch.float32, seed=0):
+    """The reference model and a `mode` one with the same weights, on `device` (the GPU when there is one)."""
     torch.manual_seed(seed)
-    ref = FiLMModel(cfg, V, A, kernels="reference").to(dtype)
-    other = FiLMModel(cfg, V, A, kernels=mode).to(dtype)
+    ref = FiLMModel(cfg, V, A, kernels="reference").to(device, dtype)
+    other = FiLMModel(cfg, V, A, kernels=mode).to(device, dtype)
     other.load_state_dict(ref.state_dict())
     return ref, other
 
 
-def inputs(cfg, n=3, dtype=torch.float32, seed=1):
+def inputs(cfg, device, n=3, dtype=torch.float32, seed=1):
+    """Images (or features) and questions, drawn on the CPU (the same values on any device), then moved."""
     g = torch.Generator().manual_seed(seed)
     if cfg.stem == "pixels":
         x = torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=g, dtype=dtype)
@@ -44,15 +46,15 @@ def inputs(cfg, n=3, dtype=torch.float32, seed=1):
         x = torch.randn(n, cfg.feature_channels, cfg.feature_size, cfg.feature_size, generator=g, dtype=dtype)
     q = torch.randint(4, V, (n, 6), generator=g)
     q[:, 0], q[:, -1] = 1, 2
-    return x, q
+    return x.to(device), q.to(device)
 
 
-def warm_up(cfg, *models, dtype=torch.float32):
+def warm_up(cfg, device, *models, dtype=torch.float32):
     """One training-mode forward of each model on the same batch: non-trivial running statistics for eval tests."""
     for m in models:
         m.train()
         with torch.no_grad():
-            m(*inputs(cfg, dtype=dtype, seed=5))
+            m(*inputs(cfg, device, dtype=dtype, seed=5))
 
 
 def run(model, x, q, train=True):
@@ -60,27 +62,28 @@ def run(model, x, q, train=True):
     model.zero_grad()
     logits = model(x, q)
     # A loss whose gradient differs per logit, so every path of the backward is exercised.
-    (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
+    weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
+    (logits * weights.view_as(logits)).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), grads, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("stem", ["pixels", "features"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_triton_model_equals_reference_float64(stem, train):
+def test_triton_model_equals_reference_float64(device, stem, train):
     # float64: the kernels accumulate in float64 too, so any difference beyond rounding is a bug (tol 1e-10).
     cfg = cfg_for(stem)
-    ref, tri = make_pair(cfg, "triton", torch.float64)
-    grads = assert_float64_parity(cfg, ref, tri, train)
+    ref, tri = make_pair(cfg, "triton", device, torch.float64)
+    grads = assert_float64_parity(cfg, device, ref, tri, train)
     assert len(grads) == len(list(ref.parameters()))
 
 
-def assert_float64_parity(cfg, ref, tri, train: bool) -> dict:
+def assert_float64_parity(cfg, device, ref, tri, train: bool) -> dict:
     """The triton model equals the reference in float64 (logits, every gradient, every buffer) to rounding;
     returns the reference's gradients."""
     if not train:
-        warm_up(cfg, ref, tri, dtype=torch.float64)
-    x, q = inputs(cfg, dtype=torch.float64)
+        warm_up(cfg, device, ref, tri, dtype=torch.float64)
+    x, q = inputs(cfg, device, dtype=torch.float64)
     lr, gr, sr = run(ref, x, q, train)
     lt, gt, st = run(tri, x, q, train)
     torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
@@ -95,16 +98,16 @@ def assert_float64_parity(cfg, ref, tri, train: bool) -> dict:
 
 @pytest.mark.parametrize("stem", ["pixels", "features"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_triton_model_equals_reference_float32(stem, train):
+def test_triton_model_equals_reference_float32(device, stem, train):
     # float32: reductions run in another order. Exactness is the float64 test's job (1e-9 there); this one bounds
     # float32 drift at 1e-3 of each tensor's scale, because ReLU and max-pool are discontinuous: a 1e-7
     # difference can flip one mask element or one pooling argmax and move that element's whole gradient
     # (seen: classifier.1.bias at 4.8e-4). A real bug (a wrong term, a wrong mask) is off by O(1).
     cfg = cfg_for(stem)
-    ref, tri = make_pair(cfg, "triton")
+    ref, tri = make_pair(cfg, "triton", device)
     if not train:
-        warm_up(cfg, ref, tri)
-    x, q = inputs(cfg)
+        warm_up(cfg, device, ref, tri)
+    x, q = inputs(cfg, device)
     lr, gr, sr = run(ref, x, q, train)
     lt, gt, st = run(tri, x, q, train)
 
@@ -127,15 +130,15 @@ def test_triton_model_equals_reference_float32(stem, train):
             assert torch.equal(st[k], sr[k]), k
 
 
-def test_triton_model_bf16_autocast_is_as_close_as_reference_bf16():
+def test_triton_model_bf16_autocast_is_as_close_as_reference_bf16(device):
     # Under bf16 autocast, both paths round; ours must be no further from the float32 truth than PyTorch's own
     # bf16 reference is (2× + 1e-2 of the logits' scale: bf16 keeps 8 bits, the model stacks ~10 roundings).
     cfg = cfg_for("pixels")
-    ref, tri = make_pair(cfg, "triton")
-    x, q = inputs(cfg)
+    ref, tri = make_pair(cfg, "triton", device)
+    x, q = inputs(cfg, device)
     truth, _, _ = run(ref, x, q)
-    ref2, tri2 = make_pair(cfg, "triton")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ref2, tri2 = make_pair(cfg, "triton", device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         lr, _, _ = run(ref2, x, q)
         lt, gt, _ = run(tri2, x, q)
     scale = truth.abs().max()
@@ -147,24 +150,24 @@ def test_triton_model_bf16_autocast_is_as_close_as_reference_bf16():
 
 
 @pytest.mark.parametrize("src,dst", [("triton", "reference"), ("reference", "triton"), ("compile", "triton")])
-def test_state_dict_is_shared_across_modes(src, dst):
+def test_state_dict_is_shared_across_modes(device, src, dst):
     cfg = cfg_for("features")
     torch.manual_seed(0)
-    a = FiLMModel(cfg, V, A, kernels=src)
-    b = FiLMModel(cfg, V, A, kernels=dst)
+    a = FiLMModel(cfg, V, A, kernels=src).to(device)
+    b = FiLMModel(cfg, V, A, kernels=dst).to(device)
     assert a.state_dict().keys() == b.state_dict().keys()
     b.load_state_dict(a.state_dict(), strict=True)
-    x, q = inputs(cfg)
-    spec = FiLMModel(cfg, V, A, kernels="reference")
+    x, q = inputs(cfg, device)
+    spec = FiLMModel(cfg, V, A, kernels="reference").to(device)
     spec.load_state_dict(a.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(b.eval()(x, q), spec.eval()(x, q), rtol=1e-4, atol=1e-5)
 
 
-def test_compile_model_equals_reference():
+def test_compile_model_equals_reference(device):
     cfg = cfg_for("pixels")
-    ref, comp = make_pair(cfg, "compile")
-    x, q = inputs(cfg)
+    ref, comp = make_pair(cfg, "compile", device)
+    x, q = inputs(cfg, device)
     lr, gr, _ = run(ref, x, q)
     lc, gc, _ = run(comp, x, q)
     torch.testing.assert_close(lc, lr, rtol=1e-4, atol=1e-5)
@@ -172,11 +175,11 @@ def test_compile_model_equals_reference():
         torch.testing.assert_close(gc[k], gr[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"grad {k}: {m}")
 
 
-def test_unfused_ablations_fall_back_to_reference_with_a_warning():
+def test_unfused_ablations_fall_back_to_reference_with_a_warning(device):
     cfg = cfg_for("pixels", condition_method="relu-film")
     with pytest.warns(UserWarning, match="no fused kernel"):
-        ref, tri = make_pair(cfg, "triton", torch.float64)
-    x, q = inputs(cfg, dtype=torch.float64)
+        ref, tri = make_pair(cfg, "triton", device, torch.float64)
+    x, q = inputs(cfg, device, dtype=torch.float64)
     lr, gr, _ = run(ref, x, q)
     lt, gt, _ = run(tri, x, q)
     torch.testing.assert_close(lt, lr, rtol=1e-10, atol=1e-10)
@@ -184,7 +187,7 @@ def test_unfused_ablations_fall_back_to_reference_with_a_warning():
 
 @pytest.mark.parametrize("stem", ["pixels", "features"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_triton_model_channels_last_equals_reference_float64(stem, train, monkeypatch):
+def test_triton_model_channels_last_equals_reference_float64(device, stem, train, monkeypatch):
     # model.memory_format = channels_last (what a GPU should run): the kernels get NHWC activations through
     # strides. Compared with the NCHW reference to 1e-10; a recorder checks the kernels really saw channels_last.
     import kernels
@@ -198,14 +201,14 @@ def test_triton_model_channels_last_equals_reference_float64(stem, train, monkey
             return _original(t, *args, **kw)
 
         monkeypatch.setattr(kernels, name, record)
-    ref, _ = make_pair(cfg_for(stem), "reference", torch.float64)
+    ref, _ = make_pair(cfg_for(stem), "reference", device, torch.float64)
     cfg = cfg_for(stem, memory_format="channels_last")
     torch.manual_seed(0)
-    tri = FiLMModel(cfg, V, A, kernels="triton").to(torch.float64)
+    tri = FiLMModel(cfg, V, A, kernels="triton").to(device, torch.float64)
     tri.load_state_dict(ref.state_dict())
     if not train:
-        warm_up(cfg, ref, tri, dtype=torch.float64)
-    x, q = inputs(cfg, dtype=torch.float64)
+        warm_up(cfg, device, ref, tri, dtype=torch.float64)
+    x, q = inputs(cfg, device, dtype=torch.float64)
     seen.clear()
     lr, gr, sr = run(ref, x, q, train)
     lt, gt, st = run(tri, x, q, train)
@@ -237,7 +240,7 @@ def test_triton_model_channels_last_equals_reference_float64(stem, train, monkey
     ],
 )
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_ablations_equal_reference_float64(switch, train):
+def test_fused_ablations_equal_reference_float64(device, switch, train):
     # Ablations that still run the fused op (no BN → normalize=False, no residual), mix fused and reference
     # blocks (an unconditioned block has an affine BN and runs the reference code), send the ResBlocks' input
     # projection through the unfused k > 1 path, drop the coordinate convs, or feed γ ≡ 1 and the classifier's
@@ -245,16 +248,16 @@ def test_fused_ablations_equal_reference_float64(switch, train):
     cfg = cfg_for("features", **switch)
     if "condition_pattern" in switch:
         with pytest.warns(UserWarning, match="with_cond=False.*no fused kernel"):
-            ref, tri = make_pair(cfg, "triton", torch.float64)
+            ref, tri = make_pair(cfg, "triton", device, torch.float64)
     else:
-        ref, tri = make_pair(cfg, "triton", torch.float64)
-    assert_float64_parity(cfg, ref, tri, train)
+        ref, tri = make_pair(cfg, "triton", device, torch.float64)
+    assert_float64_parity(cfg, device, ref, tri, train)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("stem", ["pixels", "features"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_triton_model_autocast_is_as_close_as_reference(dtype, stem, train):
+def test_triton_model_autocast_is_as_close_as_reference(device, dtype, stem, train):
     # fp16 and bf16 autocast, both stems, train and eval: the triton model's logits are no further from the
     # float32 truth than PyTorch's own autocast reference (2× + 1e-2 of their scale), BN buffers stay float32 and
     # as close as the reference's, gradients are finite float32. Gradients are not compared by value here: at
@@ -262,13 +265,13 @@ def test_triton_model_autocast_is_as_close_as_reference(dtype, stem, train):
     # (rel. L2; ReLU masks and max-pool argmaxes flip), so any bf16 path lands anywhere in that range. The
     # kernels' gradients under autocast are compared op by op (test_conv_coords_inputs, test_bn_film_relu_inputs).
     cfg = cfg_for(stem)
-    truth_model, ref = make_pair(cfg, "reference")
-    _, tri = make_pair(cfg, "triton")
+    truth_model, ref = make_pair(cfg, "reference", device)
+    _, tri = make_pair(cfg, "triton", device)
     if not train:
-        warm_up(cfg, truth_model, ref, tri)
-    x, q = inputs(cfg)
+        warm_up(cfg, device, truth_model, ref, tri)
+    x, q = inputs(cfg, device)
     truth, _, s_truth = run(truth_model, x, q, train)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         lr, _, sr = run(ref, x, q, train)
         lt, gt, st = run(tri, x, q, train)
     assert lt.dtype == lr.dtype
@@ -288,16 +291,16 @@ def test_triton_model_autocast_is_as_close_as_reference(dtype, stem, train):
             assert torch.equal(st[k], sr[k]), k
 
 
-def test_triton_model_with_cumulative_average_batchnorm():
+def test_triton_model_with_cumulative_average_batchnorm(device):
     # nn.BatchNorm2d(momentum=None) keeps a cumulative average of the batch statistics; the reference model
     # supports it through nn.BatchNorm2d, so the fused blocks must give the same running buffers.
     cfg = cfg_for("features")
-    ref, tri = make_pair(cfg, "triton", torch.float64)
+    ref, tri = make_pair(cfg, "triton", device, torch.float64)
     for m in (ref, tri):
         for block in m.net.blocks:
             block.bn1.momentum = None
     for seed in (1, 2):
-        x, q = inputs(cfg, dtype=torch.float64, seed=seed)
+        x, q = inputs(cfg, device, dtype=torch.float64, seed=seed)
         _, _, sr = run(ref, x, q)
         _, _, st = run(tri, x, q)
     for k in sr:
