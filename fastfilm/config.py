@@ -97,6 +97,9 @@ class DataConfig:
     root: str = "data/CLEVR_v1.0"  # a CLEVR v1.0 folder (real or synthetic)
     cache: str = "data/cache/clevr"  # written by `fastfilm prep`
     image_source: str = "cache"  # "cache" (uint8 .npy written by prep --image-size), "png", or "features"
+    # "dali" (the fast path; falls back to "torch" with one warning line where DALI is not importable) or "torch"
+    # (torch.utils.data, pinned memory, non-blocking copies): the same batches, in the same order, for a seed.
+    loader: str = "dali"
     train_split: str = "train"
     val_split: str = "val"
     num_threads: int = 2
@@ -472,6 +475,7 @@ def _validate_model(cfg: Config) -> None:
     choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
     choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
     choice("data.image_source", d.image_source, ("cache", "png", "features"))
+    choice("data.loader", d.loader, ("dali", "torch"))
     if not re.fullmatch(r"(max|avg)pool(full|[1-9])", m.classifier_downsample):
         raise bad(
             "model.classifier_downsample",
