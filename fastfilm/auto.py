@@ -18,9 +18,13 @@ Triton interpreter is never chosen.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,6 +150,18 @@ def use_per_cpu_extensions_dir() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- probes
+class _one_thread:
+    """Ratio probes run on one intra-op thread: a dtype's ratio per thread is what decides, and on a shared machine
+    one descheduled OpenMP thread stalls a multi-threaded tiny op for milliseconds (timings swing 100×)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
 def _best_time(fn: Callable[[], Any], reps: int = 2) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -232,24 +248,36 @@ def build_probe_model(model_cfg: Any, vocab_size: int, num_answers: int, device:
 
 
 def precision_probe(
-    model_cfg: Any, vocab_size: int, num_answers: int, device: torch.device, budget_s: float = 0.1
+    model_cfg: Any,
+    vocab_size: int,
+    num_answers: int,
+    device: torch.device,
+    batch: int = 64,
+    budget_s: float = 0.2,
 ) -> dict[str, float]:
-    """Seconds per question of the model's forward + backward in float32 and in bf16 autocast, at a batch sized
-    so that one pass takes about `budget_s` in float32 (whole probe < 1 s on a CPU with bf16 instructions)."""
+    """Seconds per question of the model's forward + backward in float32 and in bf16 autocast, one thread, at the
+    run's micro-batch (bf16 pays off with the larger GEMMs: the make-train model at 1 thread, bf16 ÷ fp32 time
+    was ~1.0 at batch 8 and ~0.45 at 64, shared CPU) capped so that one float32 pass takes about `budget_s`
+    (the whole probe ~1 s)."""
     model = build_probe_model(model_cfg, vocab_size, num_answers, device)
-    b = 2
-    t = model_step_seconds(model, _probe_batch(model_cfg, vocab_size, b, device), None, device)
-    b = int(max(2, min(64, b * budget_s / max(t, 1e-6))))
-    inputs = _probe_batch(model_cfg, vocab_size, b, device)
-    out = {"fp32": model_step_seconds(model, inputs, None, device) / b}
-    out["bf16"] = model_step_seconds(model, inputs, torch.bfloat16, device) / b
+    with _one_thread() if device.type == "cpu" else contextlib.nullcontext():
+        t = model_step_seconds(model, _probe_batch(model_cfg, vocab_size, 2, device), None, device)
+        b = int(max(2, min(batch, 64, 2 * budget_s / max(t, 1e-6))))
+        inputs = _probe_batch(model_cfg, vocab_size, b, device)
+        out = {"fp32": model_step_seconds(model, inputs, None, device) / b}
+        out["bf16"] = model_step_seconds(model, inputs, torch.bfloat16, device) / b
     out["batch"] = b
     return out
 
 
 def matmul_ratio_probe(n: int = 256) -> dict[str, float]:
-    """A tiny matmul in both dtypes (ms even at a scalar GEMM's speed): seconds each."""
-    return {"fp32": matmul_seconds(torch.float32, n), "bf16": matmul_seconds(torch.bfloat16, n), "matmul": n}
+    """A tiny matmul in both dtypes, one thread (tens of ms even at a scalar GEMM's speed): seconds each."""
+    with _one_thread():
+        return {
+            "fp32": matmul_seconds(torch.float32, n),
+            "bf16": matmul_seconds(torch.bfloat16, n),
+            "matmul": n,
+        }
 
 
 # ----------------------------------------------------------------------------------------------- precision
@@ -308,13 +336,19 @@ def choose_precision(
     ok, why = usable_bf16(info["flags"], capability or cpu_capability(), onednn_isa)
     if not ok:
         p = (tiny_probe or matmul_ratio_probe)()
-        return Choice("precision", "fp32", f"{why}: bf16 matmul {_slower(p):.0f}× slower")
-    p = (probe or (lambda: precision_probe(cfg.model, vocab_size, num_answers, device)))()
+        r = _slower(p)
+        words = f"bf16 matmul {r:.0f}× slower" if r >= 1.5 else f"bf16 matmul {r:.2f}× the fp32 time"
+        return Choice("precision", "fp32", f"{why}: {words}")
+    p = (probe or (lambda: precision_probe(cfg.model, vocab_size, num_answers, device, cfg.batch_size)))()
     r = 1 / _slower(p)
     if r >= 1.05:
-        return Choice("precision", "bf16", f"{why}; the model's forward + backward {r:.2f}× faster in bf16")
+        return Choice(
+            "precision",
+            "bf16",
+            f"{why}; the model's forward + backward {r:.2f}× faster in bf16 at batch {p.get('batch', '?')}",
+        )
     return Choice(
-        "precision", "fp32", f"{why}, but the model's forward + backward is {r:.2f}× as fast in bf16"
+        "precision", "fp32", f"{why}, but the model's forward + backward is only {r:.2f}× as fast in bf16"
     )
 
 
@@ -403,3 +437,103 @@ def resolve(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None, ran
         for c in out:
             print(f"fastfilm: {c.line()}", flush=True)
     return out
+
+
+# ------------------------------------------------------------------------------------------- make-train demo
+DEMO_TARGET_QUESTIONS = (
+    320_000  # the make-train curve needs ~8 epochs of its 40k questions to pass 64% (64 px)
+)
+DEMO_EFFICIENCY = 0.75  # of the probed model-step speed left after loading, evaluation, logging and set-up
+
+
+def demo_step_seconds(model_cfg: Any, vocab_size: int, num_answers: int, dtype, batch: int = 32) -> float:
+    """Seconds per question of the trainer's work for `model_cfg` (forward, backward, fused Adam) on this CPU."""
+    device = torch.device("cpu")
+    model = build_probe_model(model_cfg, vocab_size, num_answers, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    inputs = _probe_batch(model_cfg, vocab_size, batch, device)
+    return model_step_seconds(model, inputs, dtype, device, optimizer=opt) / batch
+
+
+def plan_demo(
+    cfg: Any,
+    sizes: list[int],
+    minutes: float,
+    seconds_per_question: Callable[[int], float],
+    target: int = DEMO_TARGET_QUESTIONS,
+) -> Choice:
+    """The largest image size (of `sizes`) at which `minutes` of training reach `target` questions at the probed
+    speed (`seconds_per_question(size)`), else the fastest; the choice says the projected questions."""
+    sizes = sorted(set(sizes), reverse=True)
+    seen = []
+    for s in sizes:
+        q = int(minutes * 60 * DEMO_EFFICIENCY / max(seconds_per_question(s), 1e-9))
+        seen.append(f"{s} px ≈ {q / 1000:.0f}k")
+        if q >= target:
+            return Choice(
+                "demo image size",
+                s,
+                f"projected questions in {minutes:g} min: {', '.join(seen)} ≥ {target / 1000:.0f}k needed to learn",
+            )
+    return Choice(
+        "demo image size",
+        sizes[-1],
+        f"projected questions in {minutes:g} min: {', '.join(seen)}, under the {target / 1000:.0f}k wanted: "
+        "the smallest",
+    )
+
+
+def _demo_main(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fastfilm.config import load_config
+
+    cfg = load_config(args.config)
+    torch.set_num_threads(choose_threads(1).value)
+    vocab_size, num_answers = 100, 30
+    vocab_file = os.path.join(cfg.data.cache, "vocab.json")
+    if os.path.isfile(vocab_file):
+        with open(vocab_file, encoding="utf-8") as f:
+            v = json.load(f)
+        vocab_size, num_answers = len(v["question_token_to_idx"]), len(v["answer_token_to_idx"])
+    precision = choose_precision(cfg, torch.device("cpu"), vocab_size=vocab_size, num_answers=num_answers)
+    dtype = torch.bfloat16 if precision.value == "bf16" else None
+    minutes = args.minutes if args.minutes is not None else (cfg.train.max_minutes or 10)
+    if torch.cuda.is_available():
+        choice = Choice("demo image size", cfg.model.image_size, "a GPU: the config's own")
+    else:
+        choice = plan_demo(
+            cfg,
+            [int(s) for s in args.sizes.split(",")],
+            minutes,
+            lambda s: demo_step_seconds(replace(cfg.model, image_size=s), vocab_size, num_answers, dtype),
+        )
+    info = cpu_info()
+    flags = " ".join(
+        sorted(f for f in info["flags"] if f.startswith(("avx512_bf16", "amx", "avx2", "avx512f")))
+    )
+    print(
+        f"fastfilm: CPU {info['model']} ({flags or 'no avx2/avx512 flags'}), torch capability {cpu_capability()}",
+        file=sys.stderr,
+    )
+    print(f"fastfilm: {choice.line()} [probed in {precision.value}]", file=sys.stderr, flush=True)
+    print(choice.value)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastfilm.auto demo --config C`: print the image size `make train` uses (the why on stderr)."""
+    p = argparse.ArgumentParser(prog="python -m fastfilm.auto", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="size the make-train demo by a short speed probe")
+    d.add_argument("--config", required=True)
+    d.add_argument("--sizes", default="64,48,32", help="image sizes to choose from (comma list)")
+    d.add_argument(
+        "--minutes", type=float, default=None, help="the budget (default: train.max_minutes, or 10)"
+    )
+    args = p.parse_args(argv)
+    return _demo_main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

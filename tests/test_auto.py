@@ -58,13 +58,13 @@ def test_avx512_bf16_cpu_runs_bf16_when_the_probe_says_faster():
     assert ch.value == "bf16"
     assert (
         ch.line()
-        == "precision: bf16 (this CPU has avx512_bf16; the model's forward + backward 2.00× faster in bf16)"
+        == "precision: bf16 (this CPU has avx512_bf16; the model's forward + backward 2.00× faster in bf16 at batch ?)"
     )
     auto.apply_precision(c, ch)
     assert autocast_dtype(c.deepspeed) is torch.bfloat16
     # bf16 instructions, but the model's own shapes are not faster in bf16: fp32
     ch = auto.choose_precision(cfg(), CPU, flags=BF16_FLAGS, capability="AVX512", probe=probe(1.0, 1.0))
-    assert ch.value == "fp32" and "1.00× as fast" in ch.reason
+    assert ch.value == "fp32" and "only 1.00× as fast" in ch.reason
 
 
 @pytest.mark.parametrize("key", ["bf16", "fp16"])
@@ -145,3 +145,18 @@ def test_resolve_logs_and_applies(capsys, monkeypatch):
     assert out[1].startswith("fastfilm: precision: fp32 (this CPU has no bf16 instructions")
     assert out[2] == "fastfilm: kernels: reference (no C++ compiler for torch.compile's CPU backend)"
     assert c.kernels.mode == "reference" and autocast_dtype(c.deepspeed) is None
+
+
+def test_demo_is_sized_by_the_probed_speed():
+    # seconds per question at 64/48/32 px: an avx512_bf16 machine (~1,200 q/s) keeps 64 px; an AVX2 one at
+    # 1/2.5 of that goes down to the largest size that still sees the target
+    fast = {64: 1 / 1200, 48: 1 / 2000, 32: 1 / 3500}
+    ch = auto.plan_demo(cfg(), [64, 48, 32], 10, fast.__getitem__)
+    assert ch.value == 64 and ch.line().startswith(
+        "demo image size: 64 (projected questions in 10 min: 64 px ≈ 540k"
+    )
+    slow = {s: 2.5 * t for s, t in fast.items()}
+    assert auto.plan_demo(cfg(), [32, 64, 48], 10, slow.__getitem__).value == 48
+    crawl = {s: 30 * t for s, t in fast.items()}
+    ch = auto.plan_demo(cfg(), [64, 48, 32], 10, crawl.__getitem__)
+    assert ch.value == 32 and "the smallest" in ch.reason

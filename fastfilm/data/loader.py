@@ -446,7 +446,7 @@ def loader_for(
         seed=cfg.train.seed,
         drop_last=train,
         device_id=device_id,
-        num_threads=dc.num_threads,
+        num_threads=min(dc.num_threads, _cores()),  # never more DALI/worker threads than this process's cores
         prefetch=dc.prefetch,
         vocab=vocab,
         bucket_by_length=train and dc.bucket_by_length,
@@ -457,6 +457,13 @@ def loader_for(
 
 
 _warned: set[str] = set()
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def dali_missing() -> str | None:
