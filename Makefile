@@ -16,6 +16,11 @@ CONFIG ?= configs/synthetic.json
 # the 64-pixel cache), one attribute word per object description (CLEVR: up to 3), 4000 train images.
 SYNTH_ARGS ?= --train-images 4000 --min-objects 3 --max-objects 5 --object-scale 2.0 --max-filters 1
 PYTEST_ARGS ?=
+# The demo's image size: `auto` (configs/synthetic.json) sizes it by a short speed probe of this CPU (`python -m
+# fastfilm.auto demo`: 64, 48 or 32 px, the largest at which the 10 minutes see ~8 epochs; it prints what it chose
+# and why); a number forces one; `config` (any other CONFIG) keeps the config's own.
+IMAGE_SIZE ?= $(if $(filter configs/synthetic.json,$(CONFIG)),auto,config)
+DEMO_SIZES ?= 64,48,32
 export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.write('0' if shutil.which('nvidia-smi') else '1')")
 
 STAMP := $(VENV)/.fastfilm-installed
@@ -39,7 +44,9 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-3.6 triton==3.6.0
 	@# DeepSpeed JIT-builds a small C++ op on its first init on a CPU (~1 min); build it once here, cached.
 	@# (with the venv's ninja first on PATH, as fastfilm/train.py does: another ninja version would rebuild it)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
+	@# Its build folder is one per CPU kind (built with -march=native; fastfilm.auto.extensions_dir), as the trainer's.
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from fastfilm.auto import use_per_cpu_extensions_dir as u; u(); \
+	  from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
 	@touch $(STAMP)
 
 data: $(STAMP)
@@ -48,7 +55,13 @@ data: $(STAMP)
 	$(VENV)/bin/fastfilm prep --clevr $(SYNTH) --out $(CACHE) --image-size 64
 
 train: data
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 1 fastfilm/train.py --config $(CONFIG)
+	@size=$(IMAGE_SIZE); \
+	if [ "$$size" = auto ]; then size=$$($(PY) -m fastfilm.auto demo --config $(CONFIG) --sizes $(DEMO_SIZES)) || exit 1; fi; \
+	set=; if [ "$$size" != config ]; then set="--set model.image_size=$$size"; fi; \
+	if [ "$$size" != config ] && [ "$$size" != 64 ]; then \
+	  $(VENV)/bin/fastfilm prep --clevr $(SYNTH) --out $(CACHE) --image-size $$size || exit 1; fi; \
+	echo "deepspeed --num_gpus 1 fastfilm/train.py --config $(CONFIG) $$set"; \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 1 fastfilm/train.py --config $(CONFIG) $$set
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

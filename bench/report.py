@@ -26,7 +26,7 @@ KIND_TITLES = {
     "generator": "FiLM generator alone (embedding → GRU → linear)",
     "loader": "Loader alone (one epoch of the train split)",
     "flops": "Work per question: GFLOP (FlopCounterMode, matmuls and convolutions)",
-    "ceiling": "The machine's ceiling: 2048² matmul, same threads, same run",
+    "ceiling": "The machine's ceiling: square matmul per dtype (sized by a probe), same threads, same run",
     "original": "Against the original code (ethanjperez/film), same machine, same run",
     "other": "Other benchmarks",
 }
@@ -275,6 +275,26 @@ def ceiling_section(benches: list[dict[str, Any]]) -> list[str]:
         for b in benches
         if kind_of(b) == "ceiling" and b["extra_info"].get("gflop_per_s")
     }
+    sizes = {
+        b["extra_info"].get("dtype"): b["extra_info"].get("n")
+        for b in benches
+        if kind_of(b) == "ceiling" and b["extra_info"].get("gflop_per_s")
+    }
+    head = []
+    if ceil:
+        head = [
+            "Matmul GFLOP/s per dtype: "
+            + ", ".join(f"{d} {_g(v)} ({sizes.get(d) or '?'}²)" for d, v in sorted(ceil.items()))
+            + ".",
+            "",
+        ]
+        fast = max(ceil.values())
+        for d, v in sorted(ceil.items()):
+            if v * 2 < fast:  # a dtype the hardware does not run natively (bf16 on an AVX2-only CPU)
+                head += [
+                    f"**Finding: {d} is {fast / v:.0f}× slower than the fastest dtype on this machine.**",
+                    "",
+                ]
     rows = []
     for b in benches:
         i = b.get("extra_info", {})
@@ -289,8 +309,9 @@ def ceiling_section(benches: list[dict[str, Any]]) -> list[str]:
             f"| {f'{achieved / c:.1%}' if achieved and c else '—'} |"
         )
     if not rows:
-        return []
+        return head
     return [
+        *head,
         "Achieved: the step's counted GFLOP (forward + backward, packed) ÷ its median time; optimizer, BN and "
         "elementwise work are not counted, so the ratio is a lower bound on how busy the machine was.",
         "",

@@ -5,8 +5,12 @@
   the dataset's longest (the original code). Counted on the meta device (`bench/workload.py`). Lengths: the
   synthetic set built for this session for configs/synthetic.json; CLEVR's mean (20.4 tokens) for the CLEVR
   configs, or the real distribution of a CLEVR prep cache given with `--bench-lengths CACHE`.
-- `ceiling/…`: the machine's own 2048² matmul GFLOP/s in fp32 and bf16, on the same threads as the other
-  benchmarks, so `bench/report.py` can put each train step's achieved GFLOP/s beside it as a ratio.
+- `ceiling/…`: the machine's own square-matmul GFLOP/s in fp32 and bf16, on the same threads as the other
+  benchmarks, so `bench/report.py` can put each train step's achieved GFLOP/s beside it as a ratio. The size is
+  chosen per dtype by a 128² probe (`fastfilm.auto.sized_matmul`) so that one product takes about 0.05 s
+  (`--bench-quick`) or 0.2 s, at most 2048² on a CPU (8192² on a GPU): a dtype without hardware support (bf16 on
+  an AVX2-only CPU: a scalar GEMM at ~1 GFLOP/s) is measured at a smaller size and shows as a slow dtype in the
+  report, instead of running minutes per round.
 """
 
 from __future__ import annotations
@@ -54,18 +58,23 @@ def test_flops_per_question(benchmark, request, bench_dataset, config):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_matmul_ceiling(benchmark, settings, dtype):
+    from fastfilm.auto import sized_matmul
+
     dt = benchlib.DTYPES[dtype]
-    n = 2048
     dev = benchlib.device()
+    n, probe_gflops = sized_matmul(
+        dt, dev, max_seconds=0.05 if settings.quick else 0.2, n_max=8192 if settings.cuda else 2048
+    )
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dev, dt)
     b = torch.randn(n, n, generator=g).to(dev, dt)
-    benchmark.group = "ceiling/matmul 2048x2048"
+    benchmark.group = "ceiling/matmul, square, sized per dtype"
     benchmark.extra_info.update(
         kind="ceiling",
-        impl=dtype,
+        impl=f"{dtype} {n}²",
         dtype=dtype,
         n=n,
+        probe_gflop_per_s=probe_gflops,
         threads=torch.get_num_threads(),
         device=benchlib.device_name(),
     )

@@ -1,9 +1,10 @@
-"""The DALI loader alone: one epoch of the train split, from the uint8 image cache and from the PNGs.
+"""The loaders alone (DALI and `data.loader: torch`, side by side): one epoch of the train split, from the uint8
+image cache and from the PNGs.
 
 The set is a tiny synthetic one in CLEVR's layout (480×320 RGBA PNGs), built once per session in a tmp dir
 (`bench_dataset` in conftest.py). Each timed round is a whole epoch as the trainer gets it, including the
 DALI pipeline that `Loader.epoch()` builds for the epoch; questions/s = questions in the epoch ÷ its time.
-On a GPU the loader gets `device_id=0` (as the trainer). Without DALI installed the cases are skipped.
+On a GPU the loader gets `device_id=0` (as the trainer). Without DALI installed its cases are skipped.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import benchlib
 import pytest
 
 
+@pytest.mark.parametrize("kind", ["dali", "torch"])
 @pytest.mark.parametrize("source", ["cache", "png"])
-def test_loader_epoch(benchmark, settings, bench_dataset, source):
-    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: the loader cannot run")
+def test_loader_epoch(benchmark, settings, bench_dataset, source, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: the DALI loader cannot run")
     from fastfilm.config import DataConfig
     from fastfilm.data import build_loader
 
@@ -34,6 +37,7 @@ def test_loader_epoch(benchmark, settings, bench_dataset, source):
         device_id=0 if settings.cuda else None,
         num_threads=threads,
         prefetch=DataConfig().prefetch,
+        loader=kind,
     )
     epochs = itertools.count()
     s = bench_dataset["image_size"]
@@ -51,13 +55,13 @@ def test_loader_epoch(benchmark, settings, bench_dataset, source):
     benchmark.extra_info.update(
         {
             "kind": "loader",
-            "impl": source,
+            "impl": f"{kind}/{source}",
             "questions": loader.num_questions,
             "batches": len(loader),
             "image_size": s,
             "num_threads": threads,
             "loader": type(loader).__module__ + "." + type(loader).__name__,
-            "pipeline": "DALI, GPU (device_id=0)" if settings.cuda else "DALI, CPU",
+            "pipeline": f"{'DALI' if kind == 'dali' else 'torch.utils.data'}, {'GPU (device_id=0)' if settings.cuda else 'CPU'}",
             "device": benchlib.device_name(),
         }
     )

@@ -152,10 +152,15 @@ def step_gflop(model_cfg, lengths: torch.Tensor, pad_to: int) -> float:
     return count_flops(model_cfg, lengths.tolist(), pad_to, backward=True) * len(lengths) / 1e9
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.5, device=None) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int | None = None, min_seconds: float = 0.5, device=None) -> float:
     """The machine's own dense matmul throughput: an n×n @ n×n product in `dtype`, repeated for at least
-    `min_seconds` after one warm-up, on the current intra-op threads (GPU: synchronised). GFLOP/s."""
+    `min_seconds` after one warm-up, on the current intra-op threads (GPU: synchronised). GFLOP/s. `n=None`: sized
+    by a probe so that one product takes about 0.1 s (≤ 2048; bf16 without hardware support is ~1 GFLOP/s)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if n is None:
+        from fastfilm.auto import sized_matmul
+
+        n, _ = sized_matmul(dtype, device, max_seconds=0.1)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)

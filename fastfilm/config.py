@@ -97,6 +97,9 @@ class DataConfig:
     root: str = "data/CLEVR_v1.0"  # a CLEVR v1.0 folder (real or synthetic)
     cache: str = "data/cache/clevr"  # written by `fastfilm prep`
     image_source: str = "cache"  # "cache" (uint8 .npy written by prep --image-size), "png", or "features"
+    # "dali" (the fast path; falls back to "torch" with one warning line where DALI is not importable) or "torch"
+    # (torch.utils.data, pinned memory, non-blocking copies): the same batches, in the same order, for a seed.
+    loader: str = "dali"
     train_split: str = "train"
     val_split: str = "val"
     num_threads: int = 2
@@ -123,6 +126,9 @@ class TrainConfig:
     # non-finite is ever saved. 1 = every step; larger lets a GPU queue steps without waiting (see README).
     sync_every: int = 10
     seed: int = 0
+    # "deepspeed": the DeepSpeed section's bf16/fp16/torch_autocast as written (float32 without them). "auto": chosen
+    # by the machine and logged (fastfilm/auto.py); an explicit bf16/fp16/torch_autocast in the section still wins.
+    precision: str = "deepspeed"
     film_reg_weight: float = 0.0  # beyond the paper: TADAM-style L2 on Δγ and β (0 = off)
     progress: bool = True
     tensorboard: bool = True
@@ -136,7 +142,8 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    """Which implementation runs the hot path: reference (plain PyTorch), triton, or compile."""
+    """Which implementation runs the hot path: reference (plain PyTorch), triton, or compile; "auto": chosen by the
+    machine when training starts (fastfilm/auto.py), logged, and written into the run folder's config.json."""
 
     mode: str = "reference"
 
@@ -169,11 +176,15 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     deepspeed: dict[str, Any] = field(default_factory=default_deepspeed)
     source: str = field(default="<defaults>", compare=False)
+    # The keys the user's own DeepSpeed section gave (before the defaults were merged in): an explicit
+    # bf16/fp16/torch_autocast there wins over train.precision=auto.
+    deepspeed_user_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data (what a run folder's config.json holds)."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("deepspeed_user_keys")
         return d
 
     @property
@@ -249,9 +260,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="JSON config file (see configs/)")
     p.add_argument(
         "--kernels",
-        choices=list(KERNEL_MODES),
+        choices=[*KERNEL_MODES, "auto"],
         default=None,
-        help="hot-path implementation (overrides kernels.mode in the config)",
+        help="hot-path implementation (overrides kernels.mode in the config; auto: chosen by the machine)",
     )
     p.add_argument(
         "--set",
@@ -465,13 +476,14 @@ def _validate_model(cfg: Config) -> None:
     def choice(key: str, value: str, options: Iterable[str]) -> None:
         _choice(cfg, key, value, options)
 
-    choice("kernels.mode", cfg.kernels.mode, KERNEL_MODES)
+    choice("kernels.mode", cfg.kernels.mode, (*KERNEL_MODES, "auto"))
     choice("model.stem", m.stem, ("pixels", "features"))
     choice("model.condition_method", m.condition_method, CONDITION_METHODS)
     choice("model.gamma_option", m.gamma_option, GAMMA_OPTIONS)
     choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
     choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
     choice("data.image_source", d.image_source, ("cache", "png", "features"))
+    choice("data.loader", d.loader, ("dali", "torch"))
     if not re.fullmatch(r"(max|avg)pool(full|[1-9])", m.classifier_downsample):
         raise bad(
             "model.classifier_downsample",
@@ -541,6 +553,7 @@ def _validate_run(cfg: Config) -> None:
     if t.film_reg_weight < 0:
         raise bad("train.film_reg_weight", "must be >= 0")
     choice("train.trainable", t.trainable, ("all", "generator", "network"))
+    choice("train.precision", t.precision, ("deepspeed", "auto"))
     choice("train.frozen_mode", t.frozen_mode, ("train", "eval"))
 
 
@@ -618,7 +631,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                 f"{source}: deepspeed.{name}: expected an object, got {type(user_ds[name]).__name__} "
                 f"{user_ds[name]!r}"
             )
-    cfg = Config(**sections, deepspeed=merge_deepspeed(user_ds), source=source)
+    cfg = Config(
+        **sections, deepspeed=merge_deepspeed(user_ds), source=source, deepspeed_user_keys=tuple(user_ds)
+    )
     validate(cfg)
     return cfg
 

@@ -63,7 +63,7 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
         cfg.model,
         len(vocab["question_token_to_idx"]),
         len(vocab["answer_token_to_idx"]),
-        kernels=kernels or cfg.kernels.mode,
+        kernels=(kernels or cfg.kernels.mode).replace("auto", "reference"),  # auto: decided by a training run
     )
     path = os.path.join(folder, "model.safetensors")
     try:

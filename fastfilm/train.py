@@ -131,6 +131,9 @@ def use_this_venvs_ninja() -> None:
     With two ninja versions on a machine (the venv's, from pip, and the system's), each switch between them
     rebuilds the op (about 45 s on 2 cores): a launcher run and a plain run would take turns paying for it.
     """
+    from fastfilm.auto import use_per_cpu_extensions_dir
+
+    use_per_cpu_extensions_dir()  # and a build folder per CPU kind (the op is built with -march=native)
     bindir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
@@ -354,9 +357,11 @@ def setup(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Run, Trai
 def _setup(
     cfg: Config, resume: bool, vocab: dict, lock: ckpt.RunLock, t_start: float
 ) -> tuple[Run, TrainState]:
+    from fastfilm.auto import resolve as resolve_for_this_machine
     from fastfilm.data import loader_for
 
     rank, world, device = setup_distributed(cfg)
+    resolve_for_this_machine(cfg, device, vocab, rank)  # threads, train.precision / kernels.mode auto; logged
     torch.manual_seed(cfg.train.seed)
     shard = dict(device=device, shard_id=rank, num_shards=world, vocab=vocab)
     train_loader = loader_for(cfg, cfg.data.train_split, train=True, **shard)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ from fastfilm.data.prep import PNG_SIGNATURE, image_cache_file, images_dir, load
 
 OUTPUTS = ("image", "question", "length", "answer", "family", "index")
 IMAGE_SOURCES = ("cache", "png", "features")
+LOADERS = ("dali", "torch")
 DALI_HINT = "install nvidia-dali-cuda130 (pip install nvidia-dali-cuda130)"
 
 
@@ -106,7 +108,7 @@ class Loader:
         bucket_by_length: bool = False,
         bucket_batch: int | None = None,
     ):
-        _dali()  # fail early, with the install hint
+        self._check_backend()  # fail early, with the install hint
         if image_source not in IMAGE_SOURCES:
             raise ValueError(f"image_source must be one of {IMAGE_SOURCES}, got {image_source!r}")
         if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -134,6 +136,9 @@ class Loader:
         self.bucket_by_length, self.bucket_batch = bool(bucket_by_length), bucket_batch or self.global_batch
         self.num_questions = self.questions_from(0)
         self.num_batches = -(-self.num_questions // batch_size)
+
+    def _check_backend(self) -> None:
+        _dali()
 
     def _open_images(self, clevr_dir: str | None) -> tuple[np.ndarray | None, str | None]:
         """The image data of `image_source`: a memory-mapped array (cache, features) or the PNG folder."""
@@ -368,14 +373,21 @@ def build_loader(
     vocab: dict | None = None,
     bucket_by_length: bool = False,
     bucket_batch: int | None = None,
+    loader: str = "dali",
 ) -> Loader:
-    """A DALI loader over one split of a `fastfilm prep` cache (see the module docstring).
+    """A DALI loader over one split of a `fastfilm prep` cache (see the module docstring); `loader="torch"`: the
+    same batches from a torch.utils.data pipeline (`fastfilm/data/torch_loader.py`).
 
     `len(loader)` is the number of batches per epoch on this shard, `loader.num_questions` the questions it
     yields per epoch; iterate with `for batch in loader.epoch(epoch, start_batch=0)`. Vocabulary sizes:
     `len(loader.vocab["question_token_to_idx"])`, `len(loader.vocab["answer_token_to_idx"])` (or `load_vocab`).
     """
-    return Loader(
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+    cls = Loader
+    if loader == "torch":
+        from fastfilm.data.torch_loader import TorchLoader as cls
+    return cls(
         cache_dir,
         split,
         batch_size,
@@ -434,13 +446,52 @@ def loader_for(
         seed=cfg.train.seed,
         drop_last=train,
         device_id=device_id,
-        num_threads=dc.num_threads,
+        num_threads=min(dc.num_threads, _cores()),  # never more DALI/worker threads than this process's cores
         prefetch=dc.prefetch,
         vocab=vocab,
         bucket_by_length=train and dc.bucket_by_length,
+        loader=resolve_loader(dc.loader, warn=shard_id == 0),
     )
     _check_features_fit(loader, cfg.model)
     return loader
+
+
+_warned: set[str] = set()
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def dali_missing() -> str | None:
+    """Why NVIDIA DALI cannot be imported here (None when it can)."""
+    try:
+        _dali()
+    except ImportError as e:
+        return str(e.__cause__ or e)
+    return None
+
+
+def resolve_loader(kind: str, warn: bool = True) -> str:
+    """The loader that runs for `data.loader=kind`: "dali" falls back to "torch", with one warning line per process
+    (when `warn`), where DALI is not importable (e.g. the GPU machine); "torch" stays "torch"."""
+    if kind != "dali":
+        return kind
+    why = dali_missing()
+    if why is None:
+        return "dali"
+    if warn and "dali" not in _warned:
+        _warned.add("dali")
+        print(
+            f"fastfilm: warning: NVIDIA DALI is not importable ({why}): data.loader=torch (the same batches from a "
+            f"torch.utils.data pipeline; {DALI_HINT} for the DALI one)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return "torch"
 
 
 def _check_features_fit(loader: Loader, model: Any) -> None:
