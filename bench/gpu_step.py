@@ -96,21 +96,17 @@ def engine_step(engine, batch):
 
 
 def graphed_step(engine, batch, dtype, capture: bool, compile_backend: str | None = None):
-    from fastfilm.graphed import GraphedTrainStep
+    from fastfilm.graphed import GraphedTrainStep, compiled_forward
 
-    model = engine.module
-    if compile_backend:
-        import torch._dynamo
-
-        torch._dynamo.config.allow_rnn = True
-        model = torch.compile(model, fullgraph=True, dynamic=False, backend=compile_backend)
+    fwd = compiled_forward(engine.module, backend=compile_backend) if compile_backend else None
     step = GraphedTrainStep(
-        model,
+        engine.module,
         engine.optimizer,
         device=benchlib.device(),
         amp_dtype=dtype,
         max_len=batch["question"].shape[1],
         capture=capture,
+        forward=fwd,
     )
 
     def run():

@@ -31,7 +31,7 @@ what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), an
 those kernels. fp16's `GradScaler` runs eagerly here (its Python bookkeeping is not captured): fp16 falls back.
 Not supported (the trainer falls back to DeepSpeed's engine step with one log line): several ranks (the
 gradient all-reduce is DeepSpeed's), ZeRO stages > 0, optimizers other than torch's fused Adam/AdamW (apex's),
-bidirectional encoders, frozen_mode=eval parts.
+bidirectional encoders.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def unsupported(engine, optimizer, model_cfg, world: int) -> str | None:
 class GraphedTrainStep:
     """One micro-step of training at static shapes; captured and replayed as CUDA graphs when `capture`.
 
-    `model`: the FiLM model (or a compiled wrapper of it: called as `model(images, questions, lengths,
-    return_film=True, static=True)`); `params`: the trainable parameters (the optimizer's). `__call__(batch,
+    `model`: the FiLM model; `forward` (default `model.forward`, e.g. `compiled_forward(model)`) is called as
+    `forward(images, questions, lengths, return_film=True, static=True)`; the optimizer's parameters train. `__call__(batch,
     boundary)` returns (loss, logits, answers, grad_norm or None), device tensors owned by the step: valid until
     the next call. `boundary`: this micro-batch ends a gradient accumulation (clip, norm, optimizer step).
     """
@@ -104,8 +104,12 @@ class GraphedTrainStep:
         max_len: int = 0,
         capture: bool | None = None,
         warmup: int = 2,
+        forward=None,
     ):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        # `model.forward`, not `model(...)`: DeepSpeed's forward hooks on the engine's module would run at capture
+        # only, and its throughput timer synchronises the device in them once the engine has stepped.
+        self.forward = forward if forward is not None else model.forward
         self.amp_dtype, self.scaler, self.gas, self.clip = amp_dtype, scaler, grad_accum, clip
         self.film_reg_weight, self.gamma_baseline = film_reg_weight, gamma_baseline
         self.buckets = length_buckets(max_len) if max_len else []
@@ -168,7 +172,7 @@ class GraphedTrainStep:
         return bufs
 
     def _channels_last(self) -> bool:
-        net = getattr(self.model, "net", None) or getattr(getattr(self.model, "_orig_mod", None), "net", None)
+        net = getattr(self.model, "net", None)
         return bool(net is not None and net.channels_last())
 
     # -------------------------------------------------------------------------------------- the step
@@ -182,7 +186,7 @@ class GraphedTrainStep:
             else contextlib.nullcontext()
         )
         with ac:
-            logits, (gammas, betas) = self.model(
+            logits, (gammas, betas) = self.forward(
                 b["image"], b["question"], b["length"], return_film=True, static=True
             )
         loss = F.cross_entropy(logits.float(), b["answer"])
@@ -253,7 +257,10 @@ class GraphedTrainStep:
             return out
         if graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            # on the warm-up stream (its cuBLAS/cuDNN workspaces exist), DALI's threads free to use the GPU
+            with torch.cuda.graph(
+                graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
                 self.outputs[key] = self.compute(bufs, key[2])
             if self.pool is None:
                 self.pool = graph.pool()
@@ -269,13 +276,14 @@ def _say(run, msg: str) -> None:
         print(f"fastfilm: {msg}", flush=True)
 
 
-def _compiled(model: torch.nn.Module, kernels: str) -> torch.nn.Module:
-    """`train.compile`: the whole model under torch.compile; fullgraph with the reference kernels (the question
-    encoder's RNN included: dynamo's `allow_rnn`). The state-dict stays the model's (the wrapper is not saved)."""
+def compiled_forward(model: torch.nn.Module, fullgraph: bool = True, backend: str = "inductor"):
+    """`train.compile`: the model's whole forward under torch.compile (the question encoder's RNN included:
+    dynamo's `allow_rnn`); fullgraph with the reference kernels. The module itself is unchanged (its state-dict,
+    its checkpoints); graph mode calls the compiled forward, and its warm-up steps are where it compiles."""
     import torch._dynamo
 
     torch._dynamo.config.allow_rnn = True
-    return torch.compile(model, fullgraph=kernels == "reference", dynamic=False)
+    return torch.compile(model.forward, fullgraph=fullgraph, dynamic=False, backend=backend)
 
 
 def trainer_step(run):
@@ -293,8 +301,6 @@ def trainer_step(run):
             _say(run, "train.compile needs graph mode's step (train.cuda_graphs); the model runs eagerly")
         return None
     why = unsupported(engine, run.optimizer, cfg.model, run.world)
-    if why is None and cfg.train.frozen_mode == "eval" and cfg.train.trainable != "all":
-        why = "train.frozen_mode=eval"
     if why is not None:
         _say(run, f"train.cuda_graphs: not with {why}; DeepSpeed's engine step runs instead")
         return None
@@ -303,11 +309,11 @@ def trainer_step(run):
         _say(run, "train.cuda_graphs: no CUDA device; graph mode's static-shape step runs eagerly")
     elif not capture:
         _say(run, "train.cuda_graphs: fp16 loss scaling is not captured; graph mode's step runs eagerly")
-    model = _compiled(engine.module, cfg.kernels.mode) if cfg.train.compile else engine.module
+    fwd = compiled_forward(engine.module, cfg.kernels.mode == "reference") if cfg.train.compile else None
     loader = run.train_loader
     max_len = int(loader.arrays["questions"].shape[1]) if hasattr(loader, "arrays") else 0
     step = GraphedTrainStep(
-        model,
+        engine.module,
         run.optimizer,
         device=run.device,
         amp_dtype=run.amp_dtype,
@@ -318,6 +324,7 @@ def trainer_step(run):
         gamma_baseline=cfg.model.gamma_baseline,
         max_len=max_len,
         capture=capture,
+        forward=fwd,
     )
 
     def run_step(batch: dict[str, Any], want_grad_norm: bool = False) -> StepResult:
