@@ -95,7 +95,9 @@ def engine_step(engine, batch):
     return step
 
 
-def graphed_step(engine, batch, dtype, capture: bool, compile_backend: str | None = None):
+def graphed_step(
+    engine, batch, dtype, capture: bool, compile_backend: str | None = None, grad_accum=1, warmup=2
+):
     from fastfilm.graphed import GraphedTrainStep, compiled_forward
 
     fwd = compiled_forward(engine.module, backend=compile_backend) if compile_backend else None
@@ -107,6 +109,8 @@ def graphed_step(engine, batch, dtype, capture: bool, compile_backend: str | Non
         max_len=batch["question"].shape[1],
         capture=capture,
         forward=fwd,
+        grad_accum=grad_accum,
+        warmup=warmup,
     )
 
     def run():
@@ -114,6 +118,47 @@ def graphed_step(engine, batch, dtype, capture: bool, compile_backend: str | Non
 
     run.graphed = step
     return run
+
+
+def check_graph(dtype) -> dict[str, Any]:
+    """Graph mode against the same step uncaptured, on the small model at batch 8 (seconds, not minutes): two
+    engines from one seed, 12 micro-steps with gradient accumulation 2 over two length buckets (four graphs), the
+    learning rate moved half-way; the losses and the final logits must agree, and the replays must not synchronise
+    the host (`torch.cuda.set_sync_debug_mode("error")`). Without CUDA both runs are uncaptured (a shape-check)."""
+    cfg = benchlib.paper_config(benchlib.SMALL_MODEL_OVERRIDES)
+    runs = {}
+    for capture in (False, CUDA):
+        engine = build(benchlib.paper_config(benchlib.SMALL_MODEL_OVERRIDES), 8, dtype)
+        step = graphed_step(engine, host_batch(cfg, 8, 12), dtype, capture=capture, grad_accum=2, warmup=1)
+        losses = []
+        for i in range(12):
+            if i == 6:
+                for g in engine.optimizer.param_groups:
+                    g["lr"] = g["lr"] * 0.5
+            b = host_batch(cfg, 8, 12 if i % 4 < 2 else 7)
+            strict = capture and i >= 8  # every graph captured by then: replays only
+            if strict:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                losses.append(step.graphed(b, boundary=i % 2 == 1)[0].clone())
+            finally:
+                if strict:
+                    torch.cuda.set_sync_debug_mode("default")
+        b = host_batch(cfg, 8, 12)
+        with torch.no_grad():
+            logits = engine.module(b["image"].to(benchlib.device()), b["question"], b["length"]).float()
+        runs[capture] = (torch.stack(losses).float().cpu(), logits.cpu(), step.graphed.captures)
+    (la, ga, _), (lb, gb, captures) = runs[False], runs[CUDA]
+    loss_diff = float((la - lb).abs().max())
+    logit_diff = float((ga - gb).abs().max() / ga.abs().max())
+    tol = 2e-2 if dtype is not None else 1e-3
+    return {
+        "graphs_captured": captures,
+        "max_loss_diff": loss_diff,
+        "max_logit_rel_diff": logit_diff,
+        "replays_synchronised_host": False,  # set_sync_debug_mode("error") would have raised
+        "ok": loss_diff < tol and logit_diff < tol and (captures == 4 or not CUDA),
+    }
 
 
 def profile(step, steps: int) -> dict[str, float]:
@@ -210,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-steps", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of graph_cl_compile")
+    p.add_argument(
+        "--budget-s", type=float, default=0, help="skip the cases that would start after this (0: none)"
+    )
     args = p.parse_args(argv)
     tiny = args.tiny
     steps = args.steps or (3 if tiny else 30)
@@ -258,9 +306,23 @@ def main(argv: list[str] | None = None) -> int:
             state["gflop"] = step_gflop(cfg.model, state["batch_data"]["length"], seq_len)
         return state["cfg"], state["engine"], state["batch_data"], state["gflop"]
 
+    t_start = time.perf_counter()
+    step = None
     for case in cases:
         t_case = time.perf_counter()
+        if args.budget_s and t_case - t_start > args.budget_s:
+            result["cases"][case] = {"error": f"skipped: past --budget-s {args.budget_s}"}
+            print(f"{case}: skipped (past --budget-s)", flush=True)
+            continue
+        step = None  # the previous case's graphs and buffers go before this case's memory is measured
+        gc.collect()
         try:
+            if case == "check_graph":
+                row = check_graph(dtype)
+                result["cases"][case] = row
+                print(f"{case}: {json.dumps(row)}", flush=True)
+                save()
+                continue
             bs = b256 if case.endswith("_b256") else b64
             cfg, engine, batch, gflop = engine_for(bs)
             if case == "eager_nchw":
@@ -290,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
             row.update(profile(step, psteps))
-            if CUDA and row.get("gpu_kernel_ms_per_step") is not None:
+            if CUDA and row.get("gpu_kernels_per_step"):
                 row["gpu_busy_share"] = round(min(1.0, row["gpu_kernel_ms_per_step"] / row["ms"]), 4)
+            elif CUDA:  # the profiler saw no kernels (inside graph replays, on some CUPTI versions)
+                row["gpu_busy_share"] = None
             row["host_syncs_per_step"] = host_syncs(step, psteps)
             if getattr(step, "graphed", None) is not None:
                 row["graphs_captured"] = step.graphed.captures
@@ -316,6 +380,9 @@ def print_table(result: dict[str, Any]) -> None:
             "gpu_busy_share", "aten_ops_per_step", "host_syncs_per_step", "peak_memory_gib")  # fmt: skip
     print("| case | batch | " + " | ".join(cols) + " |")
     for name, r in result["cases"].items():
+        if name == "check_graph" and "error" not in r:
+            print(f"| {name} | {json.dumps(r)} |")
+            continue
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:100]} |")
             continue
