@@ -129,6 +129,8 @@ def check_graph(dtype) -> dict[str, Any]:
     runs = {}
     for capture in (False, CUDA):
         engine = build(benchlib.paper_config(benchlib.SMALL_MODEL_OVERRIDES), 8, dtype)
+        if CUDA:
+            to_channels_last(engine)
         step = graphed_step(engine, host_batch(cfg, 8, 12), dtype, capture=capture, grad_accum=2, warmup=1)
         losses = []
         for i in range(12):

@@ -496,6 +496,22 @@ def train_step(
     return StepResult(loss.detach(), logits.detach(), answers, boundary, norm, lr)
 
 
+def engine_step(run: Run):
+    """`train_step` with the run's engine and settings: `step(batch, want_grad_norm) -> StepResult`."""
+
+    def step(batch: dict[str, torch.Tensor], want_grad_norm: bool = False) -> StepResult:
+        return train_step(
+            run.engine,
+            batch,
+            run.device,
+            film_reg_weight=run.cfg.train.film_reg_weight,
+            gamma_baseline=run.cfg.model.gamma_baseline,
+            want_grad_norm=want_grad_norm,
+        )
+
+    return step
+
+
 # ------------------------------------------------------------------------ agreement, evaluation, saving
 def sync_bn_buffers(module: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks, in one collective (no host sync on a GPU).
@@ -638,7 +654,7 @@ def train_loop(run: Run, state: TrainState) -> str:
         return done
     from fastfilm.graphed import trainer_step
 
-    graphed = trainer_step(run)  # train.cuda_graphs: graph mode's step, or None (the engine's)
+    step = trainer_step(run) or engine_step(run)  # train.cuda_graphs: graph mode's step, else the engine's
     while state.epoch < tc.epochs:
         if run.train_loader.bucket_by_length:  # the order depends on the global batch it was drawn for: a run
             if state.questions == 0 or not state.order_batch:  # resumed mid-epoch on another layout keeps it
@@ -659,19 +675,7 @@ def train_loop(run: Run, state: TrainState) -> str:
         )
         t_log, steps_since_log = time.time(), 0
         for batch in run.train_loader.epoch(state.epoch, start_question=state.questions):
-            want_norm = (state.step + 1) % tc.log_every == 0
-            out = (
-                graphed(batch, want_grad_norm=want_norm)
-                if graphed is not None
-                else train_step(
-                    engine,
-                    batch,
-                    run.device,
-                    film_reg_weight=tc.film_reg_weight,
-                    gamma_baseline=run.cfg.model.gamma_baseline,
-                    want_grad_norm=want_norm,
-                )
-            )
+            out = step(batch, want_grad_norm=(state.step + 1) % tc.log_every == 0)
             bad = ~torch.isfinite(out.loss)
             run.nonfinite = bad if run.nonfinite is None else run.nonfinite | bad
             state.questions += per_micro

@@ -333,3 +333,21 @@ def test_graph_mode_on_a_cpu_says_so_in_one_line(dataset, tmp_path, capsys):
     ]
     train(config_from_dict(tiny_config(dataset, tmp_path / "auto", max_steps=1)))  # auto on a CPU: silent
     assert "cuda_graphs" not in capsys.readouterr().out
+
+
+def test_config_keys_and_the_memory_format_default(dataset, tmp_path):
+    from fastfilm.config import ConfigError
+    from fastfilm.train import memory_format
+
+    raw = tiny_config(dataset, tmp_path / "run")
+    cfg = config_from_dict(raw)
+    assert (cfg.train.cuda_graphs, cfg.train.compile, cfg.model.memory_format) == ("auto", False, "auto")
+    assert memory_format(cfg, torch.device("cpu")) == "channels_first"
+    assert memory_format(cfg, torch.device("cuda")) == "channels_last"
+    assert memory_format(cfg, torch.device("cuda"), zero_stage=2) == "channels_first"
+    for value in (True, False):
+        raw["train"]["cuda_graphs"] = value
+        assert config_from_dict(raw).train.cuda_graphs is value
+    raw["train"]["cuda_graphs"] = "always"
+    with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        config_from_dict(raw)
