@@ -172,15 +172,16 @@ def profile(step, steps: int) -> dict[str, float]:
         for _ in range(steps):
             step()
         sync()
+    from profile_step import _device_time, _is_device_event  # as the H200 profile of 2026-12-04 read them
+
     launches = graphs = copies = kernels = aten = 0
     kernel_us = 0.0
     for e in prof.events():
-        dt = getattr(e, "device_type", None)
-        if dt is not None and getattr(dt, "name", str(dt)).upper().endswith("CUDA"):
+        if _is_device_event(e):
             if e.name.startswith(("Memcpy", "Memset")) or "memcpy" in e.name.lower():
                 continue
             kernels += 1
-            kernel_us += float(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) or 0)
+            kernel_us += _device_time(e)
         elif e.name in LAUNCH_CALLS:
             launches += 1
         elif e.name in GRAPH_CALLS:
