@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-steps", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of graph_cl_compile")
+    p.add_argument("--md", default=None, help="also write the table as markdown (e.g. bench/RESULTS_GPU.md)")
     p.add_argument(
         "--budget-s", type=float, default=0, help="skip the cases that would start after this (0: none)"
     )
@@ -371,29 +372,48 @@ def main(argv: list[str] | None = None) -> int:
             result["cases"][case] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"{case}: FAILED {type(e).__name__}: {e}", flush=True)
         save()
-    print_table(result)
+    text = table(result)
+    print("\n" + text)
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(text)
     return 0
 
 
-def print_table(result: dict[str, Any]) -> None:
-    print(
-        f"\n{result['device']}; {result['config']}; {result['dtype']}; ceiling {result['matmul_ceiling_tflop_per_s']}"
-    )
+def table(result: dict[str, Any]) -> str:
+    """The results as markdown: one row per case (measured in this run), the original code's step beside them."""
+    v = result["versions"]
+    lines = [
+        "# GPU train step (bench/gpu_step.py)",
+        "",
+        f"{result['device']}; torch {v.get('torch')}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, triton "
+        f"{v.get('triton')}; {result['config']}; {result['dtype']} autocast; questions padded to "
+        f"{result['question_len']} tokens; matmul ceiling {result['matmul_ceiling_tflop_per_s']} TFLOP/s (bf16 "
+        "8192², measured in the same run). Every figure below was measured in this run. "
+        + (result["note"] or ""),
+        "",
+    ]
     cols = ("ms", "questions_per_s", "tflop_per_s", "ceiling_share", "kernel_launches_per_step",
-            "gpu_busy_share", "aten_ops_per_step", "host_syncs_per_step", "peak_memory_gib")  # fmt: skip
-    print("| case | batch | " + " | ".join(cols) + " |")
+            "gpu_kernels_per_step", "gpu_busy_share", "aten_ops_per_step", "host_syncs_per_step",
+            "peak_memory_gib")  # fmt: skip
+    lines += [
+        "| case | batch | captured | " + " | ".join(cols) + " |",
+        "| --- |" + " ---: |" * (len(cols) + 2),
+    ]
     for name, r in result["cases"].items():
-        if name == "check_graph" and "error" not in r:
-            print(f"| {name} | {json.dumps(r)} |")
-            continue
         if "error" in r:
-            print(f"| {name} | failed: {r['error'][:100]} |")
-            continue
-        print(f"| {name} | {r['batch']} | " + " | ".join(str(r.get(c)) for c in cols) + " |")
+            lines.append(f"| {name} | failed: {r['error'][:150].replace('|', '/')} |")
+        elif name == "check_graph":
+            lines.append(f"| {name} | {json.dumps(r)} |")
+        else:
+            cells = " | ".join(str(r.get(c)) for c in cols)
+            lines.append(f"| {name} | {r['batch']} | {r.get('captured')} | {cells} |")
     o = result["original_2017_step"]
-    print(
-        f"| original 2017 code ({o['source']}) | {o['batch']} | {o['ms']} | {o['batch'] / o['ms'] * 1e3:.0f} |"
+    lines.append(
+        f"| original 2017 code, {o['dtype']} ({o['source']}) | {o['batch']} | | {o['ms']} | "
+        f"{o['batch'] / o['ms'] * 1e3:.0f} |"
     )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,19 @@ import gpu_step  # noqa: E402
 def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
     cases = "check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile"
-    argv = ["--tiny", "--out", str(out), "--steps", "1", "--warmup", "1", "--profile-steps", "1"]
+    argv = [
+        "--tiny",
+        "--out",
+        str(out),
+        "--md",
+        str(tmp_path / "r.md"),
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--profile-steps",
+        "1",
+    ]
     assert gpu_step.main([*argv, "--cases", cases, "--compile-backend", "eager"]) == 0
     result = json.loads(out.read_text())
     assert list(result["cases"]) == cases.split(",")
@@ -22,3 +34,5 @@ def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
         assert row["ms"] > 0 and row["aten_ops_per_step"] > 0 and row["gflop_per_step"] > 0
     assert result["cases"]["graph_cl_b256"]["batch"] == 32
     assert result["cases"]["eager_cl"]["memory_format"] == "channels_last"
+    md = (tmp_path / "r.md").read_text()
+    assert "| graph_cl |" in md and "original 2017 code" in md
