@@ -306,7 +306,9 @@ def set_memory_format(engine, optimizer: torch.optim.Optimizer, fmt: str) -> Non
     channels_last one ("self.stride(-1) must be 1 to view Float as Byte"). `Module.to` swaps `param.data`, so the
     optimizer keeps the same parameter objects. Optimizer states (a checkpoint of the other layout restored into
     this one) are given their parameter's strides: fused Adam walks parameter and states as flat memory."""
-    if fmt == "channels_last":  # channels_first: the model was built so (ZeRO's flat buffers are left alone)
+    if engine.zero_optimization_stage() > 0:  # flat NCHW buffers (memory_format() kept channels_first)
+        return
+    if fmt == "channels_last":  # channels_first: the model was built so
         engine.module.to(memory_format=torch.channels_last)
     for p, st in optimizer.state.items():
         for k, v in list(st.items()):
