@@ -355,21 +355,25 @@ def main(argv: list[str] | None = None) -> int:
             }
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
+            if getattr(step, "graphed", None) is not None:
+                row["graphs_captured"] = step.graphed.captures
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None
+            result["cases"][case] = row  # the timing is kept should the profiler below take the process down
+            save()
+            print(f"{case} (timed): {json.dumps(row)}", flush=True)
+            row["host_syncs_per_step"] = host_syncs(step, psteps)
             row.update(profile(step, psteps))
             if CUDA and row.get("gpu_kernels_per_step"):
                 row["gpu_busy_share"] = round(min(1.0, row["gpu_kernel_ms_per_step"] / row["ms"]), 4)
             elif CUDA:  # the profiler saw no kernels (inside graph replays, on some CUPTI versions)
                 row["gpu_busy_share"] = None
-            row["host_syncs_per_step"] = host_syncs(step, psteps)
-            if getattr(step, "graphed", None) is not None:
-                row["graphs_captured"] = step.graphed.captures
-            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None
             row["case_s"] = round(time.perf_counter() - t_case, 1)
             result["cases"][case] = row
             print(f"{case}: {json.dumps(row)}", flush=True)
         except Exception as e:  # one case's failure is reported, the others still run
             traceback.print_exc()
-            result["cases"][case] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            partial = result["cases"].get(case) if result["cases"].get(case, {}).get("ms") else {}
+            result["cases"][case] = {**partial, "error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"{case}: FAILED {type(e).__name__}: {e}", flush=True)
         save()
     text = table(result)
@@ -401,7 +405,7 @@ def table(result: dict[str, Any]) -> str:
         "| --- |" + " ---: |" * (len(cols) + 2),
     ]
     for name, r in result["cases"].items():
-        if "error" in r:
+        if "error" in r and "ms" not in r:
             lines.append(f"| {name} | failed: {r['error'][:150].replace('|', '/')} |")
         elif name == "check_graph":
             lines.append(f"| {name} | {json.dumps(r)} |")

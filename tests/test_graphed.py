@@ -351,3 +351,32 @@ def test_config_keys_and_the_memory_format_default(dataset, tmp_path):
     raw["train"]["cuda_graphs"] = "always"
     with pytest.raises(ConfigError, match="train.cuda_graphs"):
         config_from_dict(raw)
+
+
+def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tmp_path, monkeypatch, capsys):
+    """train.compile: the trainer's static-shape step calls the model's forward compiled with fullgraph (the
+    `eager` backend here: dynamo's tracing without inductor's minutes of C++ compilation on a CPU)."""
+    import functools
+
+    import torch._dynamo
+
+    import fastfilm.graphed as graphed
+    from fastfilm.train import train
+
+    seen = []
+    real = graphed.compiled_forward
+
+    def compiled(model, fullgraph=True, backend="inductor"):
+        seen.append(fullgraph)
+        return real(model, fullgraph, backend="eager")
+
+    monkeypatch.setattr(graphed, "compiled_forward", functools.partial(compiled))
+    torch._dynamo.reset()
+    raw = graph_mode(tiny_config(dataset, tmp_path / "run", max_steps=3))
+    raw["train"]["compile"] = True
+    summary = train(config_from_dict(raw))
+    assert summary["step"] == 3 and seen == [True]
+    raw = tiny_config(dataset, tmp_path / "off", max_steps=1)
+    raw["train"].update(compile=True, cuda_graphs=False)
+    train(config_from_dict(raw))
+    assert "train.compile needs graph mode's step" in capsys.readouterr().out
