@@ -76,8 +76,10 @@ class ModelConfig:
     classifier_downsample: str = "maxpoolfull"
     classifier_batchnorm: bool = True
     classifier_dropout: float = 0.0
-    # Layout of the visual path's activations ("channels_first" = NCHW, as the paper's code).
-    memory_format: str = "channels_first"
+    # Layout of the visual path's activations: "auto" = channels_last (NHWC) on a GPU, where cuDNN's bf16 convs
+    # are fastest in it (no NCHW<->NHWC transposes), and channels_first (NCHW, the paper's) on a CPU;
+    # "channels_first" or "channels_last" force one. The weights are converted after `deepspeed.initialize`.
+    memory_format: str = "auto"
 
     def __post_init__(self) -> None:
         paper = {
@@ -125,6 +127,13 @@ class TrainConfig:
     # one collective and one host sync per agreement, and always one before an evaluation or a save, so nothing
     # non-finite is ever saved. 1 = every step; larger lets a GPU queue steps without waiting (see README).
     sync_every: int = 10
+    # Graph mode (fastfilm/graphed.py): the whole step (forward, loss, backward, clipping, Adam) at static shapes
+    # (question lengths bucketed to multiples of 8), captured as CUDA graphs and replayed. "auto": on with a CUDA
+    # device where supported (one rank, ZeRO stage 0, torch's fused Adam, no fp16); true on a CPU runs the same
+    # static-shape step eagerly (one log line); false: DeepSpeed's engine.backward / engine.step as before.
+    cuda_graphs: bool | str = "auto"
+    # torch.compile of the whole model (fullgraph with kernels=reference), inside the graph mode's step.
+    compile: bool = False
     seed: int = 0
     # "deepspeed": the DeepSpeed section's bf16/fp16/torch_autocast as written (float32 without them). "auto": chosen
     # by the machine and logged (fastfilm/auto.py); an explicit bf16/fp16/torch_autocast in the section still wins.
@@ -481,7 +490,7 @@ def _validate_model(cfg: Config) -> None:
     choice("model.condition_method", m.condition_method, CONDITION_METHODS)
     choice("model.gamma_option", m.gamma_option, GAMMA_OPTIONS)
     choice("model.encoder_type", m.encoder_type, ("gru", "lstm"))
-    choice("model.memory_format", m.memory_format, ("channels_first", "channels_last"))
+    choice("model.memory_format", m.memory_format, ("auto", "channels_first", "channels_last"))
     choice("data.image_source", d.image_source, ("cache", "png", "features"))
     choice("data.loader", d.loader, ("dali", "torch"))
     if not re.fullmatch(r"(max|avg)pool(full|[1-9])", m.classifier_downsample):
@@ -552,6 +561,8 @@ def _validate_run(cfg: Config) -> None:
         raise bad("train", f"log_every and sync_every must be >= 1, got {t.log_every} and {t.sync_every}")
     if t.film_reg_weight < 0:
         raise bad("train.film_reg_weight", "must be >= 0")
+    if isinstance(t.cuda_graphs, str) and t.cuda_graphs != "auto":
+        raise bad("train.cuda_graphs", f"expected true, false or 'auto', got {t.cuda_graphs!r}")
     choice("train.trainable", t.trainable, ("all", "generator", "network"))
     choice("train.precision", t.precision, ("deepspeed", "auto"))
     choice("train.frozen_mode", t.frozen_mode, ("train", "eval"))

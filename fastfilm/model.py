@@ -127,6 +127,23 @@ class FiLMGen(nn.Module):
         rnn = self.encoder_rnn
         return isinstance(rnn, nn.GRU) and self.num_dir == 1 and rnn.num_layers == 1 and rnn.bias
 
+    def static_encode(self, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The question feature at static shapes with the lengths on the device (graph mode, fastfilm/graphed.py).
+
+        The RNN reads every padded position of `questions` [N, T] (cuDNN's RNN on a GPU: one call, no packing,
+        so no host copy of the lengths), and each question's feature is the last layer's output at its last
+        real token, gathered at `lengths - 1`. The RNN is causal, so that output is the state `encode` returns
+        (the same logits within rounding, tests/test_graphed.py); the padding after a question only costs
+        FLOPs. Unidirectional RNNs only: a backward direction would have read the padding first. Lengths are
+        clamped to [1, T], not validated (validation reads them on the host).
+        """
+        if self.num_dir != 1:
+            raise ValueError("static_encode: a bidirectional encoder must read each question's own length")
+        n, t = questions.shape
+        out, _ = self.encoder_rnn(self.encoder_embed(questions))  # [N, T, H]
+        idx = (lengths.to(device=out.device, dtype=torch.int64) - 1).clamp(0, t - 1)
+        return out.gather(1, idx.view(n, 1, 1).expand(n, 1, out.shape[2])).view(n, out.shape[2])
+
     def encode(self, questions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """The question feature [N, rnn_hidden_dim]: the RNN reads each question's real tokens only.
 
@@ -161,11 +178,12 @@ class FiLMGen(nn.Module):
         return last.transpose(0, 1).reshape(n, width)
 
     def forward(
-        self, questions: torch.Tensor, lengths: torch.Tensor | None = None
+        self, questions: torch.Tensor, lengths: torch.Tensor | None = None, static: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(γ, β), each [N, num_blocks, module_dim], with the γ option and baseline applied."""
+        """(γ, β), each [N, num_blocks, module_dim], with the γ option and baseline applied (`static`: the
+        question feature from `static_encode`, lengths on the device)."""
         cfg = self.cfg
-        feature = self.encode(questions, lengths)
+        feature = self.static_encode(questions, lengths) if static else self.encode(questions, lengths)
         film = self.decoder_linear(feature).view(-1, cfg.num_blocks, self.cond_feat_size)
         gammas, betas = film.split(cfg.module_dim, dim=-1)
         fn = {"linear": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}[
@@ -351,13 +369,28 @@ class FiLMedNet(nn.Module):
         cls.append(nn.Linear(prev_dim, num_answers))
         self.classifier = nn.Sequential(*cls)
 
+    def channels_last(self) -> bool:
+        """Whether the visual path runs in channels_last: `memory_format` says so, or it is `auto` and the
+        weights were converted (the trainer converts them on a GPU after `deepspeed.initialize`). The images
+        are then converted here, so callers pass NCHW batches whatever the layout."""
+        fmt = self.cfg.memory_format
+        if fmt == "auto":
+            w = next((m.weight for m in self.stem if isinstance(m, (nn.Conv2d, CoordConv))), None)
+            return (
+                w is not None
+                and w.dim() == 4
+                and w.is_contiguous(memory_format=torch.channels_last)
+                and not w.is_contiguous()
+            )
+        return fmt == "channels_last"
+
     def forward(self, images: torch.Tensor, gammas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if not cfg.use_gamma:
             gammas = torch.ones_like(gammas)
         if not cfg.use_beta:
             betas = torch.zeros_like(betas)
-        if cfg.memory_format == "channels_last":
+        if self.channels_last():
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.stem(images)
         for i, block in enumerate(self.blocks):
@@ -395,9 +428,11 @@ class FiLMModel(nn.Module):
         lengths: torch.Tensor | None = None,
         film: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_film: bool = False,
+        static: bool = False,
     ):
-        """Answer logits; with `film=(γ, β)` those FiLM parameters replace the generator's."""
-        gammas, betas = film if film is not None else self.generator(questions, lengths)
+        """Answer logits; with `film=(γ, β)` those FiLM parameters replace the generator's. `static=True`: graph
+        mode's question encoder (`FiLMGen.static_encode`: padded questions, lengths on the device)."""
+        gammas, betas = film if film is not None else self.generator(questions, lengths, static=static)
         logits = self.net(images, gammas, betas)
         return (logits, (gammas, betas)) if return_film else logits
 

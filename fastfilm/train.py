@@ -287,6 +287,38 @@ def forget_previous_autocast() -> None:
         torch_autocast.TORCH_AUTOCAST_DTYPE = None
 
 
+def memory_format(cfg: Config, device: torch.device, zero_stage: int = 0) -> str:
+    """`model.memory_format` resolved: `auto` is channels_last on a GPU, channels_first on a CPU. ZeRO stages > 0
+    keep channels_first (their flat parameter buffers are NCHW views), with one line when channels_last was asked."""
+    fmt = cfg.model.memory_format
+    if fmt == "auto":
+        fmt = "channels_last" if device.type == "cuda" else "channels_first"
+    if fmt == "channels_last" and zero_stage > 0:
+        if cfg.model.memory_format == "channels_last" and int(os.environ.get("RANK", "0")) == 0:
+            print(
+                "fastfilm: model.memory_format: channels_last needs ZeRO stage 0; training in channels_first"
+            )
+        fmt = "channels_first"
+    return fmt
+
+
+def set_memory_format(engine, optimizer: torch.optim.Optimizer, fmt: str) -> None:
+    """Convert the model's 4-D weights (and the optimizer states of those weights) to `fmt`, in place.
+
+    Done after `deepspeed.initialize`, whose parameter broadcast views each parameter as bytes and refuses a
+    channels_last one ("self.stride(-1) must be 1 to view Float as Byte"). `Module.to` swaps `param.data`, so the
+    optimizer keeps the same parameter objects. Optimizer states (a checkpoint of the other layout restored into
+    this one) are given their parameter's strides: fused Adam walks parameter and states as flat memory."""
+    if engine.zero_optimization_stage() > 0:  # flat NCHW buffers (memory_format() kept channels_first)
+        return
+    if fmt == "channels_last":  # channels_first: the model was built so
+        engine.module.to(memory_format=torch.channels_last)
+    for p, st in optimizer.state.items():
+        for k, v in list(st.items()):
+            if torch.is_tensor(v) and v.shape == p.shape and v.dim() == 4 and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = True):
     """The FiLM model wrapped by `deepspeed.initialize`; returns (engine, optimizer, fp16 loss scaler or None).
     `init=False` (a resumed run) skips `train.init_from`: the checkpoint holds the weights."""
@@ -307,14 +339,13 @@ def build_engine(cfg: Config, vocab: dict, device: torch.device, init: bool = Tr
         not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     ):
         print(describe(prepared, cfg.train), flush=True)
-    if cfg.model.memory_format == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
     model.to(device)
     optimizer = build_optimizer(model, cfg.deepspeed)
     forget_previous_autocast()
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg)
     )
+    set_memory_format(engine, optimizer, memory_format(cfg, device, engine.zero_optimization_stage()))
     if engine.zero_optimization_stage() == 0 and torch.distributed.get_world_size() == 1:
         engine.enable_backward_allreduce = (
             False  # nothing to average over one rank (saves flattening every grad)
@@ -415,6 +446,8 @@ def restore(run: Run) -> TrainState:
     state = TrainState.from_dict(loaded, os.path.join(run.ckpt_dir, "last", "trainer_state.json"))
     if run.scaler is not None and state.grad_scaler is not None:
         run.scaler.load_state_dict(state.grad_scaler)
+    fmt = memory_format(run.cfg, run.device, run.engine.zero_optimization_stage())
+    set_memory_format(run.engine, run.optimizer, fmt)  # a checkpoint of the other layout: states follow
     if run.is_main:
         print(f"resumed from {run.ckpt_dir}/last at step {state.step} (epoch {state.epoch})", flush=True)
         saved = ckpt.read_layout(ckpt.resolve_tag_dir(run.ckpt_dir, "last"))
@@ -468,6 +501,22 @@ def train_step(
         norm = engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
     return StepResult(loss.detach(), logits.detach(), answers, boundary, norm, lr)
+
+
+def engine_step(run: Run):
+    """`train_step` with the run's engine and settings: `step(batch, want_grad_norm) -> StepResult`."""
+
+    def step(batch: dict[str, torch.Tensor], want_grad_norm: bool = False) -> StepResult:
+        return train_step(
+            run.engine,
+            batch,
+            run.device,
+            film_reg_weight=run.cfg.train.film_reg_weight,
+            gamma_baseline=run.cfg.model.gamma_baseline,
+            want_grad_norm=want_grad_norm,
+        )
+
+    return step
 
 
 # ------------------------------------------------------------------------ agreement, evaluation, saving
@@ -610,6 +659,9 @@ def train_loop(run: Run, state: TrainState) -> str:
     engine.module.train()
     if (done := stopped_already(tc, state)) is not None:  # a resume of a run that had stopped: no step more
         return done
+    from fastfilm.graphed import trainer_step
+
+    step = trainer_step(run) or engine_step(run)  # train.cuda_graphs: graph mode's step, else the engine's
     while state.epoch < tc.epochs:
         if run.train_loader.bucket_by_length:  # the order depends on the global batch it was drawn for: a run
             if state.questions == 0 or not state.order_batch:  # resumed mid-epoch on another layout keeps it
@@ -630,14 +682,7 @@ def train_loop(run: Run, state: TrainState) -> str:
         )
         t_log, steps_since_log = time.time(), 0
         for batch in run.train_loader.epoch(state.epoch, start_question=state.questions):
-            out = train_step(
-                engine,
-                batch,
-                run.device,
-                film_reg_weight=tc.film_reg_weight,
-                gamma_baseline=run.cfg.model.gamma_baseline,
-                want_grad_norm=(state.step + 1) % tc.log_every == 0,
-            )
+            out = step(batch, want_grad_norm=(state.step + 1) % tc.log_every == 0)
             bad = ~torch.isfinite(out.loss)
             run.nonfinite = bad if run.nonfinite is None else run.nonfinite | bad
             state.questions += per_micro
