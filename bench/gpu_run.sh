@@ -8,6 +8,10 @@
 #               from the pieces $WHEELS/dali.tar.part-* (absent pieces: continue without DALI, say so), into
 #               $SITE with `pip install --no-index --no-deps --target`, then PYTHONPATH=$SITE:repo
 #               (the wheel sets are made by scripts/gpu-wheels.sh on a machine with network access)
+#   kernel_tests  pytest tests/kernels -n $XDIST --tb=short (compiled Triton; the AOT test, a CPU compile matrix,
+#               left out): junit XML + the log; every kernel test, not only those marked cuda
+#   gpu_step    bench/gpu_step.py: the train step per case (eager NCHW / channels_last, graph mode, batch 256,
+#               compile), ms, questions/s, launches, GPU-busy share, peak memory -> gpu_step.json + .md
 #   cuda_tests  pytest -m cuda tests/ (TRITON_INTERPRET unset: real Triton compilation)
 #   bench       pytest bench/ --benchmark-json=OUTDIR/bench.json (the paper's sizes)
 #   report      python bench/report.py OUTDIR/bench.json -o OUTDIR/RESULTS.md
@@ -141,6 +145,15 @@ EOF
     return $rc
 }
 
+step_kernel_tests() {
+    "$PY" -m pytest tests/kernels -n "${XDIST:-8}" --tb=short -q -p no:cacheprovider -rfE \
+        --ignore tests/kernels/test_aot.py --junitxml="$OUT/kernel_tests.xml"
+}
+
+step_gpu_step() {
+    "$PY" bench/gpu_step.py --out "$OUT/gpu_step.json" --md "$OUT/gpu_step.md" --budget-s "${GPU_STEP_BUDGET:-200}"
+}
+
 step_cuda_tests() {
     "$PY" -m pytest -m cuda tests/ -ra -q -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
     local rc=$?
@@ -220,7 +233,7 @@ SUMMARY="$OUT/summary.tsv"
 printf 'step\texit\tseconds\tlog\n' >"$SUMMARY"
 : >"$OUT/NOTES.txt"
 
-declare -A LIMIT=([env]=120 [install]=300 [cuda_tests]=600 [bench]=1200 [report]=60 [data]=300
+declare -A LIMIT=([env]=120 [install]=300 [kernel_tests]=600 [gpu_step]=300 [cuda_tests]=600 [bench]=1200 [report]=60 [data]=300
                   [train_reference]=400 [train_compile]=600 [train_triton]=400 [profile]=600)
 failed=0
 for s in $STEPS; do
@@ -274,4 +287,6 @@ EOF
     if [ -s "$OUT/train_summary.md" ]; then echo; echo "training (bf16, synthetic data):"; cat "$OUT/train_summary.md"; fi
     [ -f "$OUT/profile/profile_summary.md" ] && { echo; sed -n '1,12p' "$OUT/profile/profile_summary.md"; }
 } | tee "$OUT/summary.txt"
+# One archive of everything (a GPU machine may hand back only a few files): ARCHIVE=path to write it.
+if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "archive: $ARCHIVE"; fi
 exit $failed

@@ -43,7 +43,12 @@ GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
 PAPER = {"n": 64, "c": 128, "h": 14, "w": 14, "proj": 512}
 # (label, N, C, H, W): one sample, 2×2 maps, one channel, and a batch beyond CUDA's 65,535 grid rows.
 EDGES = [("batch 1", 1, 128, 14, 14), ("2x2", 64, 128, 2, 2), ("1 channel", 64, 1, 14, 14), ("batch 70000", 70_000, 128, 14, 14)]  # fmt: skip
-PRECISIONS = ("tf32", "ieee", "bf16", "fp64")  # float32 with TF32 allowed, float32 IEEE, bf16 autocast, float64
+PRECISIONS = (
+    "tf32",
+    "ieee",
+    "bf16",
+    "fp64",
+)  # float32 with TF32 allowed, float32 IEEE, bf16 autocast, float64
 LAYOUTS = ("nchw", "nhwc")
 BN_MODES = ("train", "eval", "no_bn")
 
@@ -158,7 +163,11 @@ def record_all(sizes: str) -> list[Launch]:
     out: list[Launch] = []
     for label, n, c, h, w in shapes:
         for layout in LAYOUTS if c > 1 else LAYOUTS[:1]:  # one channel: channels_last is NCHW in memory
-            for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp64", torch.float64)):
+            for dt_name, dtype in (
+                ("fp32", torch.float32),
+                ("bf16", torch.bfloat16),
+                ("fp64", torch.float64),
+            ):
                 for mode in BN_MODES:
                     for res in (True, False):
                         case = f"{label} {dt_name} {layout} {mode}{'' if res else ' nores'}"
