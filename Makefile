@@ -25,7 +25,7 @@ export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.w
 
 STAMP := $(VENV)/.fastfilm-installed
 
-.PHONY: setup train test lint format data bench clean help
+.PHONY: setup train test test-kernels-as-gpu lint format data bench clean help
 help:
 	@echo "make train   set up .venv, generate the synthetic CLEVR-format set, train on it (DeepSpeed launcher)"
 	@echo "make test    set up .venv, lint, run the test suite"
@@ -74,6 +74,11 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(PY) -m pytest -q bench/ --bench-quick
+
+# The kernel tests with the launchers choosing as on an sm_90 (132 SMs): the GPU's tiles, autotune candidates and
+# splits, under the interpreter (kernels/README.md, "The CPU sees what the GPU does"); ~5 min on 2 idle cores.
+test-kernels-as-gpu: $(STAMP)
+	TRITON_INTERPRET=1 FASTFILM_KERNELS_AS_GPU=sm_90 $(PY) -m pytest -q tests/kernels --ignore tests/kernels/test_aot.py
 
 bench: $(STAMP)
 	$(PY) -m pytest bench/ --benchmark-json=bench/results.json
