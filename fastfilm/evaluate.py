@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from fastfilm.core.precision import autocast, autocast_dtype
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK
-from fastfilm.precision import autocast, autocast_dtype
 
 # The id prep gives an answer the training answers lack (never a training target).
 UNK_ANSWER = SPECIAL_TOKENS[UNK]
@@ -139,7 +139,7 @@ def progress_bar(loader, max_questions: int, progress: bool, desc: str | None = 
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from fastfilm.errors import progress_off
+    from fastfilm.core.errors import progress_off
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -164,10 +164,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
-    from fastfilm.checkpoint import atomic_write_json, find_checkpoint
+    from fastfilm.core.errors import check_output_file
     from fastfilm.data import loader_for
-    from fastfilm.errors import check_output_file
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.checkpoint import atomic_write_json, find_checkpoint
+    from fastfilm.files.export import load_model_folder
 
     for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
         if getattr(args, option, None):
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.cache = args.cache
         check_same_vocab(args.cache, vocab)  # the cache's ids must be the model's words
     else:
-        from fastfilm.errors import check_model_cache
+        from fastfilm.core.errors import check_model_cache
 
         check_model_cache(cfg.data.cache, folder)
     device = (

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastfilm.core.precision import autocast, autocast_dtype
 from fastfilm.data import DataError
-from fastfilm.precision import autocast, autocast_dtype
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
-from fastfilm.errors import UsageError
+from fastfilm.core.errors import UsageError
 
 HELP = "type a question; ':image PATH' for another image; ':quit' or end of input (Ctrl-D) to stop"
 
@@ -33,7 +33,7 @@ class Answerer:
                 raise UsageError(
                     "this model reads ResNet-101 features: pass --resnet-weights FILE (see `fastfilm features`)"
                 )
-            from fastfilm.features import load_trunk
+            from fastfilm.files.features import load_trunk
 
             self.trunk = load_trunk(resnet_weights)
         self.image: torch.Tensor | None = None
@@ -42,11 +42,11 @@ class Answerer:
     def load(self, path: str) -> None:
         """Read an image as the model sees it (pixels, or ResNet features)."""
         if self.trunk is not None:
-            from fastfilm.features import preprocess
+            from fastfilm.files.features import preprocess
 
             self.image = self.trunk(torch.from_numpy(preprocess(path))[None])
         else:
-            from fastfilm.export import load_image
+            from fastfilm.files.export import load_image
 
             self.image = load_image(path, self.cfg.model.image_size)
 
@@ -59,8 +59,8 @@ class Answerer:
     @torch.no_grad()
     def ask(self, question: str, top: int = 5) -> list[tuple[str, float]]:
         """The top answers to `question` about the current image."""
+        from fastfilm.core.precision import autocast, autocast_dtype
         from fastfilm.data.tokenize import encode_question
-        from fastfilm.precision import autocast, autocast_dtype
 
         ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long)
         dtype = autocast_dtype(self.cfg.deepspeed)  # the model's precision, as eval uses
@@ -131,7 +131,7 @@ def interact(
 def run_interactive(args: argparse.Namespace) -> int:
     """`fastfilm predict --interactive` (or, without it, one question, e.g. to a feature-stem model with
     `--resnet-weights`)."""
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.export import load_model_folder
 
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
     if cfg.model.stem == "pixels" and getattr(args, "resnet_weights", None):

@@ -27,12 +27,12 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 import torch.nn.functional as F
 
-from fastfilm import checkpoint as ckpt
-from fastfilm.config import Config, ConfigError, add_config_args, load_config
-from fastfilm.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
+from fastfilm.core.config import Config, ConfigError, add_config_args, load_config
+from fastfilm.core.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
+from fastfilm.core.precision import autocast_dtype
 from fastfilm.evaluate import evaluate as evaluate_model
+from fastfilm.files import checkpoint as ckpt
 from fastfilm.model import FiLMModel, count_parameters
-from fastfilm.precision import autocast_dtype
 
 
 class TrainingStopped(FastfilmError):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastfilm import features
 from fastfilm.data import DataError
+from fastfilm.files import features
 
 
 def test_trunk_is_resnet101_through_layer3():

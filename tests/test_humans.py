@@ -200,7 +200,7 @@ def test_humans_style_finetune_raises_accuracy_on_the_new_set(tmp_path):
         cfg = json.loads((folder / "config.json").read_text())
         cfg["data"]["cache"] = str(cache)
         (folder / "config.json").write_text(json.dumps(cfg))
-        from fastfilm.checkpoint import write_manifest
+        from fastfilm.files.checkpoint import write_manifest
 
         write_manifest(str(folder))
         assert main(["eval", "--checkpoint", str(folder), "--split", split, "--json", str(res)]) == 0

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastfilm.errors import FastfilmError
+from fastfilm.core.errors import FastfilmError
 
 KERNEL_MODES = ("reference", "triton", "compile")
 CONDITION_METHODS = ("bn-film", "conv-film", "relu-film", "block-input-film", "block-output-film")

@@ -6,7 +6,7 @@ The loader knows files, not models: it yields dicts of tensors (`image`, `questi
 
 from __future__ import annotations
 
-from fastfilm.errors import FastfilmError
+from fastfilm.core.errors import FastfilmError
 
 
 class DataError(FastfilmError):

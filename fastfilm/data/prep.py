@@ -52,7 +52,7 @@ import numpy as np
 
 from fastfilm.data import DataError
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK, build_vocab, encode_tokens, tokenize, vocab_hash
-from fastfilm.errors import check_output_folder
+from fastfilm.core.errors import check_output_folder
 
 FORMAT_VERSION = 1
 CLEVR_SIZE = (480, 320)  # width, height of every CLEVR v1.0 image
@@ -375,7 +375,7 @@ def vocab_source_file(path: str) -> str:
     """The file `--vocab-from PATH` reads: PATH, PATH/vocab.json, or a run folder's best checkpoint's vocab.json."""
     file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
     if os.path.isdir(path) and not os.path.isfile(file):
-        from fastfilm.checkpoint import CheckpointError, find_checkpoint
+        from fastfilm.files.checkpoint import CheckpointError, find_checkpoint
 
         try:
             file = os.path.join(find_checkpoint(path, "best"), "vocab.json")
@@ -398,8 +398,8 @@ def read_vocab_source(path: str) -> dict[str, Any]:
     if file.endswith(".json"):
         raw = _read_json(file)
     else:
-        from fastfilm.checkpoint import CheckpointError
-        from fastfilm.original import read_original_checkpoint
+        from fastfilm.files.checkpoint import CheckpointError
+        from fastfilm.files.original import read_original_checkpoint
 
         try:
             raw = read_original_checkpoint(file)["vocab"]
@@ -444,7 +444,7 @@ def _bar(items: Any, desc: str, **kwargs: Any) -> Any:
     """A tqdm progress bar on stderr, cleared when done (TQDM_DISABLE=1 hides it)."""
     from tqdm import tqdm
 
-    from fastfilm.errors import progress_off
+    from fastfilm.core.errors import progress_off
 
     return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=progress_off(), **kwargs)
 
@@ -1049,7 +1049,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_summary(s))
     if getattr(args, "features_h5", None):
-        from fastfilm.features import convert_features_h5, features_file, h5_split
+        from fastfilm.files.features import convert_features_h5, features_file, h5_split
 
         for spec in args.features_h5:
             split, h5 = h5_split(spec)

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fastfilm.config import Config, config_from_dict
-from fastfilm.errors import UsageError
+from fastfilm.core.config import Config, config_from_dict
+from fastfilm.core.errors import UsageError
 from fastfilm.model import FiLMModel
 
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
@@ -25,7 +25,7 @@ EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 
 def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMModel, Config, dict]:
     """Build the model described by `folder`'s config.json/vocab.json and load its model.safetensors."""
-    from fastfilm.checkpoint import CheckpointError
+    from fastfilm.files.checkpoint import CheckpointError
 
     for name in EXPORT_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
@@ -47,7 +47,7 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
 
     cfg = config_from_dict(read_json("config.json"), source=os.path.join(folder, "config.json"))
     if (kernels or cfg.kernels.mode) == "triton":  # without a GPU: the interpreter, or one line (as train)
-        from fastfilm.config import KernelsConfig
+        from fastfilm.core.config import KernelsConfig
         from fastfilm.train import check_kernels_mode
 
         check_kernels_mode(dataclasses.replace(cfg, kernels=KernelsConfig("triton")))
@@ -98,7 +98,7 @@ def run_export(args: argparse.Namespace) -> int:
     """`fastfilm export`: copy a verified checkpoint's weights, config and vocab into an export folder (with a
     sha256 manifest, so `eval --checkpoint` takes it). An earlier export at `--out` is replaced; a folder that
     holds anything else is refused."""
-    from fastfilm.checkpoint import find_checkpoint, write_manifest
+    from fastfilm.files.checkpoint import find_checkpoint, write_manifest
 
     out = os.path.normpath(args.out)
     check_export_target(out)

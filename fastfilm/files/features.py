@@ -177,7 +177,7 @@ def extract(
 
     from tqdm import tqdm
 
-    from fastfilm.errors import progress_off
+    from fastfilm.core.errors import progress_off
 
     rows = image_rows(folder)
     if not rows:
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         splits = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
     if args.batch_size < 1 or args.image_size < 16:
         raise DataError("features: --batch-size must be >= 1 and --image-size >= 16")
-    from fastfilm.errors import check_output_folder
+    from fastfilm.core.errors import check_output_folder
 
     check_output_folder(args.out, "features --out")
     trunk = load_trunk(args.weights)
