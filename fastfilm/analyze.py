@@ -35,7 +35,8 @@ ARITHMETIC_EXAMPLE = {
 
 def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[str, Any]:
     """Run the model over up to `max_questions` questions; FiLM parameters, predictions and labels."""
-    from fastfilm.evaluate import UNK_ANSWER, progress_bar
+    from fastfilm.core.progress import progress_bar
+    from fastfilm.evaluate import UNK_ANSWER
 
     gammas, betas, fams, hits, answers, preds = [], [], [], [], [], []
     seen = 0

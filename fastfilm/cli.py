@@ -221,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return synth.run(args)
         if args.command == "prep":
-            from fastfilm.data import prep
+            from fastfilm import prepare
 
-            return prep.run(args)
+            return prepare.run(args)
         if args.command == "eval":
             from fastfilm import evaluate
 
@@ -233,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return export.run_export(args)
         if args.command == "predict":
-            from fastfilm.files import export
+            from fastfilm import prompt
 
-            return export.run_predict(args)
+            return prompt.run_predict(args)
         if args.command == "analyze":
             from fastfilm import analyze
 

@@ -1,10 +1,10 @@
-"""`fastfilm predict --model DIR --image PNG --interactive`: ask questions about an image at a prompt.
+"""`fastfilm predict`: answer a question about an image with an exported model, or (`--interactive`) many at a prompt.
 
-As the original's `scripts/run_model.py` without `--question`: the image is read (and, for a feature-stem model,
-run through ResNet-101 once, with `--resnet-weights`) and every line typed is a question; the answer and the top
-5 answers with their probabilities come back. `:image PATH` switches to another image, `:quit` or end of input
-(Ctrl-D) ends. Words outside the training vocabulary are named and the question is not answered (the original's
-`--enforce_clevr_vocab 1`), unless `--allow-unknown` (then they are read as `<UNK>`).
+With `--interactive`, as the original's `scripts/run_model.py` without `--question`: the image is read (and, for
+a feature-stem model, run through ResNet-101 once, with `--resnet-weights`) and every line typed is a question; the
+answer and the top 5 answers with their probabilities come back. `:image PATH` switches to another image, `:quit`
+or end of input (Ctrl-D) ends. Words outside the training vocabulary are named and the question is not answered
+(the original's `--enforce_clevr_vocab 1`), unless `--allow-unknown` (then they are read as `<UNK>`).
 """
 
 from __future__ import annotations
@@ -153,3 +153,33 @@ def run_interactive(args: argparse.Namespace) -> int:
             print(f"{answer:<12} {p:.4f}")
         return 0
     return interact(answerer, args.image, top=args.top, allow_unknown=allow)
+
+
+def predict(
+    model: torch.nn.Module,
+    cfg: Any,
+    vocab: dict,
+    image: str,
+    question: str,
+    top: int = 5,
+    resnet_weights: str | None = None,
+) -> list[tuple[str, float]]:
+    """The top-k (answer, probability) pairs for one image and one question (Python API of `fastfilm predict`;
+    a features model needs the ResNet-101 weights its features came from)."""
+    answerer = Answerer(model, cfg, vocab, resnet_weights)
+    answerer.load(image)
+    return answerer.ask(question, top)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`fastfilm predict`: print the top answers with their probabilities (or, with --interactive, a prompt)."""
+    interactive = getattr(args, "interactive", False)
+    if args.question is None and not interactive:
+        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
+    if args.question is not None and not args.question.strip() and not interactive:
+        raise UsageError(
+            "predict --question: empty (expected a question such as 'How many cubes are there?')"
+        )
+    if args.top < 1:
+        raise UsageError(f"predict --top {args.top}: expected an integer >= 1")
+    return run_interactive(args)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fastfilm.core.config import Config, ConfigError, add_config_args, load_config
 from fastfilm.core.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
+from fastfilm.core.kernel_mode import check_kernels_mode
 from fastfilm.core.precision import autocast_dtype
 from fastfilm.evaluate import evaluate as evaluate_model
 from fastfilm.files import checkpoint as ckpt
@@ -164,26 +165,6 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def check_kernels_mode(cfg: Config) -> None:
-    """`kernels.mode=triton` without a GPU: switch Triton's interpreter on (slow, with a one-line warning) while
-    the kernels are not yet imported, or refuse with one line when they were imported without it."""
-    if cfg.kernels.mode != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if "kernels._common" in sys.modules:
-        raise ConfigError(
-            f"{cfg.source}: kernels.mode: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before the kernels "
-            "are imported (use kernels.mode=reference on a CPU)"
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            "fastfilm: warning: kernels=triton without a GPU: the Triton kernels run in Triton's interpreter "
-            "(TRITON_INTERPRET=1), far slower than kernels=reference",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def preflight(cfg: Config) -> dict:

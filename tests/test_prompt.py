@@ -210,7 +210,8 @@ def test_resnet_weights_given_to_a_pixel_model_are_named_as_unused(tmp_path, cap
 
 def test_python_predict_is_the_models_softmax(tmp_path):
     from fastfilm.data.tokenize import encode_question
-    from fastfilm.files.export import load_image, predict
+    from fastfilm.files.export import load_image
+    from fastfilm.prompt import predict
 
     model, cfg, vocab = load_model_folder(pixel_model_folder(tmp_path))
     image = png(tmp_path, "a.png", (200, 30, 30))

@@ -25,6 +25,12 @@ class UsageError(FastfilmError, ValueError):
     """A command-line option or an input file does not fit the command (e.g. an image that cannot be read)."""
 
 
+class DataError(FastfilmError):
+    """Bad or missing input data or cache; the message names the file (and the question or image index)."""
+
+    label = "data error"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one stderr line naming the option and pointing at --help; exit status 2."""
 

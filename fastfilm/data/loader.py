@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fastfilm.data import DataError
+from fastfilm.core.errors import DataError
 from fastfilm.data.prep import PNG_SIGNATURE, image_cache_file, images_dir, load_split, load_vocab
 
 OUTPUTS = ("image", "question", "length", "answer", "family", "index")

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from fastfilm.data import DataError
+from fastfilm.core.errors import DataError
 from fastfilm.core.errors import check_output_folder
 
 WIDTH, HEIGHT = 480, 320
