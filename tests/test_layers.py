@@ -181,6 +181,17 @@ def test_the_graph_sees_imports_inside_functions():
     assert "fastfilm.prompt" in graph["fastfilm.cli"]  # `from fastfilm import prompt` inside dispatch()
 
 
+def test_every_module_says_what_it_is_for_and_each_layer_what_it_may_import():
+    missing, silent = [], []
+    for name, path in modules(ROOT).items():
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        if not doc.strip():
+            missing.append(name)
+        if path.name == "__init__.py" and name.startswith("fastfilm") and "import" not in doc:
+            silent.append(name)  # a layer's __init__: what the layer is for, and what it may import
+    assert not missing and not silent, (missing, silent)
+
+
 def test_the_aliases_are_the_moved_modules():
     import fastfilm.config
     import fastfilm.core.config
