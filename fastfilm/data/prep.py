@@ -50,9 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from fastfilm.core.errors import DataError
+from fastfilm.core.errors import DataError, check_output_folder
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK, build_vocab, encode_tokens, tokenize, vocab_hash
-from fastfilm.core.errors import check_output_folder
 
 FORMAT_VERSION = 1
 CLEVR_SIZE = (480, 320)  # width, height of every CLEVR v1.0 image
@@ -723,7 +722,7 @@ def _check_arguments(
         raise DataError(f"prep: --unk-threshold must be a positive integer, got {unk_threshold!r}")
     if expand_vocab and not vocab_from:
         raise DataError("prep: --expand-vocab needs --vocab-from (the vocabulary to expand)")
-    base = read_vocab(vocab_from) if vocab_from else None
+    given = read_vocab(vocab_from) if vocab_from else None
     splits = list(dict.fromkeys(splits))
     if not splits:
         raise DataError("prep: no splits given")
@@ -736,7 +735,7 @@ def _check_arguments(
         raise DataError(
             f"{clevr_dir}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
         )
-    return splits, base
+    return splits, given
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -766,13 +765,13 @@ def _look_at_inputs(plan: _Plan) -> None:
 
 def _plan_vocab(
     plan: _Plan,
-    source: tuple[str, dict[str, Any]] | None,
+    given: tuple[str, dict[str, Any]] | None,
     expand_vocab: bool,
     unk_threshold: int,
 ) -> _VocabPlan:
     """Where the vocabulary comes from, and whether the cache already holds it (a DataError when it cannot be
     made: --expand-vocab without a train split, or no vocab.json and nothing to build one from)."""
-    vf, base = source if source is not None else (None, None)
+    vf, base = given if given is not None else (None, None)  # --vocab-from's (file, vocabulary)
     vocab_split = next((s for s in plan.splits if s.startswith("train")), None)
     vocab_path = os.path.join(plan.out_dir, "vocab.json")
     if expand_vocab and vocab_split is None:
@@ -972,7 +971,7 @@ def prepare(
     the train split's new words are appended to it.
     """
     t0 = time.time()
-    splits, base = _check_arguments(
+    splits, given = _check_arguments(
         clevr_dir, splits, image_size, vocab_from, expand_vocab, unk_threshold, read_vocab
     )
     workers = max(1, workers or os.cpu_count() or 1)
@@ -982,7 +981,7 @@ def prepare(
     old = _read_manifest(os.path.join(out_dir, "manifest.json"))
     plan = _Plan(clevr_dir, out_dir, splits, image_size, workers, old)
     _look_at_inputs(plan)
-    v = _plan_vocab(plan, base, expand_vocab, unk_threshold)
+    v = _plan_vocab(plan, given, expand_vocab, unk_threshold)
     if v.ok and all(plan.split_ok(s, old.get("vocab", {}).get("hash")) for s in splits):
         return {
             "cache": out_dir,
