@@ -66,6 +66,8 @@ train: data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@# the layers (README, "Layout"; contracts in pyproject.toml); tests/test_layers.py checks them too
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -15,7 +15,7 @@ setup(
         "torch>=2.11",
         "triton>=3.6",
         "nvidia-dali-cuda130>=2.0",
-        "deepspeed>=0.17,<0.20",  # the ZeRO checkpoint allow-list (fastfilm/checkpoint.py) is checked for 0.17-0.19
+        "deepspeed>=0.17,<0.20",  # the ZeRO checkpoint allow-list (fastfilm/files/checkpoint.py) is checked for 0.17-0.19
         "numpy",
         "pillow",
         "safetensors",
@@ -24,7 +24,7 @@ setup(
         "h5py",  # the original code's feature files (`fastfilm prep --features-h5`)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff", "import-linter"],
         "analysis": ["matplotlib", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fastfilm=fastfilm.cli:main"]},

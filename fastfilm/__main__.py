@@ -1,3 +1,5 @@
+"""`python -m fastfilm`: the `fastfilm` command (`fastfilm.cli.main`), the one module that imports `cli`."""
+
 from fastfilm.cli import main
 
 if __name__ == "__main__":

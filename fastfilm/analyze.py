@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfilm.precision import autocast, autocast_dtype
+from fastfilm.core.precision import autocast, autocast_dtype
 
 NOISE_SIGMAS = (0.1, 0.5, 1.0)
 
@@ -35,7 +35,8 @@ ARITHMETIC_EXAMPLE = {
 
 def _collect(model, loader, device, max_questions: int, film_fn=None) -> dict[str, Any]:
     """Run the model over up to `max_questions` questions; FiLM parameters, predictions and labels."""
-    from fastfilm.evaluate import UNK_ANSWER, progress_bar
+    from fastfilm.core.progress import progress_bar
+    from fastfilm.evaluate import UNK_ANSWER
 
     gammas, betas, fams, hits, answers, preds = [], [], [], [], [], []
     seen = 0
@@ -258,9 +259,9 @@ def analyze(
     model_dir: str, split: str, out: str, cache: str | None = None, max_questions: int = 2000
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
+    from fastfilm.core.errors import UsageError, check_model_cache, check_output_folder
     from fastfilm.data import loader_for
-    from fastfilm.errors import UsageError, check_model_cache, check_output_folder
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.export import load_model_folder
 
     if not isinstance(max_questions, int) or max_questions < 3:
         raise UsageError(

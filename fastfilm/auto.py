@@ -223,7 +223,7 @@ def model_step_seconds(
     model: torch.nn.Module, inputs: tuple, dtype: torch.dtype | None, device: torch.device, optimizer=None
 ) -> float:
     """Best of two forward + backward (+ optimizer step) of `model` on `inputs` under autocast `dtype`."""
-    from fastfilm.precision import autocast
+    from fastfilm.core.precision import autocast
 
     def step():
         with autocast(device, dtype):
@@ -310,7 +310,7 @@ def choose_precision(
 ) -> Choice:
     """`train.precision: auto` for `cfg` on `device` (see the module docstring). `flags`, `capability`, `probe`
     (model fwd+bwd seconds per dtype) and `tiny_probe` (a tiny matmul per dtype) can be given (tests)."""
-    from fastfilm.precision import autocast_dtype
+    from fastfilm.core.precision import autocast_dtype
 
     key = explicit_precision(cfg)
     if key is not None or cfg.train.precision != "auto":
@@ -486,7 +486,7 @@ def plan_demo(
 def _demo_main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from fastfilm.config import load_config
+    from fastfilm.core.config import load_config
 
     cfg = load_config(args.config)
     torch.set_num_threads(choose_threads(1).value)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fastfilm.config import add_config_args
-from fastfilm.errors import OneLineParser, with_one_line_errors
+from fastfilm.core.config import add_config_args
+from fastfilm.core.errors import OneLineParser, with_one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,31 +221,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return synth.run(args)
         if args.command == "prep":
-            from fastfilm.data import prep
+            from fastfilm import prepare
 
-            return prep.run(args)
+            return prepare.run(args)
         if args.command == "eval":
             from fastfilm import evaluate
 
             return evaluate.run(args)
         if args.command == "export":
-            from fastfilm import export
+            from fastfilm.files import export
 
             return export.run_export(args)
         if args.command == "predict":
-            from fastfilm import export
+            from fastfilm import prompt
 
-            return export.run_predict(args)
+            return prompt.run_predict(args)
         if args.command == "analyze":
             from fastfilm import analyze
 
             return analyze.run(args)
         if args.command == "import-original":
-            from fastfilm import original
+            from fastfilm.files import original
 
             return original.run_import(args)
         if args.command == "features":
-            from fastfilm import features
+            from fastfilm.files import features
 
             return features.run(args)
         return None

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from fastfilm.core.precision import autocast, autocast_dtype
+from fastfilm.core.progress import progress_bar
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK
-from fastfilm.precision import autocast, autocast_dtype
 
 # The id prep gives an answer the training answers lack (never a training target).
 UNK_ANSWER = SPECIAL_TOKENS[UNK]
@@ -38,7 +39,7 @@ def evaluate(
     """
     import torch.distributed as dist
 
-    from fastfilm.data import DataError
+    from fastfilm.core.errors import DataError
 
     model.eval()
     correct = torch.zeros(MAX_FAMILIES + 1, dtype=torch.float64)  # the last slot: unknown family
@@ -101,7 +102,7 @@ def _tally(
     split,
 ) -> None:
     """Add the hits and counts of predicted answers to the per-family sums (the last slot: no family)."""
-    from fastfilm.data import DataError
+    from fastfilm.core.errors import DataError
 
     if (fam >= MAX_FAMILIES).any():
         raise DataError(f"{split}: question_family_index {int(fam.max())} >= {MAX_FAMILIES}")
@@ -134,23 +135,6 @@ def _summary(correct: torch.Tensor, total: torch.Tensor, family_names: dict | li
     }
 
 
-def progress_bar(loader, max_questions: int, progress: bool, desc: str | None = None) -> Any:
-    """A tqdm bar over the loader's batches (fewer with `max_questions`), shown on rank 0 when `progress`."""
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from fastfilm.errors import progress_off
-
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if total is not None and max_questions and getattr(loader, "batch_size", None):
-        total = min(total, -(-max_questions // loader.batch_size))
-    desc = desc or f"eval {getattr(loader, 'split', '')}"
-    return tqdm(
-        total=total, desc=desc, unit="batch", leave=False, disable=not (progress and rank0) or progress_off()
-    )
-
-
 def format_table(result: dict[str, Any]) -> str:
     """The result as a console table: one row per question family, then the overall line."""
     rows = [f"{'family':<28} {'accuracy':>9} {'correct':>9} {'total':>9}"]
@@ -164,10 +148,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
-    from fastfilm.checkpoint import atomic_write_json, find_checkpoint
+    from fastfilm.core.errors import check_output_file
     from fastfilm.data import loader_for
-    from fastfilm.errors import check_output_file
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.checkpoint import atomic_write_json, find_checkpoint
+    from fastfilm.files.export import load_model_folder
 
     for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
         if getattr(args, option, None):
@@ -180,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.cache = args.cache
         check_same_vocab(args.cache, vocab)  # the cache's ids must be the model's words
     else:
-        from fastfilm.errors import check_model_cache
+        from fastfilm.core.errors import check_model_cache
 
         check_model_cache(cfg.data.cache, folder)
     device = (
@@ -193,14 +177,16 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "predictions", None) or getattr(args, "predictions_json", None):
         from fastfilm.predictions import write_for_eval  # issue 17: answer files in CLEVR's format
 
-        result = write_for_eval(args, model, cfg, vocab, loader, device)  # scored from the same pass
-        if result is None:
+        predicted = write_for_eval(args, model, cfg, vocab, loader, device)
+        if predicted is None:
             if args.json:  # a split without answers (CLEVR's test): predictions only, no accuracy
                 print(
                     f"fastfilm: note: --json {args.json} not written: {args.split} has no answers to score",
                     file=sys.stderr,
                 )
             return 0
+        # scored from the predictions' own pass (not a second one over the split)
+        result = score_predictions(*predicted, vocab.get("question_family_names"), args.split)
     else:
         result = evaluate(
             model,

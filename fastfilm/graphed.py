@@ -38,12 +38,31 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fastfilm.model import NULL
+
+
+@dataclass
+class StepResult:
+    """What one micro-batch's `train_step` returns (tensors detached, still on the device: no host sync)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    answers: torch.Tensor
+    boundary: bool  # an optimizer step was taken (the last micro-batch of a gradient accumulation)
+    grad_norm: float | None  # at a boundary when asked for: the global gradient norm before the step
+    lr: float | None = None  # at a boundary: the learning rate the step applied (a scheduler moves it after)
+
+
+def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float) -> torch.Tensor:
+    """TADAM-style L2 pull of Δγ and β toward zero (beyond the paper; weight `train.film_reg_weight`)."""
+    return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
+
 
 BUCKET = 8  # question lengths are padded up to a multiple of this (capped at the split's longest)
 
@@ -191,8 +210,6 @@ class GraphedTrainStep:
             )
         loss = F.cross_entropy(logits.float(), b["answer"])
         if self.film_reg_weight > 0:
-            from fastfilm.train import film_regulariser
-
             loss = loss + self.film_reg_weight * film_regulariser(gammas, betas, self.gamma_baseline)
         scaled = loss / self.gas  # as DeepSpeed's engine.backward
         if self.scaler is not None:
@@ -291,8 +308,6 @@ def trainer_step(run):
     `train.cuda_graphs` asks for it and the run supports it, else None (DeepSpeed's `engine.backward` /
     `engine.step`, `fastfilm.train.train_step`). Says in one line what it chose whenever that differs from what was
     asked (`true` on a CPU: the static-shape step runs eagerly; something unsupported: the engine step)."""
-    from fastfilm.train import StepResult
-
     cfg, engine = run.cfg, run.engine
     want = cfg.train.cuda_graphs
     cuda = run.device.type == "cuda"

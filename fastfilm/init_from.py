@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fastfilm.checkpoint import CheckpointError
+from fastfilm.files.checkpoint import CheckpointError
 
 TRAINABLE = ("all", "generator", "network")
 FROZEN_MODES = ("train", "eval")
@@ -47,7 +47,7 @@ def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str
     from safetensors.torch import load_file
 
     if os.path.isfile(path):
-        from fastfilm.original import load_original
+        from fastfilm.files.original import load_original
 
         model, _, vocab, _ = load_original(path)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, vocab, "original checkpoint"
@@ -55,11 +55,11 @@ def load_source(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str
         raise CheckpointError(f"{path}: no such file or folder (train.init_from)")
     folder, kind = path, "exported model"
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        from fastfilm.checkpoint import find_checkpoint
+        from fastfilm.files.checkpoint import find_checkpoint
 
         folder, kind = find_checkpoint(path, "best"), "run"
     elif os.path.isfile(os.path.join(path, "manifest.json")):
-        from fastfilm.checkpoint import verify
+        from fastfilm.files.checkpoint import verify
 
         verify(path)
     for name in ("model.safetensors", "vocab.json"):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastfilm.config import KERNEL_MODES, ModelConfig
+from fastfilm.core.config import KERNEL_MODES, ModelConfig
 
 NULL, START, END, UNK = 0, 1, 2, 3
 

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfilm.data import DataError
-from fastfilm.precision import autocast, autocast_dtype
+from fastfilm.core.errors import DataError
+from fastfilm.core.precision import autocast, autocast_dtype
+from fastfilm.core.progress import progress_bar
 
 
 @torch.no_grad()
@@ -36,8 +37,6 @@ def predict_split(
 ) -> dict[str, np.ndarray]:
     """Argmax and top-k (ids, probabilities) for every question of the loader's split, in the split's row order
     (with `progress`, a tqdm bar on stderr)."""
-    from fastfilm.evaluate import progress_bar
-
     model.eval()
     with progress_bar(loader, 0, progress) as bar:  # closed (cleared) on an error too
         n = loader.total
@@ -101,9 +100,10 @@ def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
 
 def write_for_eval(
     args: argparse.Namespace, model: torch.nn.Module, cfg: Any, vocab: dict, loader, device: torch.device
-) -> dict[str, Any] | None:
-    """`fastfilm eval --predictions/--predictions-json`: write the files; return the split's accuracy (as
-    `fastfilm.evaluate.evaluate` gives it, from the same predictions), or None for a split without answers."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`fastfilm eval --predictions/--predictions-json`: write the files; return (predicted answer ids, answers,
+    families) of the split's questions, for `fastfilm.evaluate.score_predictions` to score (one pass of the model,
+    not two), or None for a split without answers."""
     from fastfilm.data import load_split
     from fastfilm.data.prep import questions_path, read_questions
 
@@ -150,12 +150,8 @@ def write_for_eval(
     if not bool((arrays["answers"] >= 0).all()):
         print(f"{args.split}: no answers in this split: predictions written, no accuracy")
         return None
-    from fastfilm.evaluate import score_predictions
-
-    return score_predictions(
+    return (
         torch.from_numpy(out["pred"]),
         torch.from_numpy(arrays["answers"]),
         torch.from_numpy(arrays["family"]),
-        vocab.get("question_family_names"),
-        args.split,
     )

@@ -1,10 +1,10 @@
-"""`fastfilm predict --model DIR --image PNG --interactive`: ask questions about an image at a prompt.
+"""`fastfilm predict`: answer a question about an image with an exported model, or (`--interactive`) many at a prompt.
 
-As the original's `scripts/run_model.py` without `--question`: the image is read (and, for a feature-stem model,
-run through ResNet-101 once, with `--resnet-weights`) and every line typed is a question; the answer and the top
-5 answers with their probabilities come back. `:image PATH` switches to another image, `:quit` or end of input
-(Ctrl-D) ends. Words outside the training vocabulary are named and the question is not answered (the original's
-`--enforce_clevr_vocab 1`), unless `--allow-unknown` (then they are read as `<UNK>`).
+With `--interactive`, as the original's `scripts/run_model.py` without `--question`: the image is read (and, for
+a feature-stem model, run through ResNet-101 once, with `--resnet-weights`) and every line typed is a question; the
+answer and the top 5 answers with their probabilities come back. `:image PATH` switches to another image, `:quit`
+or end of input (Ctrl-D) ends. Words outside the training vocabulary are named and the question is not answered
+(the original's `--enforce_clevr_vocab 1`), unless `--allow-unknown` (then they are read as `<UNK>`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
-from fastfilm.errors import UsageError
+from fastfilm.core.errors import UsageError
 
 HELP = "type a question; ':image PATH' for another image; ':quit' or end of input (Ctrl-D) to stop"
 
@@ -33,7 +33,7 @@ class Answerer:
                 raise UsageError(
                     "this model reads ResNet-101 features: pass --resnet-weights FILE (see `fastfilm features`)"
                 )
-            from fastfilm.features import load_trunk
+            from fastfilm.files.features import load_trunk
 
             self.trunk = load_trunk(resnet_weights)
         self.image: torch.Tensor | None = None
@@ -42,11 +42,11 @@ class Answerer:
     def load(self, path: str) -> None:
         """Read an image as the model sees it (pixels, or ResNet features)."""
         if self.trunk is not None:
-            from fastfilm.features import preprocess
+            from fastfilm.files.features import preprocess
 
             self.image = self.trunk(torch.from_numpy(preprocess(path))[None])
         else:
-            from fastfilm.export import load_image
+            from fastfilm.files.export import load_image
 
             self.image = load_image(path, self.cfg.model.image_size)
 
@@ -59,8 +59,8 @@ class Answerer:
     @torch.no_grad()
     def ask(self, question: str, top: int = 5) -> list[tuple[str, float]]:
         """The top answers to `question` about the current image."""
+        from fastfilm.core.precision import autocast, autocast_dtype
         from fastfilm.data.tokenize import encode_question
-        from fastfilm.precision import autocast, autocast_dtype
 
         ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long)
         dtype = autocast_dtype(self.cfg.deepspeed)  # the model's precision, as eval uses
@@ -131,7 +131,7 @@ def interact(
 def run_interactive(args: argparse.Namespace) -> int:
     """`fastfilm predict --interactive` (or, without it, one question, e.g. to a feature-stem model with
     `--resnet-weights`)."""
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.export import load_model_folder
 
     model, cfg, vocab = load_model_folder(args.model, kernels="reference")
     if cfg.model.stem == "pixels" and getattr(args, "resnet_weights", None):
@@ -153,3 +153,33 @@ def run_interactive(args: argparse.Namespace) -> int:
             print(f"{answer:<12} {p:.4f}")
         return 0
     return interact(answerer, args.image, top=args.top, allow_unknown=allow)
+
+
+def predict(
+    model: torch.nn.Module,
+    cfg: Any,
+    vocab: dict,
+    image: str,
+    question: str,
+    top: int = 5,
+    resnet_weights: str | None = None,
+) -> list[tuple[str, float]]:
+    """The top-k (answer, probability) pairs for one image and one question (Python API of `fastfilm predict`;
+    a features model needs the ResNet-101 weights its features came from)."""
+    answerer = Answerer(model, cfg, vocab, resnet_weights)
+    answerer.load(image)
+    return answerer.ask(question, top)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`fastfilm predict`: print the top answers with their probabilities (or, with --interactive, a prompt)."""
+    interactive = getattr(args, "interactive", False)
+    if args.question is None and not interactive:
+        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
+    if args.question is not None and not args.question.strip() and not interactive:
+        raise UsageError(
+            "predict --question: empty (expected a question such as 'How many cubes are there?')"
+        )
+    if args.top < 1:
+        raise UsageError(f"predict --top {args.top}: expected an integer >= 1")
+    return run_interactive(args)

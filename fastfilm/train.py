@@ -27,12 +27,14 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 import torch.nn.functional as F
 
-from fastfilm import checkpoint as ckpt
-from fastfilm.config import Config, ConfigError, add_config_args, load_config
-from fastfilm.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
+from fastfilm.core.config import Config, ConfigError, add_config_args, load_config
+from fastfilm.core.errors import FastfilmError, OneLineParser, progress_off, with_one_line_errors
+from fastfilm.core.kernel_mode import check_kernels_mode
+from fastfilm.core.precision import autocast_dtype
 from fastfilm.evaluate import evaluate as evaluate_model
+from fastfilm.files import checkpoint as ckpt
+from fastfilm.graphed import StepResult, film_regulariser  # noqa: F401  (fastfilm.train.StepResult: the step's result)
 from fastfilm.model import FiLMModel, count_parameters
-from fastfilm.precision import autocast_dtype
 
 
 class TrainingStopped(FastfilmError):
@@ -75,18 +77,6 @@ class TrainState:
         if d["grad_scaler"] is None:
             del d["grad_scaler"]
         return d
-
-
-@dataclass
-class StepResult:
-    """What one micro-batch's `train_step` returns (tensors detached, still on the device: no host sync)."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    answers: torch.Tensor
-    boundary: bool  # an optimizer step was taken (the last micro-batch of a gradient accumulation)
-    grad_norm: float | None  # at a boundary when asked for: the global gradient norm before the step
-    lr: float | None = None  # at a boundary: the learning rate the step applied (a scheduler moves it after)
 
 
 @dataclass
@@ -167,26 +157,6 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def check_kernels_mode(cfg: Config) -> None:
-    """`kernels.mode=triton` without a GPU: switch Triton's interpreter on (slow, with a one-line warning) while
-    the kernels are not yet imported, or refuse with one line when they were imported without it."""
-    if cfg.kernels.mode != "triton" or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if "kernels._common" in sys.modules:
-        raise ConfigError(
-            f"{cfg.source}: kernels.mode: 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before the kernels "
-            "are imported (use kernels.mode=reference on a CPU)"
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            "fastfilm: warning: kernels=triton without a GPU: the Triton kernels run in Triton's interpreter "
-            "(TRITON_INTERPRET=1), far slower than kernels=reference",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def preflight(cfg: Config) -> dict:
@@ -459,11 +429,6 @@ def restore(run: Run) -> TrainState:
 
 
 # ------------------------------------------------------------------------------------------ one step
-def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float) -> torch.Tensor:
-    """TADAM-style L2 pull of Δγ and β toward zero (beyond the paper; weight `train.film_reg_weight`)."""
-    return (gammas.float() - baseline).pow(2).mean() + betas.float().pow(2).mean()
-
-
 def grad_norm(engine) -> float | None:
     """The global L2 norm of the accumulated gradients, unscaled (fp16); None when ZeRO holds them elsewhere."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastfilm import features
-from fastfilm.data import DataError
+from fastfilm.data import DataError, feature_files
+from fastfilm.files import features
 
 
 def test_trunk_is_resnet101_through_layer3():
@@ -102,7 +102,7 @@ def test_h5_conversion_reads_in_bounded_chunks(tmp_path):
         f.create_dataset("features", data=data)
     out = str(tmp_path / "val_features.npy")
     tracemalloc.start()
-    features.convert_features_h5(h5, out, chunk_bytes=16 << 10)  # 4 rows per read
+    feature_files.convert_features_h5(h5, out, chunk_bytes=16 << 10)  # 4 rows per read
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < data.nbytes / 4, peak  # never the whole file (nor a large part of it) in memory
@@ -135,6 +135,6 @@ def test_prep_features_h5_option(dataset, tmp_path, capsys):
     with h5py.File(str(tmp_path / "x.h5"), "w") as f:
         f.create_dataset("other", data=data)
     with pytest.raises(DataError, match="no dataset 'features'"):
-        features.convert_features_h5(str(tmp_path / "x.h5"), str(tmp_path / "x.npy"))
+        feature_files.convert_features_h5(str(tmp_path / "x.h5"), str(tmp_path / "x.npy"))
     with pytest.raises(DataError, match="name the split"):
-        features.h5_split(str(tmp_path / "x.h5"))
+        feature_files.h5_split(str(tmp_path / "x.h5"))

@@ -102,9 +102,10 @@ def test_trainable_generator_keeps_the_network_bit_identical(dataset, tmp_path):
     # Zero-shot: the base model on the reworded questions with its own vocabulary (new words → <UNK>), through
     # `eval --cache`; the expanded cache's ids do not fit the base model and are refused.
     from fastfilm.cli import main
+    from fastfilm.prepare import prepare  # the job: a run folder's vocabulary is a model file, not data
 
     zero = tmp_path / "zero"
-    prep.prepare(str(root), str(zero), image_size=32, splits=["val_humans"], workers=1, vocab_from=str(base))
+    prepare(str(root), str(zero), image_size=32, splits=["val_humans"], workers=1, vocab_from=str(base))
     assert main(["eval", "--checkpoint", str(base), "--split", "val_humans", "--cache", str(zero)]) == 0
     assert main(["eval", "--checkpoint", str(base), "--split", "val_humans", "--cache", str(cache)]) == 2
 
@@ -200,7 +201,7 @@ def test_humans_style_finetune_raises_accuracy_on_the_new_set(tmp_path):
         cfg = json.loads((folder / "config.json").read_text())
         cfg["data"]["cache"] = str(cache)
         (folder / "config.json").write_text(json.dumps(cfg))
-        from fastfilm.checkpoint import write_manifest
+        from fastfilm.files.checkpoint import write_manifest
 
         write_manifest(str(folder))
         assert main(["eval", "--checkpoint", str(folder), "--split", split, "--json", str(res)]) == 0

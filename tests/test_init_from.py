@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastfilm.checkpoint import CheckpointError
 from fastfilm.config import Config, ModelConfig
 from fastfilm.data.tokenize import vocab_hash
+from fastfilm.files.checkpoint import CheckpointError
+from fastfilm.files.original import write_model_folder
 from fastfilm.init_from import EMBEDDING_KEY, apply_trainable, init_from, trainable_parameters
 from fastfilm.model import FiLMModel
-from fastfilm.original import write_model_folder
 from tests.test_original import ANSWERS, WORDS, inputs, original_vocab, tiny_model, write_original
 
 

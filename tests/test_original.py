@@ -4,11 +4,11 @@ argument mapping; and `train.init_from` / `train.trainable` as functions."""
 import pytest
 import torch
 
-from fastfilm import original
-from fastfilm.checkpoint import CheckpointError
 from fastfilm.config import ConfigError, ModelConfig
 from fastfilm.data.tokenize import SPECIAL_TOKENS
-from fastfilm.export import load_model_folder
+from fastfilm.files import original
+from fastfilm.files.checkpoint import CheckpointError
+from fastfilm.files.export import load_model_folder
 from fastfilm.model import FiLMModel, to_original_state_dict
 
 WORDS = ["What", "color", "is", "the", "cube", "How", "many", "spheres", "are", "there"]
@@ -212,7 +212,7 @@ def test_import_gives_the_fixture_logits(tmp_path, stem, legacy):
     with torch.no_grad():
         assert torch.equal(imported(*x), model(*x))
     assert icfg.deepspeed["optimizer"]["params"]["lr"] == 3e-4
-    from fastfilm.checkpoint import find_checkpoint
+    from fastfilm.files.checkpoint import find_checkpoint
 
     assert find_checkpoint(out) == out  # eval, analyze and init_from accept the folder (manifest verified)
 

@@ -9,9 +9,9 @@ import torch
 
 from fastfilm.config import Config, ModelConfig
 from fastfilm.data.tokenize import vocab_hash
-from fastfilm.export import load_model_folder
+from fastfilm.files.export import load_model_folder
+from fastfilm.files.original import write_model_folder
 from fastfilm.model import FiLMModel
-from fastfilm.original import write_model_folder
 from fastfilm.prompt import Answerer, interact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def test_interactive_command_line(tmp_path):
 def test_feature_stem_model_reads_the_image_through_resnet(tmp_path, capsys):
     from fastfilm.cli import main
     from fastfilm.errors import UsageError
-    from fastfilm.features import ResNetTrunk
+    from fastfilm.files.features import ResNetTrunk
 
     q = {
         "<NULL>": 0,
@@ -210,7 +210,8 @@ def test_resnet_weights_given_to_a_pixel_model_are_named_as_unused(tmp_path, cap
 
 def test_python_predict_is_the_models_softmax(tmp_path):
     from fastfilm.data.tokenize import encode_question
-    from fastfilm.export import load_image, predict
+    from fastfilm.files.export import load_image
+    from fastfilm.prompt import predict
 
     model, cfg, vocab = load_model_folder(pixel_model_folder(tmp_path))
     image = png(tmp_path, "a.png", (200, 30, 30))

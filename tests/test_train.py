@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastfilm import checkpoint as ckpt
 from fastfilm.config import config_from_dict
+from fastfilm.files import checkpoint as ckpt
 from fastfilm.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ from tests.test_train import ROOT, clean_env, tiny_config
 
 
 def test_fp16_model_is_evaluated_under_fp16_autocast(dataset, tmp_path, monkeypatch):
-    import fastfilm.export as export
+    import fastfilm.files.export as export
     from fastfilm.cli import main as cli
 
     raw = tiny_config(dataset, tmp_path / "fp16", max_steps=2, eval_every=2)
@@ -249,7 +249,7 @@ def test_an_error_line_starts_its_own_line_after_an_open_progress_bar(capsys):
 
 
 def test_metrics_jsonl_is_strict_json_with_non_finite_values(tmp_path):
-    from fastfilm.checkpoint import RunLogger
+    from fastfilm.files.checkpoint import RunLogger
 
     def strict(text):
         return json.loads(

@@ -1,21 +1,14 @@
-"""The data layer: CLEVR-format synthetic data (`synth`), preprocessing into a cache (`prep`), the DALI loader.
+"""The data layer: CLEVR-format synthetic data (`synth`), the cache `prep` writes, the DALI loader that reads it
+(and its torch.utils.data twin).
 
-The loader knows files, not models: it yields dicts of tensors (`image`, `question`, `length`, `answer`,
-`family`, `index`); `load_vocab` gives the vocabulary sizes the model needs.
+It imports `fastfilm.core` only (never the model, `kernels`, the model files or a job): the loader knows files, not models.
 """
 
 from __future__ import annotations
 
-from fastfilm.errors import FastfilmError
-
-
-class DataError(FastfilmError):
-    """Bad or missing input data or cache; the message names the file (and the question or image index)."""
-
-    label = "data error"
-
-
-from fastfilm.data.loader import Loader, build_loader, loader_for  # noqa: E402
-from fastfilm.data.prep import load_split, load_vocab, prepare  # noqa: E402
+from fastfilm.core.errors import DataError
+from fastfilm.data import torch_loader  # noqa: F401  (registers data.loader=torch with build_loader)
+from fastfilm.data.loader import Loader, build_loader, loader_for
+from fastfilm.data.prep import load_split, load_vocab, prepare
 
 __all__ = ["DataError", "Loader", "build_loader", "load_split", "load_vocab", "loader_for", "prepare"]

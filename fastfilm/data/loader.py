@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fastfilm.data import DataError
+from fastfilm.core.errors import DataError
 from fastfilm.data.prep import PNG_SIGNATURE, image_cache_file, images_dir, load_split, load_vocab
 
 OUTPUTS = ("image", "question", "length", "answer", "family", "index")
@@ -354,6 +354,11 @@ class Loader:
         return "\n".join(bad) + f"\n(DALI: {first})"
 
 
+# The loader class per `data.loader` value; `torch_loader` (which builds on `Loader`, so this module cannot import it)
+# adds "torch" when the package `fastfilm.data` imports it.
+LOADER_CLASSES: dict[str, type[Loader]] = {"dali": Loader}
+
+
 def build_loader(
     cache_dir: str,
     split: str,
@@ -384,9 +389,7 @@ def build_loader(
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
-    cls = Loader
-    if loader == "torch":
-        from fastfilm.data.torch_loader import TorchLoader as cls
+    cls = LOADER_CLASSES[loader]  # "torch": registered by fastfilm/data/torch_loader.py (imported by the package)
     return cls(
         cache_dir,
         split,

@@ -44,15 +44,14 @@ import sys
 import time
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fastfilm.data import DataError
+from fastfilm.core.errors import DataError, check_output_folder
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK, build_vocab, encode_tokens, tokenize, vocab_hash
-from fastfilm.errors import check_output_folder
 
 FORMAT_VERSION = 1
 CLEVR_SIZE = (480, 320)  # width, height of every CLEVR v1.0 image
@@ -372,39 +371,30 @@ def make_vocab(
 
 
 def vocab_source_file(path: str) -> str:
-    """The file `--vocab-from PATH` reads: PATH, PATH/vocab.json, or a run folder's best checkpoint's vocab.json."""
-    file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.isfile(file):
-        from fastfilm.checkpoint import CheckpointError, find_checkpoint
-
-        try:
-            file = os.path.join(find_checkpoint(path, "best"), "vocab.json")
-        except CheckpointError:
-            pass
-    return file
+    """The file `--vocab-from PATH` reads here: PATH, or PATH/vocab.json for a folder (a cache, an exported model,
+    a checkpoint tag). A run folder and the original's checkpoints are model files: `fastfilm.prepare` reads them."""
+    return os.path.join(path, "vocab.json") if os.path.isdir(path) else path
 
 
-def read_vocab_source(path: str) -> dict[str, Any]:
-    """The vocabulary `--vocab-from` names: a vocab.json (fastfilm's, or the original's with program tokens), a
-    folder holding one (a cache, an exported model, a checkpoint tag), a run folder (its `best` checkpoint's), or
-    a checkpoint of the original code."""
-    from fastfilm.data.tokenize import SPECIAL_TOKENS
+def read_vocab_source(path: str) -> tuple[str, dict[str, Any]]:
+    """The vocabulary `--vocab-from` names, as (the file read, the vocabulary): a vocab.json (fastfilm's, or the
+    original's with program tokens) or a folder holding one (a cache, an exported model, a checkpoint tag).
 
+    `prepare`'s `read_vocab` reads more: `fastfilm.prepare.read_vocab_source` also takes a run folder (its `best`
+    checkpoint's) and a checkpoint of the original code, the sources `fastfilm prep --vocab-from` takes."""
     file = vocab_source_file(path)
     if not os.path.isfile(file):
         raise DataError(
             f"{file}: not found (--vocab-from takes a vocab.json, a cache or model folder, or an original checkpoint)"
         )
-    if file.endswith(".json"):
-        raw = _read_json(file)
-    else:
-        from fastfilm.checkpoint import CheckpointError
-        from fastfilm.original import read_original_checkpoint
+    if not file.endswith(".json"):
+        raise DataError(f"{file}: not a vocab.json (`fastfilm prep --vocab-from` also reads original checkpoints)")
+    return file, check_vocab(_read_json(file), file)
 
-        try:
-            raw = read_original_checkpoint(file)["vocab"]
-        except CheckpointError as e:
-            raise DataError(str(e)) from None
+
+def check_vocab(raw: Any, file: str) -> dict[str, Any]:
+    """A vocabulary read from `file` (fastfilm's or the original's) as `make_vocab` takes it: both token → id maps,
+    ids 0..n-1, the special tokens at their ids, and the question family names (if any); DataError otherwise."""
     out: dict[str, Any] = {}
     for key in ("question_token_to_idx", "answer_token_to_idx"):
         tok = raw.get(key) if isinstance(raw, dict) else None
@@ -444,7 +434,7 @@ def _bar(items: Any, desc: str, **kwargs: Any) -> Any:
     """A tqdm progress bar on stderr, cleared when done (TQDM_DISABLE=1 hides it)."""
     from tqdm import tqdm
 
-    from fastfilm.errors import progress_off
+    from fastfilm.core.errors import progress_off
 
     return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=progress_off(), **kwargs)
 
@@ -724,14 +714,15 @@ def _check_arguments(
     vocab_from: str | None,
     expand_vocab: bool,
     unk_threshold: int,
-) -> tuple[list[str], dict[str, Any] | None]:
+    read_vocab: Callable[[str], tuple[str, dict[str, Any]]],
+) -> tuple[list[str], tuple[str, dict[str, Any]] | None]:
     """Validate `prepare`'s options (nothing on disk is touched yet): (the splits, repeats dropped; the
-    --vocab-from vocabulary or None)."""
+    --vocab-from (file, vocabulary) or None)."""
     if not isinstance(unk_threshold, int) or isinstance(unk_threshold, bool) or unk_threshold < 1:
         raise DataError(f"prep: --unk-threshold must be a positive integer, got {unk_threshold!r}")
     if expand_vocab and not vocab_from:
         raise DataError("prep: --expand-vocab needs --vocab-from (the vocabulary to expand)")
-    base = read_vocab_source(vocab_from) if vocab_from else None
+    given = read_vocab(vocab_from) if vocab_from else None
     splits = list(dict.fromkeys(splits))
     if not splits:
         raise DataError("prep: no splits given")
@@ -744,7 +735,7 @@ def _check_arguments(
         raise DataError(
             f"{clevr_dir}: no such folder (expected a CLEVR v1.0 folder with questions/ and images/)"
         )
-    return splits, base
+    return splits, given
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -773,10 +764,14 @@ def _look_at_inputs(plan: _Plan) -> None:
 
 
 def _plan_vocab(
-    plan: _Plan, base: dict[str, Any] | None, vocab_from: str | None, expand_vocab: bool, unk_threshold: int
+    plan: _Plan,
+    given: tuple[str, dict[str, Any]] | None,
+    expand_vocab: bool,
+    unk_threshold: int,
 ) -> _VocabPlan:
     """Where the vocabulary comes from, and whether the cache already holds it (a DataError when it cannot be
     made: --expand-vocab without a train split, or no vocab.json and nothing to build one from)."""
+    vf, base = given if given is not None else (None, None)  # --vocab-from's (file, vocabulary)
     vocab_split = next((s for s in plan.splits if s.startswith("train")), None)
     vocab_path = os.path.join(plan.out_dir, "vocab.json")
     if expand_vocab and vocab_split is None:
@@ -790,7 +785,6 @@ def _plan_vocab(
     source: Any = plan.src[build_split]["questions"] if build_split else None
     opts: dict[str, Any] = {}
     if base is not None:
-        vf = vocab_source_file(vocab_from)
         opts = {"vocab_from": os.path.abspath(vf), "vocab_from_file": _file_fp(vf), "expand": expand_vocab}
     if unk_threshold != 1:
         opts["unk_threshold"] = unk_threshold
@@ -967,15 +961,19 @@ def prepare(
     vocab_from: str | None = None,
     expand_vocab: bool = False,
     unk_threshold: int = 1,
+    read_vocab: Callable[[str], tuple[str, dict[str, Any]]] = read_vocab_source,
 ) -> dict[str, Any]:
     """Build (or bring up to date) the cache of a CLEVR-format folder; returns a summary of what it did.
 
     The vocabulary is built from the first split whose name starts with `train` (words seen at least
-    `unk_threshold` times), or taken from `vocab_from` (see `read_vocab_source`); with `expand_vocab` the train
-    split's new words are appended to it.
+    `unk_threshold` times), or taken from `vocab_from`, read by `read_vocab` (`read_vocab_source`: a vocab.json or
+    a folder holding one; `fastfilm.prepare.prepare` passes a reader of model files too); with `expand_vocab`
+    the train split's new words are appended to it.
     """
     t0 = time.time()
-    splits, base = _check_arguments(clevr_dir, splits, image_size, vocab_from, expand_vocab, unk_threshold)
+    splits, given = _check_arguments(
+        clevr_dir, splits, image_size, vocab_from, expand_vocab, unk_threshold, read_vocab
+    )
     workers = max(1, workers or os.cpu_count() or 1)
     check_output_folder(out_dir, "prep --out")
     os.makedirs(out_dir, exist_ok=True)
@@ -983,7 +981,7 @@ def prepare(
     old = _read_manifest(os.path.join(out_dir, "manifest.json"))
     plan = _Plan(clevr_dir, out_dir, splits, image_size, workers, old)
     _look_at_inputs(plan)
-    v = _plan_vocab(plan, base, vocab_from, expand_vocab, unk_threshold)
+    v = _plan_vocab(plan, given, expand_vocab, unk_threshold)
     if v.ok and all(plan.split_ok(s, old.get("vocab", {}).get("hash")) for s in splits):
         return {
             "cache": out_dir,
@@ -1030,8 +1028,11 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`fastfilm prep`: prepare the cache and print what was done (or that nothing needed doing)."""
+def run(
+    args: argparse.Namespace, read_vocab: Callable[[str], tuple[str, dict[str, Any]]] = read_vocab_source
+) -> int:
+    """`fastfilm prep`: prepare the cache and print what was done (or that nothing needed doing); `read_vocab`
+    reads `--vocab-from` (see `prepare`; the command passes `fastfilm.prepare.read_vocab_source`)."""
     given = getattr(args, "splits", None)
     if given is None:
         splits = discover_splits(args.clevr)
@@ -1046,10 +1047,11 @@ def run(args: argparse.Namespace) -> int:
         vocab_from=getattr(args, "vocab_from", None),
         expand_vocab=getattr(args, "expand_vocab", False),
         unk_threshold=getattr(args, "unk_threshold", 1),
+        read_vocab=read_vocab,
     )
     print(format_summary(s))
     if getattr(args, "features_h5", None):
-        from fastfilm.features import convert_features_h5, features_file, h5_split
+        from fastfilm.data.feature_files import convert_features_h5, features_file, h5_split
 
         for spec in args.features_h5:
             split, h5 = h5_split(spec)

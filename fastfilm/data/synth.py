@@ -43,8 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from fastfilm.data import DataError
-from fastfilm.errors import check_output_folder
+from fastfilm.core.errors import DataError, check_output_folder
 
 WIDTH, HEIGHT = 480, 320
 SPLITS = ("train", "val", "test")

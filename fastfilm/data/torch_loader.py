@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfilm.data import DataError
-from fastfilm.data.loader import OUTPUTS, Loader, _Source
+from fastfilm.core.errors import DataError
+from fastfilm.data.loader import LOADER_CLASSES, OUTPUTS, Loader, _Source
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -109,3 +109,6 @@ def _start_methods() -> list[str]:
     import multiprocessing as mp
 
     return mp.get_all_start_methods()
+
+
+LOADER_CLASSES["torch"] = TorchLoader  # build_loader(loader="torch")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastfilm import checkpoint as ckpt
+from fastfilm.files import checkpoint as ckpt
 from fastfilm.data import build_loader, load_split
 
 from .conftest import IMAGE_SIZE

@@ -94,6 +94,8 @@ def test_vocab_from_without_expansion_is_the_same_vocabulary(clevr_copy, cache, 
 def test_vocab_from_an_original_vocab_json_and_checkpoint(clevr_copy, cache, tmp_path):
     import torch
 
+    from fastfilm.prepare import prepare  # the job: an original checkpoint is a model file, not data
+
     old = load_vocab(str(cache))
     original = {
         "question_token_to_idx": old["question_token_to_idx"],
@@ -115,7 +117,7 @@ def test_vocab_from_an_original_vocab_json_and_checkpoint(clevr_copy, cache, tmp
     }
     torch.save({**ckpt, "vocab": original}, str(tmp_path / "film.pt"), _use_new_zipfile_serialization=False)
     out2 = str(tmp_path / "c2")
-    prep.prepare(str(clevr_copy), out2, splits=["val"], vocab_from=str(tmp_path / "film.pt"), workers=1)
+    prepare(str(clevr_copy), out2, splits=["val"], vocab_from=str(tmp_path / "film.pt"), workers=1)
     assert load_vocab(out2)["hash"] == old["hash"]
     v1 = load_split(out, "val")["questions"]
     assert np.array_equal(v1, load_split(str(cache), "val")["questions"])

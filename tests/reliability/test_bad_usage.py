@@ -198,7 +198,7 @@ def test_a_missing_tag_names_the_tags_the_run_has(trained, tmp_path, capsys):
     assert cli(["eval", "--checkpoint", str(run)]) == 2
     line = one_line(capsys)
     assert "no checkpoint with tag 'best'" in line and line.endswith("it has last: use --tag last"), line
-    from fastfilm.checkpoint import CheckpointError, find_checkpoint
+    from fastfilm.files.checkpoint import CheckpointError, find_checkpoint
 
     with pytest.raises(CheckpointError) as e:  # train.init_from and prep --vocab-from have no --tag
         find_checkpoint(str(run))
@@ -221,7 +221,7 @@ def test_a_run_folder_given_for_a_model_folder_says_what_to_give(trained, tmp_pa
 def test_a_model_whose_cache_is_elsewhere_points_at_cache(trained, tmp_path, capsys, command):
     """A model folder from another machine (or import-original's default data.cache): the line says to pass
     --cache (it said to run `fastfilm prep` into the missing folder)."""
-    from fastfilm.checkpoint import write_manifest
+    from fastfilm.files.checkpoint import write_manifest
 
     folder = tmp_path / "model"
     shutil.copytree(trained[1], folder)

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-from fastfilm import checkpoint as ckpt
 from fastfilm.config import ConfigError, config_from_dict
+from fastfilm.files import checkpoint as ckpt
 from tests.reliability.test_safe_loading import Exploit
 from tests.test_train import tiny_config
 

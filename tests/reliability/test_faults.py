@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from fastfilm import checkpoint as ckpt
 from fastfilm.config import config_from_dict
+from fastfilm.files import checkpoint as ckpt
 from fastfilm.train import TrainingStopped, train
 from tests.test_train import ROOT, clean_env, tiny_config, weights
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from fastfilm import checkpoint as ckpt
+from fastfilm.files import checkpoint as ckpt
 
 HOLD = """
 import sys, time
-from fastfilm import checkpoint as ckpt
+from fastfilm.files import checkpoint as ckpt
 lock = ckpt.claim_run_dir(sys.argv[1], resume=True)
 print("held", flush=True)
 time.sleep(600)

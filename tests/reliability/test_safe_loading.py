@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from fastfilm import checkpoint as ckpt
+from fastfilm.files import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

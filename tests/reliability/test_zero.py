@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastfilm import checkpoint as ckpt
 from fastfilm.cli import main as cli
 from fastfilm.config import config_from_dict
 from fastfilm.data.loader import Loader
+from fastfilm.files import checkpoint as ckpt
 from fastfilm.train import train
 from tests.reliability.test_distributed import launch_args
 from tests.test_train import tiny_config
@@ -130,7 +130,7 @@ def test_straight_and_resumed_runs_are_bit_identical_for_every_stage(zero_runs):
 
 def test_exported_zero_models_are_whole_and_match_the_run_without_zero(zero_runs, tmp_path, capsys):
     from fastfilm.data import loader_for
-    from fastfilm.export import load_model_folder
+    from fastfilm.files.export import load_model_folder
     from fastfilm.model import FiLMModel
 
     out, _ = zero_runs

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastfilm.errors import FastfilmError
+from fastfilm.core.errors import FastfilmError
 
 MANIFEST = "manifest.json"
 
@@ -378,7 +378,7 @@ def check_zero_stage(cfg) -> None:
     rather than gathered. For a model of this size (59 M parameters) what ZeRO saves is the optimizer state
     (stage 1) and the gradients (stage 2); the parameters themselves are 0.24 GB in float32.
     """
-    from fastfilm.config import ConfigError
+    from fastfilm.core.config import ConfigError
 
     zero = cfg.deepspeed.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else zero

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from fastfilm.checkpoint import CheckpointError
-from fastfilm.config import CONDITION_METHODS, Config, ConfigError, config_from_dict
+from fastfilm.core.config import CONDITION_METHODS, Config, ConfigError, config_from_dict
+from fastfilm.files.checkpoint import CheckpointError
 
 ORIGINAL_KEYS = (
     "program_generator_kwargs",
@@ -361,7 +361,7 @@ def original_vocab(vocab: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def _deepspeed_from_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """The original's optimisation arguments as fastfilm's DeepSpeed section (Adam only; else the defaults)."""
-    from fastfilm.config import default_deepspeed
+    from fastfilm.core.config import default_deepspeed
 
     ds = default_deepspeed()
     if str(args.get("optimizer", "Adam")) == "Adam":
@@ -432,8 +432,13 @@ def write_model_folder(
     model: torch.nn.Module, cfg: Config, vocab: dict, out: str, extra: dict | None = None
 ) -> str:
     """Write an exported-model folder (what `fastfilm export` writes, plus a manifest) atomically."""
-    from fastfilm.checkpoint import atomic_save_safetensors, atomic_write_json, model_state, write_manifest
-    from fastfilm.export import check_export_target
+    from fastfilm.files.checkpoint import (
+        atomic_save_safetensors,
+        atomic_write_json,
+        model_state,
+        write_manifest,
+    )
+    from fastfilm.files.export import check_export_target
 
     out = os.path.normpath(out)
     check_export_target(
@@ -463,8 +468,8 @@ def import_original(path: str, out: str, overrides: list[str] | tuple[str, ...] 
     `overrides` (`section.key=value`, as `--set`) adjust the written config, e.g. `data.cache=...`, the cache
     `fastfilm eval` reads for this model.
     """
-    from fastfilm.config import apply_overrides
-    from fastfilm.export import check_export_target, load_model_folder
+    from fastfilm.core.config import apply_overrides
+    from fastfilm.files.export import check_export_target, load_model_folder
     from fastfilm.model import count_parameters
 
     check_export_target(os.path.normpath(out), "import-original --out")  # before any work

@@ -12,8 +12,7 @@ The ResNet-101 trunk is defined here (torchvision's module and parameter names, 
 `.pth`/`.pt` state dict (read with `torch.load(weights_only=True)`) or a `.safetensors` file. Keys of `layer4` and
 `fc` are ignored; every trunk key must be present.
 
-`convert_features_h5` turns the original's `{split}_features.h5` (dataset `features`, [N, C, H, W]) into the same
-`.npy`, reading a bounded number of rows at a time (never the whole file in memory).
+The original's HDF5 feature files are converted by `fastfilm prep --features-h5` (`fastfilm.data.feature_files`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fastfilm.data import DataError
+from fastfilm.core.errors import DataError
+from fastfilm.data.feature_files import features_file
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.224)  # the original's values (extract_features.py, run_model.py)
@@ -154,11 +154,6 @@ def image_rows(folder: str) -> list[tuple[int, str]]:
     return out
 
 
-def features_file(cache_dir: str, split: str) -> str:
-    """Where the loader's `image_source="features"` reads a split's features."""
-    return os.path.join(cache_dir, f"{split}_features.npy")
-
-
 @torch.no_grad()
 def extract(
     trunk: nn.Module,
@@ -177,7 +172,7 @@ def extract(
 
     from tqdm import tqdm
 
-    from fastfilm.errors import progress_off
+    from fastfilm.core.errors import progress_off
 
     rows = image_rows(folder)
     if not rows:
@@ -213,67 +208,6 @@ def extract(
     return shape, dtype
 
 
-# ------------------------------------------------------------------------------------------------ HDF5 files
-def h5_split(spec: str) -> tuple[str, str]:
-    """`SPLIT=FILE` or `FILE` named `{split}_features.h5` → (split, file)."""
-    if "=" in spec:
-        split, path = spec.split("=", 1)
-    else:
-        path = spec
-        m = re.fullmatch(r"(.+)_features\.h5", os.path.basename(spec))
-        if not m:
-            raise DataError(
-                f"--features-h5 {spec}: name the split (SPLIT=FILE) or use a {{split}}_features.h5 file"
-            )
-        split = m.group(1)
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise DataError(f"--features-h5 {spec}: bad split name {split!r}")
-    return split, path
-
-
-def convert_features_h5(
-    h5_path: str, out_path: str, *, dataset: str = "features", chunk_bytes: int = 256 << 20
-) -> tuple[tuple[int, ...], str]:
-    """Copy the original's HDF5 features ([N, C, H, W]) into a `.npy` the loader memory-maps, `chunk_bytes` of
-    rows at a time (float16 and float32 kept, other floats → float32). Returns (shape, dtype)."""
-    try:
-        import h5py
-    except ImportError:
-        raise DataError("--features-h5 needs h5py (pip install h5py)") from None
-    if not os.path.isfile(h5_path):
-        raise DataError(f"{h5_path}: no such file")
-    try:
-        f = h5py.File(h5_path, "r")
-    except OSError as e:
-        raise DataError(f"{h5_path}: not an HDF5 file ({e})") from None
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    try:
-        with f:
-            if dataset not in f:
-                raise DataError(f"{h5_path}: no dataset '{dataset}' (found: {', '.join(f.keys()) or 'none'})")
-            ds = f[dataset]
-            if ds.ndim != 4 or ds.dtype.kind != "f":
-                raise DataError(
-                    f"{h5_path}: '{dataset}' is {ds.dtype} {list(ds.shape)}; expected float [N, C, H, W]"
-                )
-            dtype = ds.dtype if ds.dtype in (np.float16, np.float32) else np.dtype(np.float32)
-            row_bytes = int(np.prod(ds.shape[1:])) * max(ds.dtype.itemsize, dtype.itemsize)
-            step = max(1, chunk_bytes // max(1, row_bytes))
-            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-            dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(ds.shape))
-            for i in range(0, ds.shape[0], step):
-                j = min(i + step, ds.shape[0])
-                dest[i:j] = ds[i:j]
-            dest.flush()
-            shape = tuple(dest.shape)
-            del dest
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return shape, str(dtype)
-
-
 # ------------------------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
     """`fastfilm features`: extract the features of every split's images into the cache folder."""
@@ -286,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         splits = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
     if args.batch_size < 1 or args.image_size < 16:
         raise DataError("features: --batch-size must be >= 1 and --image-size >= 16")
-    from fastfilm.errors import check_output_folder
+    from fastfilm.core.errors import check_output_folder
 
     check_output_folder(args.out, "features --out")
     trunk = load_trunk(args.weights)

@@ -1,4 +1,4 @@
-"""Export a checkpoint as safetensors + JSON, and answer questions with an exported model (`predict`).
+"""Export a checkpoint as safetensors + JSON (`fastfilm export`), and load an exported model folder back.
 
 An exported model folder holds `model.safetensors`, `config.json` and `vocab.json`; loading it never unpickles.
 """
@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fastfilm.config import Config, config_from_dict
-from fastfilm.errors import UsageError
+from fastfilm.core.config import Config, config_from_dict
+from fastfilm.core.errors import UsageError
 from fastfilm.model import FiLMModel
 
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
@@ -25,7 +25,7 @@ EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 
 def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMModel, Config, dict]:
     """Build the model described by `folder`'s config.json/vocab.json and load its model.safetensors."""
-    from fastfilm.checkpoint import CheckpointError
+    from fastfilm.files.checkpoint import CheckpointError
 
     for name in EXPORT_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
@@ -47,8 +47,8 @@ def load_model_folder(folder: str, kernels: str | None = None) -> tuple[FiLMMode
 
     cfg = config_from_dict(read_json("config.json"), source=os.path.join(folder, "config.json"))
     if (kernels or cfg.kernels.mode) == "triton":  # without a GPU: the interpreter, or one line (as train)
-        from fastfilm.config import KernelsConfig
-        from fastfilm.train import check_kernels_mode
+        from fastfilm.core.config import KernelsConfig
+        from fastfilm.core.kernel_mode import check_kernels_mode
 
         check_kernels_mode(dataclasses.replace(cfg, kernels=KernelsConfig("triton")))
     vocab = read_json("vocab.json")
@@ -98,7 +98,7 @@ def run_export(args: argparse.Namespace) -> int:
     """`fastfilm export`: copy a verified checkpoint's weights, config and vocab into an export folder (with a
     sha256 manifest, so `eval --checkpoint` takes it). An earlier export at `--out` is replaced; a folder that
     holds anything else is refused."""
-    from fastfilm.checkpoint import find_checkpoint, write_manifest
+    from fastfilm.files.checkpoint import find_checkpoint, write_manifest
 
     out = os.path.normpath(args.out)
     check_export_target(out)
@@ -130,41 +130,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, ValueError) as e:
-        from fastfilm.data import DataError
+        from fastfilm.core.errors import DataError
 
         raise DataError(f"{path}: cannot read the image ({e})") from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def predict(
-    model: FiLMModel,
-    cfg: Config,
-    vocab: dict,
-    image: str,
-    question: str,
-    top: int = 5,
-    resnet_weights: str | None = None,
-) -> list[tuple[str, float]]:
-    """The top-k (answer, probability) pairs for one image and one question (Python API of `fastfilm predict`;
-    a features model needs the ResNet-101 weights its features came from)."""
-    from fastfilm.prompt import Answerer
-
-    answerer = Answerer(model, cfg, vocab, resnet_weights)
-    answerer.load(image)
-    return answerer.ask(question, top)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """`fastfilm predict`: print the top answers with their probabilities (or, with --interactive, a prompt)."""
-    from fastfilm.prompt import run_interactive  # one question or the prompt; unknown words named (README)
-
-    interactive = getattr(args, "interactive", False)
-    if args.question is None and not interactive:
-        raise UsageError("predict: give --question TEXT, or --interactive for a prompt")
-    if args.question is not None and not args.question.strip() and not interactive:
-        raise UsageError(
-            "predict --question: empty (expected a question such as 'How many cubes are there?')"
-        )
-    if args.top < 1:
-        raise UsageError(f"predict --top {args.top}: expected an integer >= 1")
-    return run_interactive(args)
