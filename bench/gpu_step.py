@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": bs,
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
             }
-            row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
+            row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             if getattr(step, "graphed", None) is not None:
                 row["graphs_captured"] = step.graphed.captures
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None

@@ -256,18 +256,37 @@ class GraphedTrainStep:
                     t.record_stream(cur)
             return out
         if graph is None:
-            graph = torch.cuda.CUDAGraph()
+            graph = self._capture(key, bufs)
+            if graph is None:  # capture failed: this step and all later ones run uncaptured
+                return self.compute(bufs, key[2])
+        graph.replay()
+        return self.outputs[key]
+
+    def _capture(self, key: tuple, bufs: dict[str, torch.Tensor]) -> torch.cuda.CUDAGraph | None:
+        """Capture the step of `key` (nothing runs during a capture: the caller replays it). A failure (an op
+        that cannot be captured) is said in one line and switches capture off for good: the step stays correct,
+        it only loses the graphs."""
+        graph = torch.cuda.CUDAGraph()
+        try:
             # on the warm-up stream (its cuBLAS/cuDNN workspaces exist), DALI's threads free to use the GPU
             with torch.cuda.graph(
                 graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
             ):
                 self.outputs[key] = self.compute(bufs, key[2])
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[key] = graph
-            self.captures += 1
-        graph.replay()
-        return self.outputs[key]
+        except Exception as e:  # noqa: BLE001 (reported, then the uncaptured step)
+            print(
+                f"fastfilm: graph mode: capturing the step failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "it runs uncaptured from here on",
+                flush=True,
+            )
+            self.capture, self.graphs, self.outputs = False, {}, {}
+            torch.cuda.synchronize(self.device)
+            return None
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[key] = graph
+        self.captures += 1
+        return graph
 
 
 # ------------------------------------------------------------------------------------------ the trainer's hook

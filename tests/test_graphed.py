@@ -380,3 +380,30 @@ def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tm
     raw["train"].update(compile=True, cuda_graphs=False)
     train(config_from_dict(raw))
     assert "train.compile needs graph mode's step" in capsys.readouterr().out
+
+
+def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):
+    """Without a GPU the capture itself is simulated: torch.cuda.graph raises as an uncapturable op would."""
+    torch.manual_seed(0)
+    model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    step = GraphedTrainStep(model, opt, device=torch.device("cpu"), capture=False, max_len=9)
+    b = batch()
+    bufs = step._load(step.key(b, True), b)
+
+    def uncapturable(*a, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", uncapturable)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    step.capture, step.stream = True, None
+    assert step._capture(step.key(b, True), bufs) is None
+    assert not step.capture and step.captures == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        "fastfilm: graph mode: capturing the step failed (RuntimeError: operation not permitted when stream is "
+        "capturing); it runs uncaptured from here on"
+    ]
+    loss, *_ = step(b, True)  # and the step goes on, uncaptured
+    assert torch.isfinite(loss)
