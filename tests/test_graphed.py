@@ -407,3 +407,43 @@ def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, caps
     ]
     loss, *_ = step(b, True)  # and the step goes on, uncaptured
     assert torch.isfinite(loss)
+
+
+def test_the_trainer_reads_the_device_only_at_its_sync_every_and_log_every_steps(
+    dataset, tmp_path, monkeypatch
+):
+    """The whole training loop in graph mode (uncaptured on the CPU) under the host-sync counter: the device is read
+    only at the steps where the trainer logs and the ranks agree (every 4 here), never in the steps between."""
+    import fastfilm.graphed as graphed
+    from fastfilm.train import train
+
+    real = graphed.trainer_step
+    marks = []  # (event, number of host syncs counted so far)
+
+    def watched(run):
+        step = real(run)
+
+        def run_step(batch, want_grad_norm=False):
+            marks.append(("start", len(counter.seen)))
+            out = step(batch, want_grad_norm)
+            marks.append(("end", len(counter.seen)))
+            return out
+
+        return run_step
+
+    monkeypatch.setattr(graphed, "trainer_step", watched)
+    raw = graph_mode(tiny_config(dataset, tmp_path / "run", max_steps=5, sync_every=4, log_every=4))
+    cfg = config_from_dict(raw)
+    with HostSyncCounter() as counter:
+        train(cfg)
+    counts = [n for _, n in marks]
+    inside = [counts[i + 1] - counts[i] for i in range(0, len(counts), 2)]
+    between = [counts[i + 1] - counts[i] for i in range(1, len(counts) - 1, 2)]  # after step 1, 2, 3, 4
+    assert inside == [
+        0,
+        0,
+        0,
+        1,
+        0,
+    ]  # step 4 reads its grad norm for the log record (want_grad_norm), no other
+    assert [n > 0 for n in between] == [False, False, False, True]  # step 4: the log record and the agreement
