@@ -29,8 +29,9 @@ What graph mode needs, and how it gets it:
 Without a CUDA device (or with `capture=False`) the same step runs eagerly at the same static shapes: that is
 what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), and graph mode replays exactly
 those kernels. fp16's `GradScaler` runs eagerly here (its Python bookkeeping is not captured): fp16 falls back.
-Not supported (the trainer falls back to DeepSpeed's engine step with one log line): several ranks (the
-gradient all-reduce is DeepSpeed's), ZeRO stages > 0, optimizers other than torch's fused Adam/AdamW (apex's),
+With several ranks `GraphedTrainStep` keeps its gradients as views into one flat float32 buffer, all-reduced and
+averaged at the boundary inside the step (one collective); the trainer does not use that yet. Not supported (the
+trainer falls back to DeepSpeed's engine step with one log line): several ranks, ZeRO stages > 0, optimizers other than torch's fused Adam/AdamW (apex's),
 bidirectional encoders.
 """
 
@@ -65,10 +66,12 @@ def pad_questions(questions: torch.Tensor, t: int) -> torch.Tensor:
     return questions if questions.shape[1] == t else F.pad(questions, (0, t - questions.shape[1]), value=NULL)
 
 
-def unsupported(engine, optimizer, model_cfg, world: int) -> str | None:
+def unsupported(engine, optimizer, model_cfg, world: int = 1) -> str | None:
     """Why this run cannot take graph mode's static-shape step at all (None: it can)."""
-    if world != 1:
-        return f"{world} ranks (graph mode runs one rank; the gradient all-reduce is DeepSpeed's)"
+    if (
+        world != 1
+    ):  # GraphedTrainStep all-reduces its flat gradients, but the trainer does not use it there yet
+        return f"{world} ranks (graph mode runs one rank for now)"
     if engine.zero_optimization_stage() != 0:
         return f"ZeRO stage {engine.zero_optimization_stage()} (graph mode needs stage 0)"
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not all(
@@ -78,6 +81,22 @@ def unsupported(engine, optimizer, model_cfg, world: int) -> str | None:
     if model_cfg.bidirectional:
         return "a bidirectional encoder (the static encoder reads the padding)"
     return None
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dense(p: torch.Tensor) -> bool:
+    """Whether `p` covers exactly numel() elements of memory with its strides (contiguous in some dim order)."""
+    dims = sorted((st, sz) for st, sz in zip(p.stride(), p.shape) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
 
 
 class GraphedTrainStep:
@@ -105,6 +124,7 @@ class GraphedTrainStep:
         capture: bool | None = None,
         warmup: int = 2,
         forward=None,
+        world: int | None = None,
     ):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         # `model.forward`, not `model(...)`: DeepSpeed's forward hooks on the engine's module would run at capture
@@ -120,6 +140,18 @@ class GraphedTrainStep:
             raise ValueError("GraphedTrainStep: fp16 loss scaling is not captured (use capture=False)")
         self.warmup = warmup
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.world = world if world is not None else _world_size()
+        self.flat = None
+        if self.world > 1:  # one flat gradient buffer, all-reduced in one collective (captured too, on NCCL)
+            self.flat = torch.zeros(
+                sum(p.numel() for p in self.params), dtype=torch.float32, device=self.device
+            )
+            off = 0
+            for p in self.params:
+                if p.dtype != torch.float32 or not _dense(p):
+                    raise ValueError("GraphedTrainStep: several ranks need dense float32 parameters")
+                p.grad = self.flat.as_strided(p.shape, p.stride(), off)  # the parameter's own layout
+                off += p.numel()
         for p in self.params:  # static gradients: accumulated in place, zeroed inside the step
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -200,6 +232,9 @@ class GraphedTrainStep:
         scaled.backward()
         norm = None
         if boundary:
+            if self.flat is not None:  # the ranks' mean gradient, as DeepSpeed's all-reduce at ZeRO stage 0
+                torch.distributed.all_reduce(self.flat)
+                self.flat.div_(self.world)
             if self.scaler is not None and self.clip > 0:
                 self.scaler.unscale_(self.optimizer)
             if self.clip > 0:

@@ -139,7 +139,9 @@ def assert_trained_weights_close(a, b, steps: int, lr: float) -> None:
         if k in noise or k.endswith("running_mean"):
             continue
         atol = steps * lr * 1.01 if sa[k].float().abs().max() < 10 * steps * lr else 1e-5
-        torch.testing.assert_close(sb[k].float(), sa[k].float(), rtol=1e-4, atol=atol, msg=k)
+        torch.testing.assert_close(
+            sb[k].float(), sa[k].float(), rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 def test_static_step_follows_deepspeeds_engine_step(dataset, tmp_path):
@@ -447,3 +449,17 @@ def test_the_trainer_reads_the_device_only_at_its_sync_every_and_log_every_steps
         0,
     ]  # step 4 reads its grad norm for the log record (want_grad_norm), no other
     assert [n > 0 for n in between] == [False, False, False, True]  # step 4: the log record and the agreement
+
+
+def trained_model(raw: dict, run) -> FiLMModel:
+    """The model a run's `last` checkpoint holds."""
+    import json
+
+    from tests.test_train import weights
+
+    vocab = json.loads((run / "checkpoints" / "last" / "vocab.json").read_text())
+    model = FiLMModel(
+        config_from_dict(raw).model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"])
+    )
+    model.load_state_dict(weights(run))
+    return model.train()
