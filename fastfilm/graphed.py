@@ -29,10 +29,11 @@ What graph mode needs, and how it gets it:
 Without a CUDA device (or with `capture=False`) the same step runs eagerly at the same static shapes: that is
 what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), and graph mode replays exactly
 those kernels. fp16's `GradScaler` runs eagerly here (its Python bookkeeping is not captured): fp16 falls back.
-With several ranks `GraphedTrainStep` keeps its gradients as views into one flat float32 buffer, all-reduced and
-averaged at the boundary inside the step (one collective); the trainer does not use that yet. Not supported (the
-trainer falls back to DeepSpeed's engine step with one log line): several ranks, ZeRO stages > 0, optimizers other than torch's fused Adam/AdamW (apex's),
-bidirectional encoders.
+Several ranks (ZeRO stage 0; opt-in with `train.cuda_graphs: true`, `auto` keeps DeepSpeed's step there): the
+gradients are views into one flat float32 buffer, all-reduced and averaged at the boundary inside the step (one
+collective, captured with the rest on NCCL); BatchNorm running stats are averaged by the trainer after each step,
+as without graphs. Not supported (the trainer falls back to DeepSpeed's engine step with one log line): ZeRO
+stages > 0, optimizers other than torch's fused Adam/AdamW (apex's), bidirectional encoders.
 """
 
 from __future__ import annotations
@@ -66,12 +67,11 @@ def pad_questions(questions: torch.Tensor, t: int) -> torch.Tensor:
     return questions if questions.shape[1] == t else F.pad(questions, (0, t - questions.shape[1]), value=NULL)
 
 
-def unsupported(engine, optimizer, model_cfg, world: int = 1) -> str | None:
-    """Why this run cannot take graph mode's static-shape step at all (None: it can)."""
-    if (
-        world != 1
-    ):  # GraphedTrainStep all-reduces its flat gradients, but the trainer does not use it there yet
-        return f"{world} ranks (graph mode runs one rank for now)"
+def unsupported(engine, optimizer, model_cfg, world: int = 1, asked: bool = False) -> str | None:
+    """Why this run cannot take graph mode's static-shape step at all (None: it can). Several ranks need it asked
+    for (`train.cuda_graphs: true`): their all-reduce inside a captured graph has not been measured on GPUs yet."""
+    if world != 1 and not asked:
+        return f"{world} ranks under 'auto' (with several ranks graph mode is opt-in: train.cuda_graphs=true)"
     if engine.zero_optimization_stage() != 0:
         return f"ZeRO stage {engine.zero_optimization_stage()} (graph mode needs stage 0)"
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not all(
@@ -354,7 +354,7 @@ def trainer_step(run):
         if cfg.train.compile:
             _say(run, "train.compile needs graph mode's step (train.cuda_graphs); the model runs eagerly")
         return None
-    why = unsupported(engine, run.optimizer, cfg.model, run.world)
+    why = unsupported(engine, run.optimizer, cfg.model, run.world, asked=want is True)
     if why is not None:
         _say(run, f"train.cuda_graphs: not with {why}; DeepSpeed's engine step runs instead")
         return None
