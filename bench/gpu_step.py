@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="the small bench model at batch 8/32 (CPU shape-check)"
     )
     p.add_argument(
-        "--cases", default="eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile"
+        "--cases",
+        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 GPU, 3 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 tiny)")
