@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="the small bench model at batch 8/32 (CPU shape-check)"
     )
     p.add_argument(
-        "--cases", default="eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile"
+        "--cases",
+        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 GPU, 3 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 tiny)")
@@ -353,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": bs,
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
             }
-            row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
+            row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             if getattr(step, "graphed", None) is not None:
                 row["graphs_captured"] = step.graphed.captures
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None

@@ -29,9 +29,11 @@ What graph mode needs, and how it gets it:
 Without a CUDA device (or with `capture=False`) the same step runs eagerly at the same static shapes: that is
 what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), and graph mode replays exactly
 those kernels. fp16's `GradScaler` runs eagerly here (its Python bookkeeping is not captured): fp16 falls back.
-Not supported (the trainer falls back to DeepSpeed's engine step with one log line): several ranks (the
-gradient all-reduce is DeepSpeed's), ZeRO stages > 0, optimizers other than torch's fused Adam/AdamW (apex's),
-bidirectional encoders.
+Several ranks (ZeRO stage 0; opt-in with `train.cuda_graphs: true`, `auto` keeps DeepSpeed's step there): the
+gradients are views into one flat float32 buffer, all-reduced and averaged at the boundary inside the step (one
+collective, captured with the rest on NCCL); BatchNorm running stats are averaged by the trainer after each step,
+as without graphs. Not supported (the trainer falls back to DeepSpeed's engine step with one log line): ZeRO
+stages > 0, optimizers other than torch's fused Adam/AdamW (apex's), bidirectional encoders.
 """
 
 from __future__ import annotations
@@ -84,10 +86,11 @@ def pad_questions(questions: torch.Tensor, t: int) -> torch.Tensor:
     return questions if questions.shape[1] == t else F.pad(questions, (0, t - questions.shape[1]), value=NULL)
 
 
-def unsupported(engine, optimizer, model_cfg, world: int) -> str | None:
-    """Why this run cannot take graph mode's static-shape step at all (None: it can)."""
-    if world != 1:
-        return f"{world} ranks (graph mode runs one rank; the gradient all-reduce is DeepSpeed's)"
+def unsupported(engine, optimizer, model_cfg, world: int = 1, asked: bool = False) -> str | None:
+    """Why this run cannot take graph mode's static-shape step at all (None: it can). Several ranks need it asked
+    for (`train.cuda_graphs: true`): their all-reduce inside a captured graph has not been measured on GPUs yet."""
+    if world != 1 and not asked:
+        return f"{world} ranks under 'auto' (with several ranks graph mode is opt-in: train.cuda_graphs=true)"
     if engine.zero_optimization_stage() != 0:
         return f"ZeRO stage {engine.zero_optimization_stage()} (graph mode needs stage 0)"
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not all(
@@ -97,6 +100,22 @@ def unsupported(engine, optimizer, model_cfg, world: int) -> str | None:
     if model_cfg.bidirectional:
         return "a bidirectional encoder (the static encoder reads the padding)"
     return None
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dense(p: torch.Tensor) -> bool:
+    """Whether `p` covers exactly numel() elements of memory with its strides (contiguous in some dim order)."""
+    dims = sorted((st, sz) for st, sz in zip(p.stride(), p.shape) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
 
 
 class GraphedTrainStep:
@@ -124,6 +143,7 @@ class GraphedTrainStep:
         capture: bool | None = None,
         warmup: int = 2,
         forward=None,
+        world: int | None = None,
     ):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         # `model.forward`, not `model(...)`: DeepSpeed's forward hooks on the engine's module would run at capture
@@ -139,6 +159,18 @@ class GraphedTrainStep:
             raise ValueError("GraphedTrainStep: fp16 loss scaling is not captured (use capture=False)")
         self.warmup = warmup
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.world = world if world is not None else _world_size()
+        self.flat = None
+        if self.world > 1:  # one flat gradient buffer, all-reduced in one collective (captured too, on NCCL)
+            self.flat = torch.zeros(
+                sum(p.numel() for p in self.params), dtype=torch.float32, device=self.device
+            )
+            off = 0
+            for p in self.params:
+                if p.dtype != torch.float32 or not _dense(p):
+                    raise ValueError("GraphedTrainStep: several ranks need dense float32 parameters")
+                p.grad = self.flat.as_strided(p.shape, p.stride(), off)  # the parameter's own layout
+                off += p.numel()
         for p in self.params:  # static gradients: accumulated in place, zeroed inside the step
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -217,6 +249,9 @@ class GraphedTrainStep:
         scaled.backward()
         norm = None
         if boundary:
+            if self.flat is not None:  # the ranks' mean gradient, as DeepSpeed's all-reduce at ZeRO stage 0
+                torch.distributed.all_reduce(self.flat)
+                self.flat.div_(self.world)
             if self.scaler is not None and self.clip > 0:
                 self.scaler.unscale_(self.optimizer)
             if self.clip > 0:
@@ -273,18 +308,37 @@ class GraphedTrainStep:
                     t.record_stream(cur)
             return out
         if graph is None:
-            graph = torch.cuda.CUDAGraph()
+            graph = self._capture(key, bufs)
+            if graph is None:  # capture failed: this step and all later ones run uncaptured
+                return self.compute(bufs, key[2])
+        graph.replay()
+        return self.outputs[key]
+
+    def _capture(self, key: tuple, bufs: dict[str, torch.Tensor]) -> torch.cuda.CUDAGraph | None:
+        """Capture the step of `key` (nothing runs during a capture: the caller replays it). A failure (an op
+        that cannot be captured) is said in one line and switches capture off for good: the step stays correct,
+        it only loses the graphs."""
+        graph = torch.cuda.CUDAGraph()
+        try:
             # on the warm-up stream (its cuBLAS/cuDNN workspaces exist), DALI's threads free to use the GPU
             with torch.cuda.graph(
                 graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
             ):
                 self.outputs[key] = self.compute(bufs, key[2])
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[key] = graph
-            self.captures += 1
-        graph.replay()
-        return self.outputs[key]
+        except Exception as e:  # noqa: BLE001 (reported, then the uncaptured step)
+            print(
+                f"fastfilm: graph mode: capturing the step failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "it runs uncaptured from here on",
+                flush=True,
+            )
+            self.capture, self.graphs, self.outputs = False, {}, {}
+            torch.cuda.synchronize(self.device)
+            return None
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[key] = graph
+        self.captures += 1
+        return graph
 
 
 # ------------------------------------------------------------------------------------------ the trainer's hook
@@ -315,7 +369,7 @@ def trainer_step(run):
         if cfg.train.compile:
             _say(run, "train.compile needs graph mode's step (train.cuda_graphs); the model runs eagerly")
         return None
-    why = unsupported(engine, run.optimizer, cfg.model, run.world)
+    why = unsupported(engine, run.optimizer, cfg.model, run.world, asked=want is True)
     if why is not None:
         _say(run, f"train.cuda_graphs: not with {why}; DeepSpeed's engine step runs instead")
         return None

@@ -129,8 +129,9 @@ class TrainConfig:
     sync_every: int = 10
     # Graph mode (fastfilm/graphed.py): the whole step (forward, loss, backward, clipping, Adam) at static shapes
     # (question lengths bucketed to multiples of 8), captured as CUDA graphs and replayed. "auto": on with a CUDA
-    # device where supported (one rank, ZeRO stage 0, torch's fused Adam, no fp16); true on a CPU runs the same
-    # static-shape step eagerly (one log line); false: DeepSpeed's engine.backward / engine.step as before.
+    # device where supported (one rank, ZeRO stage 0, torch's fused Adam; fp16 runs it uncaptured); true: also with
+    # several ranks, and on a CPU the same static-shape step runs eagerly (one log line); false: DeepSpeed's
+    # engine.backward / engine.step as before.
     cuda_graphs: bool | str = "auto"
     # torch.compile of the whole model (fullgraph with kernels=reference), inside the graph mode's step.
     compile: bool = False
