@@ -23,7 +23,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 FACTORIES = {
     "randn", "rand", "randint", "randperm", "zeros", "ones", "empty", "full", "arange", "linspace", "tensor",
-    "eye", "zeros_like_never",
+    "eye",
 }  # fmt: skip
 # test functions that run no kernel (a reason each); a test here must not take `device` (else it belongs out)
 DEVICE_FREE = {
