@@ -254,14 +254,19 @@ def bn_film_relu_bytes(n: int, c: int, h: int, w: int, itemsize: int, backward: 
     return total
 
 
-def bn_film_relu_inputs(n: int, c: int, hw: int, dtype: torch.dtype, backward: bool, seed: int = 0):
+def bn_film_relu_inputs(
+    n: int, c: int, hw: int, dtype: torch.dtype, backward: bool, seed: int = 0, layout: str = "nchw"
+):
     """z, γ, β, r, running mean, running var (float32) and dout on the device; z/γ/β/r require grad when
-    `backward`. γ is 1 + Δγ as the generator produces it."""
+    `backward`. γ is 1 + Δγ as the generator produces it. `layout="nhwc"`: the 4-D tensors in channels_last."""
     g = torch.Generator().manual_seed(seed)
     dev = device()
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
 
     def rnd(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(dev, dtype).requires_grad_(backward)
+        t = (torch.randn(*shape, generator=g) * scale + shift).to(dev, dtype)
+        t = t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+        return t.requires_grad_(backward)
 
     z = rnd(n, c, hw, hw, scale=2.0, shift=0.5)
     gamma = rnd(n, c, shift=1.0, scale=0.2)
@@ -269,7 +274,7 @@ def bn_film_relu_inputs(n: int, c: int, hw: int, dtype: torch.dtype, backward: b
     r = rnd(n, c, hw, hw)
     rm = torch.zeros(c, device=dev, dtype=torch.float32)
     rv = torch.ones(c, device=dev, dtype=torch.float32)
-    dout = torch.randn(n, c, hw, hw, generator=g).to(dev, dtype)
+    dout = torch.randn(n, c, hw, hw, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
     return z, gamma, beta, r, rm, rv, dout
 
 

@@ -10,6 +10,9 @@ Cases (each in a fresh process, so a compilation, the thread count and memory ne
 - `engine-compile`: `kernels: reference` and DeepSpeed's `engine.compile()` (the whole module under
   torch.compile; the packed GRU breaks the graph, question lengths vary between batches);
 - dtype `fp32`, or `bf16` (DeepSpeed `bf16.enabled`, which the trainer runs as torch autocast);
+- `--auto`: also asks `fastfilm.auto` (in a fresh process, as the trainer would at its start) which kernels mode
+  and precision it ships for each config on this machine, and prints that choice's questions/s as a share of the
+  fastest forced case in the same run;
 - `--gru nn` runs `nn.GRU` instead of `fastfilm.gru` (the before of that change), `--adam loop` torch's
   per-parameter Adam loop instead of the trainer's fused Adam (the before of that change).
 
@@ -156,6 +159,45 @@ def run_case(name: str, mode: str, dtype: str, args: argparse.Namespace) -> dict
     }
 
 
+def auto_choice(name: str) -> dict:
+    """What the trainer's `auto` settings choose for config `name` on this machine (this process)."""
+    import torch
+
+    from fastfilm.auto import decide
+    from fastfilm.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, CONFIGS[name]))
+    vocab = {
+        "question_token_to_idx": {str(i): i for i in range(VOCAB)},
+        "answer_token_to_idx": {str(i): i for i in range(ANSWERS)},
+    }
+    precision, kernels = decide(cfg, torch.device("cpu"), vocab)
+    mode = "compile" if kernels.value == "compile" else "reference"
+    return {"config": name, "mode": mode, "dtype": precision.value, "why": [precision.line(), kernels.line()]}
+
+
+def auto_lines(rows: list[dict], choices: list[dict]) -> list[str]:
+    """One line per config: the auto choice's questions/s against the fastest forced case of the same run."""
+    lines = []
+    for ch in choices:
+        if "error" in ch:
+            lines.append(f"auto ({ch['config']}): failed: {ch['error']}")
+            continue
+        ok = [r for r in rows if r["config"] == ch["config"] and "error" not in r]
+        mine = next((r for r in ok if (r["mode"], r["dtype"]) == (ch["mode"], ch["dtype"])), None)
+        best = max(ok, key=lambda r: r["questions_per_s"], default=None)
+        why = "; ".join(ch["why"])
+        if mine is None or best is None:
+            lines.append(f"auto ({ch['config']}): {ch['mode']} {ch['dtype']} ({why}); that case was not run")
+            continue
+        lines.append(
+            f"auto ({ch['config']}): {ch['mode']} {ch['dtype']} — {mine['questions_per_s']:.1f} questions/s, "
+            f"{mine['questions_per_s'] / best['questions_per_s']:.2f}× the fastest forced case "
+            f"({best['mode']} {best['dtype']}, {best['questions_per_s']:.1f}) [{why}]"
+        )
+    return lines
+
+
 def ceilings(threads: int) -> dict[str, float]:
     import torch
 
@@ -217,6 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="trainer",
         help="the trainer's Adam (torch's fused Adam), or torch's per-parameter loop (before)",
     )
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="also report what kernels.mode/precision auto choose here, against the fastest forced case",
+    )
+    p.add_argument("--auto-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the rows and ceilings as JSON here")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--one", nargs=3, metavar=("CONFIG", "MODE", "DTYPE"), help=argparse.SUPPRESS)
@@ -232,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
         print("CASE " + json.dumps(run_case(*args.one, args)), flush=True)
+        return 0
+    if args.auto_one:
+        print("AUTO " + json.dumps(auto_choice(args.auto_one)), flush=True)
         return 0
     rows = []
     passthrough = [
@@ -262,13 +313,27 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     rows.append(json.loads(line[5:]))
                 print(f"done: {name} {mode} {dtype}", file=sys.stderr, flush=True)
+    choices = []
+    for name in args.configs.split(",") if args.auto else []:
+        cmd = [sys.executable, os.path.abspath(__file__), "--auto-one", name]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
+        line = next((x for x in res.stdout.splitlines() if x.startswith("AUTO ")), None)
+        if res.returncode != 0 or line is None:
+            tail = (res.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            choices.append({"config": name, "error": tail})
+        else:
+            choices.append(json.loads(line[5:]))
     ceil = ceilings(args.threads)
-    text = table(rows, ceil)
+    text = "\n".join([table(rows, ceil), *auto_lines(rows, choices)])
     print(text)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "matmul_gflop_per_s": ceil, "threads": args.threads}, f, indent=1)
+            json.dump(
+                {"rows": rows, "auto": choices, "matmul_gflop_per_s": ceil, "threads": args.threads},
+                f,
+                indent=1,
+            )
         os.replace(tmp, args.json)
     return 1 if any("error" in r for r in rows) else 0
 

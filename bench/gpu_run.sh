@@ -12,6 +12,9 @@
 #               left out): junit XML + the log; every kernel test, not only those marked cuda
 #   gpu_step    bench/gpu_step.py: the train step per case (eager NCHW / channels_last, graph mode, batch 256,
 #               compile), ms, questions/s, launches, GPU-busy share, peak memory -> gpu_step.json + .md
+#   ops         pytest bench/test_ops.py -k "not compile": the fused ResBlock op (N = 64, 256, 512; NCHW and
+#               channels_last; eager and inside a CUDA graph) and the stem's BatchNorm + ReLU, reference against
+#               triton, side by side -> ops.json (what fastfilm.kernel_pick decides at a run's start, at the op level)
 #   cuda_tests  pytest -m cuda tests/ (TRITON_INTERPRET unset: real Triton compilation)
 #   bench       pytest bench/ --benchmark-json=OUTDIR/bench.json (the paper's sizes)
 #   report      python bench/report.py OUTDIR/bench.json -o OUTDIR/RESULTS.md
@@ -154,6 +157,11 @@ step_gpu_step() {
     "$PY" bench/gpu_step.py --out "$OUT/gpu_step.json" --md "$OUT/gpu_step.md" --budget-s "${GPU_STEP_BUDGET:-200}"
 }
 
+step_ops() {
+    "$PY" -m pytest bench/test_ops.py -k "not compile" -q -p no:cacheprovider --benchmark-json="$OUT/ops.json" \
+        --benchmark-columns=min,median,rounds,iterations
+}
+
 step_cuda_tests() {
     "$PY" -m pytest -m cuda tests/ -ra -q -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
     local rc=$?
@@ -233,7 +241,7 @@ SUMMARY="$OUT/summary.tsv"
 printf 'step\texit\tseconds\tlog\n' >"$SUMMARY"
 : >"$OUT/NOTES.txt"
 
-declare -A LIMIT=([env]=120 [install]=300 [kernel_tests]=600 [gpu_step]=300 [cuda_tests]=600 [bench]=1200 [report]=60 [data]=300
+declare -A LIMIT=([env]=120 [install]=300 [kernel_tests]=600 [gpu_step]=300 [ops]=300 [cuda_tests]=600 [bench]=1200 [report]=60 [data]=300
                   [train_reference]=400 [train_compile]=600 [train_triton]=400 [profile]=600)
 failed=0
 for s in $STEPS; do

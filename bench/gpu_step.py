@@ -13,8 +13,10 @@ try/except: one failure prints its traceback and the rest go on; the JSON (`--ou
 
 Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `eager_cl` (the same, channels_last),
 `static_eager_cl` (graph mode's static-shape step, not captured), `graph_cl` (captured and replayed),
-`graph_cl_b256` (batch 256), `graph_cl_compile` (+ torch.compile of the whole model; last, it compiles for
-minutes). Without CUDA the graph cases run uncaptured (labelled so) and times mean nothing.
+`graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with every fused op site on the Triton kernels),
+`graph_cl_picked` (graph mode with each site's implementation measured inside a CUDA graph by
+`fastfilm.kernel_pick`, as `kernels.mode: auto` does on a GPU; its choices are in the row), `graph_cl_compile`
+(+ torch.compile of the whole model; last, it compiles for minutes). Without CUDA the graph cases run uncaptured (labelled so) and times mean nothing.
 The original 2017 code's step is not run here (it needs its checkout: `pytest bench/test_original.py
 --original-film PATH`); its H200 figure is printed beside the cases from /work/shared/gpu (2026-12-04).
 """
@@ -70,10 +72,10 @@ def host_batch(cfg, batch: int, seq_len: int | None = None) -> dict[str, Any]:
     }
 
 
-def build(cfg, batch: int, dtype):
+def build(cfg, batch: int, dtype, kernels: str = "reference"):
     cfg.deepspeed["train_micro_batch_size_per_gpu"] = batch
     cfg.model.memory_format = "channels_first"  # built NCHW; the channels_last cases convert it
-    engine = benchlib.build_engine(cfg, "reference", dtype)
+    engine = benchlib.build_engine(cfg, kernels, dtype)
     cfg.model.memory_format = "auto"  # the model follows its weights' layout from here on
     return engine
 
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cases",
-        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile",
+        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_triton,"
+        "graph_cl_picked,graph_cl_compile",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 GPU, 3 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 tiny)")
@@ -299,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
 
     state: dict[str, Any] = {}
 
-    def engine_for(batch_size: int):
-        if state.get("batch") != batch_size:
+    def engine_for(batch_size: int, kernels: str = "reference"):
+        if (state.get("batch"), state.get("kernels")) != (batch_size, kernels):
             state.clear()
             gc.collect()
             if CUDA:
                 torch.cuda.empty_cache()
             cfg = benchlib.paper_config(small)
-            state.update(batch=batch_size, cfg=cfg, engine=build(cfg, batch_size, dtype))
+            engine = build(cfg, batch_size, dtype, kernels)
+            state.update(batch=batch_size, kernels=kernels, cfg=cfg, engine=engine)
             state["batch_data"] = host_batch(cfg, batch_size, seq_len)
             state["gflop"] = step_gflop(cfg.model, state["batch_data"]["length"], seq_len)
         return state["cfg"], state["engine"], state["batch_data"], state["gflop"]
@@ -329,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 continue
             bs = b256 if case.endswith("_b256") else b64
-            cfg, engine, batch, gflop = engine_for(bs)
+            kernels = "triton" if case in ("graph_cl_triton", "graph_cl_picked") else "reference"
+            cfg, engine, batch, gflop = engine_for(bs, kernels)
+            picks = None
             if case == "eager_nchw":
                 step = engine_step(engine, batch)
             else:
@@ -340,7 +346,16 @@ def main(argv: list[str] | None = None) -> int:
                     step = engine_step(engine, batch)
                 elif case == "static_eager_cl":
                     step = graphed_step(engine, batch, dtype, capture=False)
-                elif case in ("graph_cl", "graph_cl_b256"):
+                elif case in ("graph_cl", "graph_cl_b256", "graph_cl_triton"):
+                    step = graphed_step(engine, batch, dtype, capture=CUDA)
+                elif case == "graph_cl_picked":
+                    from fastfilm import kernel_pick
+
+                    picks = kernel_pick.pick(
+                        engine.module, bs, ["triton"], dtype, graphed=CUDA,
+                        say=lambda line: print(line, flush=True),
+                        timing=None if CUDA else dict(warmup=0, reps=1, groups=1),  # CPU: a shape-check
+                    )  # fmt: skip
                     step = graphed_step(engine, batch, dtype, capture=CUDA)
                 elif case == "graph_cl_compile":
                     step = graphed_step(
@@ -355,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
             }
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
+            if picks is not None:
+                row["kernel_picks"] = [p.line() for p in picks]
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
             if getattr(step, "graphed", None) is not None:
                 row["graphs_captured"] = step.graphed.captures

@@ -11,7 +11,10 @@ import gpu_step  # noqa: E402
 
 def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    cases = "check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_compile"
+    cases = (
+        "check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_b256,graph_cl_triton,graph_cl_picked,"
+        "graph_cl_compile"
+    )
     argv = [
         "--tiny",
         "--out",
@@ -34,5 +37,7 @@ def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
         assert row["ms"] > 0 and row["aten_ops_per_step"] > 0 and row["gflop_per_step"] > 0
     assert result["cases"]["graph_cl_b256"]["batch"] == 32
     assert result["cases"]["eager_cl"]["memory_format"] == "channels_last"
+    picks = result["cases"]["graph_cl_picked"]["kernel_picks"]
+    assert picks and all(line.startswith("kernels: ") for line in picks)
     md = (tmp_path / "r.md").read_text()
     assert "| graph_cl |" in md and "original 2017 code" in md

@@ -206,6 +206,22 @@ def test_cpu_modes_table_and_arguments(capsys):
     with pytest.raises(SystemExit):
         cpu_modes.parse_args(["--modes", "eager"])
     assert "unknown eager" in capsys.readouterr().err
+    choices = [
+        {
+            "config": "synthetic",
+            "mode": "reference",
+            "dtype": "fp32",
+            "why": ["precision: fp32 (x)", "kernels: y"],
+        },
+        {"config": "paper", "error": "no vocab"},
+        {"config": "synthetic", "mode": "compile", "dtype": "fp32", "why": []},
+    ]
+    lines = cpu_modes.auto_lines(rows, choices)
+    assert (
+        "0.50× the fastest forced case (compile bf16, 1280.0)" in lines[0]
+        and "precision: fp32 (x)" in lines[0]
+    )
+    assert lines[1] == "auto (paper): failed: no vocab" and "that case was not run" in lines[2]
 
 
 def test_original_film_refuses_a_folder_that_is_not_a_checkout(tmp_path):

@@ -10,10 +10,13 @@ slower conv than fp32): only a tiny matmul probe runs, to put the factor in the 
 device supports it, else fp16 with the loss scaler. An explicit `bf16`, `fp16` or `torch_autocast` in the
 config's DeepSpeed section always wins.
 
-Kernels on a CPU: `compile` (torch.compile of the ResBlock's ops, the rest eager) when a C++ compiler is there
-for inductor and the run's time budget repays its first-step compilation; else `reference`. On CUDA:
-`reference` (H200, batch 64, bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; /work/shared/gpu). The
-Triton interpreter is never chosen.
+Kernels on a CPU: `compile` (torch.compile of the ResBlock's ops, the rest eager) when the run trains in bf16
+autocast (in float32 it was slower than eager: FP32_REASON), a C++ compiler is there for inductor and the run's
+time budget repays its first-step compilation; else `reference`. On CUDA: measured
+per op site when the model is built (`per-op`, fastfilm/kernel_pick.py: each fused op runs whichever of
+`kernels.candidates` is fastest at the run's shapes; one mode for the whole model lost on an H200, batch 64,
+bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; /work/shared/gpu). The Triton interpreter is never
+chosen.
 """
 
 from __future__ import annotations
@@ -372,17 +375,26 @@ def have_compiler() -> str | None:
     return None
 
 
-def choose_kernels(cfg: Any, device: torch.device, *, compiler: str | None | bool = True) -> Choice:
-    """`kernels.mode: auto` (see the module docstring); other modes stay. `compiler=True`: look for one."""
+def choose_kernels(
+    cfg: Any, device: torch.device, *, compiler: str | None | bool = True, precision: str = "bf16"
+) -> Choice:
+    """`kernels.mode: auto` (see the module docstring); other modes stay. `compiler=True`: look for one.
+    `precision`: the run's (`choose_precision`'s value): on a CPU, compile only pays with bf16 autocast."""
     mode = cfg.kernels.mode
     if mode != "auto":
         return Choice("kernels", mode, "kernels.mode in the config")
     if device.type == "cuda":
+        cands = [c for c in dict.fromkeys(cfg.kernels.candidates) if c != "reference"]
+        if not cands:
+            return Choice("kernels", "reference", "kernels.candidates has only the reference")
         return Choice(
             "kernels",
-            "reference",
-            "on a GPU eager reference is fastest: H200 bf16 22.8 ms/step, triton 25.9, compile 28.3",
+            PER_OP,
+            f"each fused op timed at the run's shapes against {', '.join(['reference', *cands])} once the model is "
+            "built; one mode for the whole model lost on an H200 (bf16: reference 22.8 ms/step, triton 25.9)",
         )
+    if precision != "bf16":
+        return Choice("kernels", "reference", FP32_REASON)
     cc = have_compiler() if compiler is True else compiler
     if not cc:
         return Choice("kernels", "reference", "no C++ compiler for torch.compile's CPU backend")
@@ -395,6 +407,21 @@ def choose_kernels(cfg: Any, device: torch.device, *, compiler: str | None | boo
             "would not pay back",
         )
     return Choice("kernels", "compile", COMPILE_REASON)
+
+
+# Measured with bench/cpu_modes.py (make-train model, batch 64, 2 idle cores of an AMD EPYC under
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2026-12-04): fp32 reference 55.3 ms/step, compile 59.4.
+FP32_REASON = (
+    "in float32 torch.compile of the ResBlock ops was slower than eager (make-train model: 1,077 against 1,158 "
+    "questions/s on an AVX2 CPU); it pays with bf16 autocast"
+)
+PER_OP = "per-op"  # kernels.mode auto on CUDA: fastfilm.kernel_pick times each op site
+
+
+def build_mode(cfg: Any) -> str:
+    """The kernels mode a `per-op` model is built with: the first non-reference candidate (every fused site
+    exists; kernel_pick then sets each site's own implementation)."""
+    return next((c for c in cfg.kernels.candidates if c != "reference"), "reference")
 
 
 COMPILE_REASON = (
@@ -412,7 +439,8 @@ def decide(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None = Non
             "vocab_size": len(vocab["question_token_to_idx"]),
             "num_answers": len(vocab["answer_token_to_idx"]),
         }
-    return [choose_precision(cfg, device, **kw), choose_kernels(cfg, device)]
+    precision = choose_precision(cfg, device, **kw)
+    return [precision, choose_kernels(cfg, device, precision=precision.value)]
 
 
 def resolve(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None, rank: int = 0) -> list[Choice]:
@@ -431,7 +459,7 @@ def resolve(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None, ran
         choices = box[0]
     precision, kernels = choices
     apply_precision(cfg, precision)
-    cfg.kernels.mode = kernels.value
+    cfg.kernels.mode = build_mode(cfg) if kernels.value == PER_OP else kernels.value
     out = ([threads] if threads is not None else []) + list(choices)
     if rank == 0:
         for c in out:

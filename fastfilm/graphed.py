@@ -102,6 +102,14 @@ def unsupported(engine, optimizer, model_cfg, world: int = 1, asked: bool = Fals
     return None
 
 
+def will_capture(cfg, engine, optimizer, scaler, device: torch.device, world: int = 1) -> bool:
+    """Whether `trainer_step` will capture this run's step into CUDA graphs (what kernel_pick times in)."""
+    want = cfg.train.cuda_graphs
+    if device.type != "cuda" or want is False or scaler is not None:
+        return False
+    return unsupported(engine, optimizer, cfg.model, world, asked=want is True) is None
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

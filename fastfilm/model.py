@@ -300,6 +300,57 @@ class FiLMedResBlock(nn.Module):
         return out
 
 
+class BatchNormReLU(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` then ReLU as one module: in the kernel modes the ResBlock's fused op (kernels.bn_film_relu)
+    with γ, β the BatchNorm's own weight and bias broadcast over the batch (stride 0), so one read and one write
+    of the activation instead of BatchNorm's statistics, normalisation and ReLU passes. Its state-dict is
+    `nn.BatchNorm2d`'s; the network builds it (and `nn.Identity` in the ReLU's slot, keeping the original's
+    module indices) for the stem's and the classifier's BatchNorm + ReLU with `kernels="triton"`. `kernels =
+    "reference"` (set per module by `kernels.mode: auto`'s measured choice) runs BatchNorm2d, then ReLU;
+    `"compile"` the op's torch.compile."""
+
+    def __init__(self, dim: int, kernels: str):
+        super().__init__(dim)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "reference" or x.dim() != 4:
+            return F.relu(super().forward(x))
+        import kernels
+
+        if (
+            self.training and self.track_running_stats
+        ):  # as nn.BatchNorm2d does (the kernel updates the buffers)
+            self.num_batches_tracked.add_(1)
+        n, c = x.shape[:2]
+        gamma = self.weight if self.weight is not None else x.new_ones(c, dtype=torch.float32)
+        beta = self.bias if self.bias is not None else x.new_zeros(c, dtype=torch.float32)
+        use_batch_stats = self.training or not self.track_running_stats
+        return kernels.bn_film_relu(
+            x,
+            gamma.unsqueeze(0).expand(n, c),
+            beta.unsqueeze(0).expand(n, c),
+            None,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            training=use_batch_stats,
+            momentum=_bn_momentum(self),
+            eps=self.eps,
+            impl=self.kernels,
+        )
+
+
+def _bn_relu(dim: int, batchnorm: bool, kernels: str) -> list[nn.Module]:
+    """The original's `[BatchNorm2d(dim)], ReLU`; with `kernels="triton"` `BatchNormReLU` and `Identity` (same
+    indices, same state-dict). `compile` keeps the eager BatchNorm and ReLU: what it compiles (the ResBlock's op,
+    the coordinate convolutions) is what was measured on CPUs (README, "Performance")."""
+    if not batchnorm:
+        return [nn.ReLU(inplace=True)]
+    if kernels != "triton":
+        return [nn.BatchNorm2d(dim), nn.ReLU(inplace=True)]
+    return [BatchNormReLU(dim, kernels), nn.Identity()]
+
+
 class FiLMedNet(nn.Module):
     """Image (+ FiLM parameters) → answer logits: stem → FiLMed ResBlocks → classifier."""
 
@@ -323,9 +374,7 @@ class FiLMedNet(nn.Module):
                         prev, dim, cfg.stem_kernel_size, stride=cfg.stem_stride, padding=cfg.stem_padding
                     )
                 )
-            if cfg.stem_batchnorm:
-                layers.append(nn.BatchNorm2d(dim))
-            layers.append(nn.ReLU(inplace=True))
+            layers.extend(_bn_relu(dim, cfg.stem_batchnorm, kernels))
             prev = dim
             size = (size + 2 * cfg.stem_padding - cfg.stem_kernel_size) // cfg.stem_stride + 1
         if size <= 0:
@@ -346,9 +395,7 @@ class FiLMedNet(nn.Module):
                 cls.append(CoordConv(dim, proj, 1, 0, False, kernels))
             else:
                 cls.append(nn.Conv2d(dim, proj, 1))
-            if cfg.classifier_batchnorm:
-                cls.append(nn.BatchNorm2d(proj))
-            cls.append(nn.ReLU(inplace=True))
+            cls.extend(_bn_relu(proj, cfg.classifier_batchnorm, kernels))
             prev_dim = proj * size * size
         ds = cfg.classifier_downsample
         if "maxpool" in ds or "avgpool" in ds:

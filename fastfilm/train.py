@@ -358,16 +358,28 @@ def setup(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Run, Trai
 def _setup(
     cfg: Config, resume: bool, vocab: dict, lock: ckpt.RunLock, t_start: float
 ) -> tuple[Run, TrainState]:
+    from fastfilm.auto import PER_OP
     from fastfilm.auto import resolve as resolve_for_this_machine
     from fastfilm.data import loader_for
 
     rank, world, device = setup_distributed(cfg)
-    resolve_for_this_machine(cfg, device, vocab, rank)  # threads, train.precision / kernels.mode auto; logged
+    choices = resolve_for_this_machine(cfg, device, vocab, rank)  # threads, precision / kernels auto; logged
     torch.manual_seed(cfg.train.seed)
     shard = dict(device=device, shard_id=rank, num_shards=world, vocab=vocab)
     train_loader = loader_for(cfg, cfg.data.train_split, train=True, **shard)
     val_loader = loader_for(cfg, cfg.data.val_split, train=False, **shard)
     engine, optimizer, scaler = build_engine(cfg, vocab, device, init=not resume)
+    if any(c.what == "kernels" and c.value == PER_OP for c in choices):  # kernels.mode auto on a GPU
+        from fastfilm import kernel_pick
+        from fastfilm.graphed import will_capture
+
+        graphed = will_capture(cfg, engine, optimizer, scaler, device, world)
+        kernel_pick.pick(
+            engine.module, cfg.batch_size, cfg.kernels.candidates, autocast_dtype(cfg.deepspeed),
+            graphed=graphed, rank=rank, run_dir=cfg.train.run_dir if rank == 0 else None,
+        )  # fmt: skip
+        # The run folder's config keeps `auto`: an evaluation elsewhere (a CPU) must not inherit the GPU's mode.
+        cfg.kernels.mode = "auto"
     if len(train_loader) < engine.gradient_accumulation_steps():
         raise ConfigError(
             f"{cfg.source}: deepspeed.train_micro_batch_size_per_gpu={cfg.batch_size} × "
@@ -398,8 +410,9 @@ def _setup(
     )
     if run.is_main:
         gas = engine.gradient_accumulation_steps()
+        kernels_said = "per op (measured, above)" if cfg.kernels.mode == "auto" else cfg.kernels.mode
         print(
-            f"fastfilm: {count_parameters(engine.module):,} parameters, kernels={cfg.kernels.mode}, precision="
+            f"fastfilm: {count_parameters(engine.module):,} parameters, kernels={kernels_said}, precision="
             f"{run.amp_dtype or torch.float32}, {world} rank(s) on {device.type}; global batch "
             f"{cfg.batch_size * gas * world} ({cfg.batch_size} × {gas} accumulation × {world} ranks), lr {cfg.lr:g}, "
             f"{len(train_loader) // gas} steps/epoch",

@@ -54,7 +54,9 @@ def test_forced_avx2_capability_hides_avx512_bf16():
 
 def test_avx512_bf16_cpu_runs_bf16_when_the_probe_says_faster():
     c = cfg()
-    ch = auto.choose_precision(c, CPU, flags=BF16_FLAGS, capability="AVX512", probe=probe(2.0, 1.0))
+    ch = auto.choose_precision(
+        c, CPU, flags=BF16_FLAGS, capability="AVX512", onednn_isa="", probe=probe(2.0, 1.0)
+    )
     assert ch.value == "bf16"
     assert (
         ch.line()
@@ -63,7 +65,9 @@ def test_avx512_bf16_cpu_runs_bf16_when_the_probe_says_faster():
     auto.apply_precision(c, ch)
     assert autocast_dtype(c.deepspeed) is torch.bfloat16
     # bf16 instructions, but the model's own shapes are not faster in bf16: fp32
-    ch = auto.choose_precision(cfg(), CPU, flags=BF16_FLAGS, capability="AVX512", probe=probe(1.0, 1.0))
+    ch = auto.choose_precision(
+        cfg(), CPU, flags=BF16_FLAGS, capability="AVX512", onednn_isa="", probe=probe(1.0, 1.0)
+    )
     assert ch.value == "fp32" and "only 1.00× as fast" in ch.reason
 
 
@@ -97,6 +101,8 @@ def test_the_resolved_config_keeps_its_choice_when_reloaded():
 
 def test_kernels_auto():
     assert auto.choose_kernels(cfg(), CPU, compiler="g++").value == "compile"
+    fp32 = auto.choose_kernels(cfg(), CPU, compiler="g++", precision="fp32")
+    assert fp32.value == "reference" and "slower than eager" in fp32.reason
     no_cc = auto.choose_kernels(cfg(), CPU, compiler=None)
     assert no_cc.value == "reference" and "no C++ compiler" in no_cc.line()
     short = auto.choose_kernels(cfg(max_minutes=1), CPU, compiler="g++")
@@ -105,7 +111,15 @@ def test_kernels_auto():
         auto.choose_kernels(cfg(kernels="triton"), CPU).line()
         == "kernels: triton (kernels.mode in the config)"
     )
-    assert auto.choose_kernels(cfg(), torch.device("cuda")).value == "reference"
+    gpu = auto.choose_kernels(cfg(), torch.device("cuda"))
+    assert gpu.value == auto.PER_OP and "reference, triton" in gpu.reason
+    c = cfg()
+    assert auto.build_mode(c) == "triton"
+    c.kernels.candidates = ["reference"]
+    only_ref = auto.choose_kernels(c, torch.device("cuda"))
+    assert only_ref.value == "reference" and auto.build_mode(c) == "reference"
+    c.kernels.candidates = ["compile", "reference"]
+    assert auto.build_mode(c) == "compile"
 
 
 def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
@@ -133,7 +147,7 @@ def test_real_probes_are_short():
 def test_resolve_logs_and_applies(capsys, monkeypatch):
     monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "x", "flags": AVX2_FLAGS})
     monkeypatch.setattr(auto, "cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(auto, "have_compiler", lambda: None)
+    monkeypatch.setattr(auto, "have_compiler", lambda: "g++")
     threads = torch.get_num_threads()
     try:
         c = cfg()
@@ -143,7 +157,7 @@ def test_resolve_logs_and_applies(capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("fastfilm: threads: ")
     assert out[1].startswith("fastfilm: precision: fp32 (this CPU has no bf16 instructions")
-    assert out[2] == "fastfilm: kernels: reference (no C++ compiler for torch.compile's CPU backend)"
+    assert out[2] == f"fastfilm: kernels: reference ({auto.FP32_REASON})"  # AVX2: fp32, so no compile
     assert c.kernels.mode == "reference" and autocast_dtype(c.deepspeed) is None
 
 

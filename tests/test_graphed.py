@@ -140,6 +140,12 @@ def assert_trained_weights_close(a, b, steps: int, lr: float) -> None:
         if k in noise or k.endswith("running_mean"):
             continue
         x, y = sa[k].float(), sb[k].float()
+        if k.endswith("running_var"):
+            # The batch variances of tiny micro-batches ((a − b)² / 2 over 2 samples) amplify the rounding
+            # differences of their inputs: 4 of 16 running variances of the classifier's BatchNorm1d were
+            # 1e-4-relative apart under ATEN_CPU_CAPABILITY=avx2 (other kernels, other rounding).
+            torch.testing.assert_close(y, x, rtol=1e-2, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            continue
         diff = (x - y).abs()
         assert diff.max() <= 4 * steps * lr, (k, float(diff.max()))  # |m̂/√v̂| <= ~3.2 with Adam's betas
         close = diff <= 1e-5 + 1e-4 * x.abs()

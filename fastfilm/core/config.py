@@ -156,6 +156,9 @@ class KernelsConfig:
     machine when training starts (fastfilm/auto.py), logged, and written into the run folder's config.json."""
 
     mode: str = "reference"
+    # `auto` on a GPU: the implementations each fused op site is timed with (fastfilm/kernel_pick.py); the
+    # reference is always one of them
+    candidates: list[str] = field(default_factory=lambda: ["reference", "triton"])
 
 
 def default_deepspeed() -> dict[str, Any]:
@@ -487,6 +490,11 @@ def _validate_model(cfg: Config) -> None:
         _choice(cfg, key, value, options)
 
     choice("kernels.mode", cfg.kernels.mode, (*KERNEL_MODES, "auto"))
+    cands = cfg.kernels.candidates
+    if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+        raise bad("kernels.candidates", f"expected a non-empty list of kernel modes, got {cands!r}")
+    for c in cands:
+        choice("kernels.candidates", c, KERNEL_MODES)
     choice("model.stem", m.stem, ("pixels", "features"))
     choice("model.condition_method", m.condition_method, CONDITION_METHODS)
     choice("model.gamma_option", m.gamma_option, GAMMA_OPTIONS)
