@@ -12,7 +12,7 @@
 #               left out): junit XML + the log; every kernel test, not only those marked cuda
 #   gpu_step    bench/gpu_step.py: the train step per case (eager NCHW / channels_last, graph mode, batch 256,
 #               compile), ms, questions/s, launches, GPU-busy share, peak memory -> gpu_step.json + .md
-#   ops         pytest bench/test_ops.py -k "not compile": the fused ResBlock op (N = 64, 256, 512; NCHW and
+#   ops         pytest bench/test_ops.py -k "not compile and not fp32" (bf16, the GPU's precision): the fused ResBlock op (N = 64, 256, 512; NCHW and
 #               channels_last; eager and inside a CUDA graph) and the stem's BatchNorm + ReLU, reference against
 #               triton, side by side -> ops.json (what fastfilm.kernel_pick decides at a run's start, at the op level)
 #   cuda_tests  pytest -m cuda tests/ (TRITON_INTERPRET unset: real Triton compilation)
@@ -158,7 +158,7 @@ step_gpu_step() {
 }
 
 step_ops() {
-    "$PY" -m pytest bench/test_ops.py -k "not compile" -q -p no:cacheprovider --benchmark-json="$OUT/ops.json" \
+    "$PY" -m pytest bench/test_ops.py -k "not compile and not fp32" -q -p no:cacheprovider --benchmark-json="$OUT/ops.json" \
         --benchmark-columns=min,median,rounds,iterations
 }
 
