@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -218,9 +219,8 @@ def test_eval_shows_a_progress_bar_unless_disabled(dataset, tmp_path, capsys, mo
         cli(["eval", "--checkpoint", str(run), "--tag", "last", "--predictions", str(tmp_path / "p.txt")])
         == 0
     )
-    assert (
-        capsys.readouterr().err.count("eval val") == 1
-    )  # one pass: the accuracy is scored from the predictions
+    # one pass (the accuracy is scored from the predictions): one bar started; a slow machine redraws it more often
+    assert len(re.findall(r"eval val:\s+0%", capsys.readouterr().err)) == 1
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert cli(["eval", "--checkpoint", str(run), "--tag", "last"]) == 0
     assert "eval val" not in capsys.readouterr().err
