@@ -54,7 +54,8 @@ class Pick:
         times = ", ".join(
             f"{k} {v * 1e3:.3f} ms" for k, v in sorted(self.seconds.items(), key=lambda kv: kv[1])
         )
-        failed = "".join(f", {k} failed ({v})" for k, v in self.errors.items())
+        failed = "".join(f", {k} failed ({v})" for k, v in self.errors.items() if k != "graph")
+        failed += f"; {self.errors['graph']}" if "graph" in self.errors else ""
         return (
             f"kernels: {self.choice} for {self.key} × {len(self.sites)} ({times}{failed}; forward + backward)"
         )
@@ -112,9 +113,11 @@ def record_inputs(
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The run's autocast, without the weight-cast cache (a CUDA graph must not capture cached casts; graph mode's
+    step runs the same way, fastfilm/graphed.py)."""
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
+    return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False)
 
 
 def _set_impl(module: nn.Module, impl: str) -> None:
@@ -220,17 +223,28 @@ def measure(
     timer = timer or (lambda fn, dev, g: time_call(fn, dev, graphed=g, **(timing or {})))
     for key, pick in groups.items():
         module, args = sites[pick.sites[0]], inputs[pick.sites[0]]
+        in_graph = graphed
         for impl in candidates:
             if progress is not None:
                 progress(f"{key}: {impl}")
             try:
-                pick.seconds[impl] = timer(make_fwd_bwd(module, args, impl, amp_dtype), device, graphed)
+                pick.seconds[impl] = timer(make_fwd_bwd(module, args, impl, amp_dtype), device, in_graph)
             except Exception as e:  # a candidate that cannot run (or be captured) here is left out
-                if impl == "reference":
+                if impl != "reference":
+                    pick.errors[impl] = _why(e)
+                elif in_graph:  # the reference itself cannot be captured: this group is timed eagerly
+                    pick.errors["graph"] = f"reference not capturable, timed eagerly ({_why(e)})"
+                    in_graph = False
+                    pick.seconds[impl] = timer(make_fwd_bwd(module, args, impl, amp_dtype), device, False)
+                else:
                     raise
-                pick.errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         pick.choice = choose(pick.seconds)
     return list(groups.values())
+
+
+def _why(e: Exception) -> str:
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def choose(seconds: dict[str, float]) -> str:

@@ -87,6 +87,16 @@ def test_a_tie_keeps_the_reference_and_a_failing_candidate_is_left_out():
     assert all(p.choice == "reference" and "cannot be captured" in p.errors["triton"] for p in picks)
     assert "triton failed (RuntimeError: cannot be captured)" in picks[0].line()
 
+    def no_capture_of_the_reference(fn, device, graphed):
+        if graphed and fn.impl == "reference":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return {"reference": 1.0, "triton": 0.5}[fn.impl]
+
+    picks = kernel_pick.measure(m, batch, ["triton"], None, graphed=True, timer=no_capture_of_the_reference)
+    # the whole group is then timed eagerly (like against like): triton's eager 0.5 beats the reference's 1.0
+    assert all(p.choice == "triton" and "timed eagerly" in p.errors["graph"] for p in picks)
+    assert "reference not capturable, timed eagerly" in picks[0].line()
+
     def broken_reference(fn, device, graphed):
         raise RuntimeError("the reference must run")
 
