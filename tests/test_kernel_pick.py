@@ -10,6 +10,7 @@ import torch
 from fastfilm import kernel_pick
 from fastfilm.config import ModelConfig
 from fastfilm.model import BatchNormReLU, CoordConv, FiLMedResBlock, FiLMModel
+from tests.kernels.helpers import assert_float32_model_close
 
 V, A = 20, 9
 
@@ -147,22 +148,7 @@ def test_a_mixed_model_equals_the_reference(amp):
                 assert s_mix[k].dtype == torch.float32
                 assert err(s_mix[k], s_true[k]) <= 2 * err(s_ref[k], s_true[k]) + 1e-2, k
         return
-    # As tests/kernels/test_model_parity.py: drift within 1e-3 of each tensor's scale (float32 reductions in
-    # another order, a ReLU mask or pooling argmax that flips); a wrong term or a missing site is off by O(1).
-    floor = 1e-3 * max(g.abs().max() for g in g_ref.values())
-
-    def close(a, b, what):
-        a, b = a.float(), b.float()
-        assert (a - b).abs().max() / torch.maximum(b.abs().max(), floor) < 1e-3, what
-
-    close(l_mix, l_ref, "logits")
-    for k in g_ref:
-        close(g_mix[k], g_ref[k], f"grad {k}")
-    for k in s_ref:
-        if s_ref[k].is_floating_point():
-            close(s_mix[k], s_ref[k], f"state {k}")
-        else:
-            assert torch.equal(s_mix[k], s_ref[k]), k
+    assert_float32_model_close(outs[1], outs[2])  # as tests/kernels/test_model_parity.py
 
 
 def test_measuring_leaves_the_models_statistics_alone():
