@@ -161,6 +161,30 @@ def test_resolve_logs_and_applies(capsys, monkeypatch):
     assert c.kernels.mode == "reference" and autocast_dtype(c.deepspeed) is None
 
 
+@pytest.mark.parametrize(
+    "machine, expect",
+    [
+        ((BF16_FLAGS, "AVX512", {"fp32": 2.0, "bf16": 1.0, "batch": 64}), ("bf16", "compile")),
+        ((BF16_FLAGS, "AVX512", {"fp32": 1.0, "bf16": 1.0, "batch": 64}), ("fp32", "reference")),
+        ((AVX2_FLAGS, "AVX2", None), ("fp32", "reference")),
+    ],
+    ids=["avx512_bf16", "avx512_bf16-no-gain", "avx2"],
+)
+def test_precision_and_kernels_are_decided_together(monkeypatch, machine, expect):
+    """`decide` as the trainer runs it: kernels follow the precision (compile only pays with bf16 autocast)."""
+    flags, capability, model_probe = machine
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "x", "flags": flags})
+    monkeypatch.setattr(auto, "cpu_capability", lambda: capability)
+    monkeypatch.setattr(auto, "have_compiler", lambda: "g++")
+    monkeypatch.setattr(auto, "precision_probe", lambda *a, **k: model_probe or pytest.fail("no model probe"))
+    monkeypatch.setattr(auto, "matmul_ratio_probe", lambda: {"fp32": 1.0, "bf16": 24.0, "matmul": 256})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    precision, kernels = auto.decide(cfg(), CPU)
+    assert (precision.value, kernels.value) == expect
+    if expect[0] == "fp32":
+        assert kernels.reason == auto.FP32_REASON
+
+
 def test_demo_is_sized_by_the_probed_speed():
     # seconds per question at 64/48/32 px: an avx512_bf16 machine (~1,200 q/s) keeps 64 px; an AVX2 one at
     # 1/2.5 of that goes down to the largest size that still sees the target
