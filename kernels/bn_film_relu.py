@@ -212,13 +212,16 @@ def _backward_reduce_kernel(
     N, C, HW, NPS,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
     MODE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
     s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    # all true when C is a multiple of BLOCK_C (the model's 128): one predicate fewer per tile row, which triton
+    # 3.6's code for sm_80 spilled (P2R + STL at 96 registers) in channels_last eval, and sm_80/sm_90 at 2×2 maps
+    cmask = (c < C) | EVEN_C
     if MODE == 2:
         mean = tl.zeros([BLOCK_C], dtype=ACC)
         rstd = tl.full([BLOCK_C], 1.0, dtype=ACC)
@@ -382,7 +385,8 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     )  # fmt: skip
     _backward_reduce_kernel[(triton.cdiv(c, block_c), splits)](
         dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
-        MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, EVEN_C=c % block_c == 0,
+        num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     if mode == MODE_BATCH_STATS and not skip_dz:
         _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
