@@ -40,6 +40,20 @@ BN_NUM_WARPS = 4
 # the reductions run ceil(N / BN_SAMPLES_PER_SPLIT) programs per channel block
 BN_SAMPLES_PER_SPLIT = 4 if GPU_CHOICES else 64
 BN_MAX_SPLITS = 64  # ... but at most this many (a batch of 70,000 takes 1,094 samples per split)
+# Training mode in one launch forward (statistics, then apply) and one backward (sums, then dz), one program per
+# channel reading the whole batch twice (the second pass from L2), when M = N·H·W ≤ BN_ONE_LAUNCH_MAX_M: the
+# paper's ResBlock at batch 64 (M = 12,544, 128 programs) saves a launch each way. Above it the split path
+# (statistics over batch splits, then an apply over every (sample, channel, position) tile) spreads the work
+# over more SMs than C programs can. The threshold is a prediction (kernels/README.md), not a measurement. Under
+# the interpreter (without FASTFILM_KERNELS_AS_GPU) 0: the split path's few large tiles run there ~8× faster than
+# C one-channel programs (the kernel tests run both paths: their `bn_path` fixture).
+BN_ONE_LAUNCH_MAX_M = 32768 if GPU_CHOICES else 0
+# Elements per tile (samples × positions of one channel) and warps of the one-launch kernels: 16 per thread, as
+# the split kernels' tiles, with twice the warps (one program per SM: more loads in flight).
+BN_ONE_LAUNCH_TILE = 4096 if GPU_CHOICES else 16384
+BN_ONE_LAUNCH_NUM_WARPS = 8
+# Tests force a path: True (one launch), False (split), None (the rule above).
+BN_ONE_LAUNCH: bool | None = None
 
 # 1×1 conv GEMMs on a GPU: autotuned lists per kernel, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 # "mma": tensor-core products (bf16, fp16, float32 as TF32). "fma": float32 at IEEE precision, which multiplies

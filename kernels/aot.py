@@ -113,20 +113,29 @@ def _meta(shape, dtype, layout: str = "nchw"):
     return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
 
 
-def record_bn(n: int, c: int, h: int, w: int, dtype, layout: str, mode: str, residual: bool, case: str, out):
-    """The launches of one bn_film_relu forward + backward, γ and β sliced from a generator output as the model does."""
+def record_bn(
+    n: int, c: int, h: int, w: int, dtype, layout: str, mode: str, residual: bool, case: str, out,
+    one_launch: bool | None = None,
+):  # fmt: skip
+    """The launches of one bn_film_relu forward + backward, γ and β sliced from a generator output as the model does;
+    one_launch forces the training path (True: the one-launch kernels, False: the split ones; None: the rule's)."""
     import torch
 
     bn = importlib.import_module("kernels.bn_film_relu")
+    common = importlib.import_module("kernels._common")
     z, dout = _meta((n, c, h, w), dtype, layout), _meta((n, c, h, w), dtype, layout)
     film = _meta((n, 4, 2 * c), dtype)  # FiLMGen's output [N, blocks, 2C]: block 1's γ, then β
     gamma, beta = film[:, 1, :c], film[:, 1, c:]
     res = _meta((n, c, h, w), dtype, layout) if residual else None
     mode_id = {"train": bn.MODE_BATCH_STATS, "eval": bn.MODE_RUNNING_STATS, "no_bn": bn.MODE_NO_NORM}[mode]
     rm = rv = None if mode == "no_bn" else _meta((c,), torch.float32)
-    with recording(case, out):
-        _, mean, rstd = bn._forward(z, gamma, beta, res, rm, rv, mode_id, 0.1, 1e-5)
-        bn._backward(dout, z, gamma, beta, mean, rstd, mode_id)
+    saved, common.BN_ONE_LAUNCH = common.BN_ONE_LAUNCH, one_launch
+    try:
+        with recording(case, out):
+            _, mean, rstd = bn._forward(z, gamma, beta, res, rm, rv, mode_id, 0.1, 1e-5)
+            bn._backward(dout, z, gamma, beta, mean, rstd, mode_id)
+    finally:
+        common.BN_ONE_LAUNCH = saved
 
 
 def record_conv(
@@ -169,9 +178,13 @@ def record_all(sizes: str) -> list[Launch]:
             dtypes += [("fp64", torch.float64)] if label == "paper" else []
             for dt_name, dtype in dtypes:
                 for mode in BN_MODES:
-                    for res in (True, False):
-                        case = f"{label} {dt_name} {layout} {mode}{'' if res else ' nores'}"
-                        record_bn(n, c, h, w, dtype, layout, mode, res, case, out)
+                    # training: both paths at every size ("train" split, "train one-launch"), whichever the
+                    # launchers' rule (bn_film_relu._one_launch) picks there
+                    for one_launch in (False, True) if mode == "train" else (None,):
+                        for res in (True, False):
+                            path = " one-launch" if one_launch else ""
+                            case = f"{label} {dt_name} {layout} {mode}{path}{'' if res else ' nores'}"
+                            record_bn(n, c, h, w, dtype, layout, mode, res, case, out, one_launch)
             for precision in PRECISIONS if label == "paper" else [p for p in PRECISIONS if p != "fp64"]:
                 for what, c_out, relu in (
                     ("resblock", c, True),

@@ -20,6 +20,8 @@ Kernels (all statistics and sums in float32, float64 when the inputs are float64
     eval / no-BN fwd   _forward_kernel only
     training backward  _backward_reduce_kernel (dγ, dβ, per-split A/B partial sums) → _backward_dz_kernel
     eval / no-BN bwd   _backward_reduce_kernel only (it writes dz in the same pass)
+    training, small M  _one_launch_forward_kernel, _one_launch_backward_kernel: one program per channel, the
+                       statistics (sums) pass then the apply (dz) pass in one launch each (_one_launch says when)
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+import kernels._common as _common
 from kernels._common import (
     BN_MAX_SPLITS,
     BN_NUM_WARPS,
+    BN_ONE_LAUNCH_MAX_M,
+    BN_ONE_LAUNCH_NUM_WARPS,
+    BN_ONE_LAUNCH_TILE,
     BN_SAMPLES_PER_SPLIT,
     BN_TILE,
     TL_DTYPE,
@@ -87,7 +93,7 @@ def bn_film_relu_reference(
 # Partial statistics of z − K over the samples of one batch split s (N_s·HW values each), K = z[0, c, 0] the
 # same pivot in every split (_pivot):
 #   tiles t of the split in order; per tile its mean m_t and M2_t = Σ (x − m_t)²;
-#   running (count k, mean μ, M2) ← Chan: δ = m_t − μ, μ += δ·n_t/(k + n_t), M2 += M2_t + δ²·k·n_t/(k + n_t).
+#   running (count k, mean μ, M2) ← Chan (_chan): δ = m_t − μ, μ += δ·n_t/(k + n_t), M2 += M2_t + δ²·k·n_t/(k + n_t).
 @triton.jit
 def _stats_kernel(
     Z, PMEAN, PM2,
@@ -115,12 +121,17 @@ def _stats_kernel(
             t_mean = tl.sum(x, axis=1) / cnt
             d = tl.where(mask, x - t_mean[:, None], 0.0)
             t_m2 = tl.sum(d * d, axis=1)
-            seen = tl.cast((n - n0) * HW + p0, ACC)
-            delta = t_mean - mean
-            mean += delta * (cnt / (seen + cnt))
-            m2 += t_m2 + delta * delta * (seen * cnt / (seen + cnt))
+            mean, m2 = _chan(mean, m2, tl.cast((n - n0) * HW + p0, ACC), t_mean, t_m2, cnt)
     tl.store(PMEAN + pid_s * C + c, mean, mask=cmask)
     tl.store(PM2 + pid_s * C + c, m2, mask=cmask)
+
+
+# Chan's combine of the statistics of `seen` values (mean, M2) with those of a tile of cnt values (t_mean, t_M2):
+#   δ = t_mean − mean,   mean + δ·cnt/(seen + cnt),   M2 + (t_M2 + δ²·seen·cnt/(seen + cnt))
+@triton.jit
+def _chan(mean, m2, seen, t_mean, t_m2, cnt):
+    delta = t_mean - mean
+    return mean + delta * (cnt / (seen + cnt)), m2 + (t_m2 + delta * delta * (seen * cnt / (seen + cnt)))
 
 
 # The statistics' pivot K of channels c: z[0, c, 0] (a non-finite K gives non-finite statistics, as z does).
@@ -212,13 +223,16 @@ def _backward_reduce_kernel(
     N, C, HW, NPS,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
     MODE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
     s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    # all true when C is a multiple of BLOCK_C (the model's 128): one predicate fewer per tile row, which triton
+    # 3.6's code for sm_80 spilled (P2R + STL at 96 registers) in channels_last eval, and sm_80/sm_90 at 2×2 maps
+    cmask = (c < C) | EVEN_C
     if MODE == 2:
         mean = tl.zeros([BLOCK_C], dtype=ACC)
         rstd = tl.full([BLOCK_C], 1.0, dtype=ACC)
@@ -297,6 +311,122 @@ def _backward_dz_kernel(
     tl.store(x_ptr, dz.to(DZ.dtype.element_ty), mask=mask)
 
 
+# One program per channel c, training mode in one launch (at batch sizes where C programs suffice: _one_launch):
+#   pass 1, as _stats_kernel over the whole batch as one split: tiles t of (samples × positions) in order, Chan's
+#           combine of z − K (K = z[0, c, 0]);  mean = K + μ,  var = M2 / M,  rstd = 1 / √(var + eps);
+#           running buffers updated, mean and rstd saved for the backward
+#   pass 2, as _forward_kernel: out[n,c,p] = r[n,c,p] + max((z[n,c,p] − mean)·γ[n,c]·rstd + β[n,c], 0)
+@triton.jit
+def _one_launch_forward_kernel(
+    Z, R, Y, GAMMA, BETA, RMEAN, RVAR, MEAN, RSTD,
+    N, HW, M: tl.float64, momentum: tl.float64, eps: tl.float64,
+    s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp, s_gn, s_gc, s_bn, s_bc,
+    HAS_RES: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    M, momentum, eps = tl.cast(M, ACC), tl.cast(momentum, ACC), tl.cast(eps, ACC)  # as in _forward_kernel
+    HW, s_zn, s_zc = aligned(HW, VEC), aligned(s_zn, VEC), aligned(s_zc, VEC)
+    s_rn, s_rc, s_yn, s_yc = aligned(s_rn, VEC), aligned(s_rc, VEC), aligned(s_yn, VEC), aligned(s_yc, VEC)
+    c = tl.program_id(0)
+    z_c = Z + c * s_zc
+    pivot = tl.load(z_c).to(ACC)  # _pivot's K
+    mean = tl.zeros([], dtype=ACC)
+    m2 = tl.zeros([], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_off = tl.cast(n, tl.int64)[:, None] * s_zn
+        for p0 in range(0, HW, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = ((n < N) | EVEN_N)[:, None] & (p < HW)[None, :]
+            x = tl.load(z_c + n_off + p[None, :] * s_zp, mask=mask, other=pivot).to(ACC) - pivot
+            rows = tl.minimum(N - n0, BLOCK_N)
+            cnt = tl.cast(rows * tl.minimum(HW - p0, BLOCK_P), ACC)
+            t_mean = tl.sum(x) / cnt
+            d = tl.where(mask, x - t_mean, 0.0)
+            mean, m2 = _chan(mean, m2, tl.cast(n0 * HW + rows * p0, ACC), t_mean, tl.sum(d * d), cnt)
+    mean += pivot
+    rstd = 1.0 / tl.sqrt(m2 / M + eps)
+    if UPDATE_RUNNING:
+        r_mean = momentum * mean + (1.0 - momentum) * tl.load(RMEAN + c).to(ACC)
+        r_var = momentum * (m2 / (M - 1.0)) + (1.0 - momentum) * tl.load(RVAR + c).to(ACC)
+        tl.store(RMEAN + c, r_mean.to(RMEAN.dtype.element_ty))
+        tl.store(RVAR + c, r_var.to(RVAR.dtype.element_ty))
+    tl.store(MEAN + c, mean)
+    tl.store(RSTD + c, rstd)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = (n < N) | EVEN_N  # all true when BLOCK_N divides N (fewer predicates)
+        n64 = tl.cast(n, tl.int64)[:, None]
+        scale = tl.load(GAMMA + n * s_gn + c * s_gc, mask=nmask, other=0.0).to(ACC) * rstd
+        beta = tl.load(BETA + n * s_bn + c * s_bc, mask=nmask, other=0.0).to(ACC)
+        for p0 in range(0, HW, BLOCK_P):
+            p = (p0 + tl.arange(0, BLOCK_P))[None, :]
+            mask = nmask[:, None] & (p < HW)
+            z = tl.load(z_c + n64 * s_zn + p * s_zp, mask=mask, other=0.0).to(ACC) - mean
+            out = tl.maximum(tl.fma(z, scale[:, None], beta[:, None]), 0.0, propagate_nan=tl.PropagateNan.ALL)
+            if HAS_RES:
+                out += tl.load(R + n64 * s_rn + c * s_rc + p * s_rp, mask=mask, other=0.0).to(ACC)
+            tl.store(Y + n64 * s_yn + c * s_yc + p * s_yp, out.to(Y.dtype.element_ty), mask=mask)
+
+
+# One program per channel c, the training backward in one launch, with g = dout·[(z − mean)·γ·rstd + β > 0] and
+# x̂ = (z − mean)·rstd as in _backward_reduce_kernel:
+#   pass 1: dβ[n,c] = Σ_p g,  dγ[n,c] = Σ_p g·x̂ (stored);   A = Σ_n γ[n,c]·dβ[n,c] / M,  B = Σ_n γ[n,c]·dγ[n,c] / M
+#   pass 2, as _backward_dz_kernel: dz = rstd·(γ·g − A − x̂·B)
+@triton.jit
+def _one_launch_backward_kernel(
+    DOUT, Z, GAMMA, BETA, MEAN, RSTD, DZ, DGAMMA, DBETA,
+    N, C, HW, M: tl.float64,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
+    ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    M = tl.cast(M, ACC)  # float64 in, rounded once (as in _forward_kernel)
+    HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
+    s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
+    c = tl.program_id(0)
+    mean = tl.load(MEAN + c)
+    rstd = tl.load(RSTD + c)
+    a = tl.zeros([], dtype=ACC)
+    b = tl.zeros([], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = (n < N) | EVEN_N  # all true when BLOCK_N divides N (fewer predicates)
+        n64 = tl.cast(n, tl.int64)[:, None]
+        gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=nmask, other=0.0).to(ACC)
+        beta = tl.load(BETA + n * s_bn + c * s_bc, mask=nmask, other=0.0).to(ACC)
+        scale = gamma * rstd
+        d_beta = tl.zeros([BLOCK_N], dtype=ACC)
+        d_gamma = tl.zeros([BLOCK_N], dtype=ACC)
+        for p0 in range(0, HW, BLOCK_P):
+            p = (p0 + tl.arange(0, BLOCK_P))[None, :]
+            mask = nmask[:, None] & (p < HW)
+            z = tl.load(Z + n64 * s_zn + c * s_zc + p * s_zp, mask=mask, other=0.0).to(ACC) - mean
+            do = tl.load(DOUT + n64 * s_dn + c * s_dc + p * s_dp, mask=mask, other=0.0)
+            g = tl.where(tl.fma(z, scale[:, None], beta[:, None]) <= 0.0, 0.0, do.to(ACC))  # as torch's
+            d_beta += tl.sum(g, axis=1)
+            d_gamma += tl.sum(g * (z * rstd), axis=1)
+        tl.store(DGAMMA + n * C + c, d_gamma.to(DGAMMA.dtype.element_ty), mask=nmask)
+        tl.store(DBETA + n * C + c, d_beta.to(DBETA.dtype.element_ty), mask=nmask)
+        a += tl.sum(gamma * d_beta)
+        b += tl.sum(gamma * d_gamma)
+    a /= M
+    b /= M
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = (n < N) | EVEN_N  # all true when BLOCK_N divides N (fewer predicates)
+        n64 = tl.cast(n, tl.int64)[:, None]
+        gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=nmask, other=0.0).to(ACC)[:, None]
+        beta = tl.load(BETA + n * s_bn + c * s_bc, mask=nmask, other=0.0).to(ACC)[:, None]
+        for p0 in range(0, HW, BLOCK_P):
+            p = (p0 + tl.arange(0, BLOCK_P))[None, :]
+            mask = nmask[:, None] & (p < HW)
+            z = tl.load(Z + n64 * s_zn + c * s_zc + p * s_zp, mask=mask, other=0.0).to(ACC) - mean
+            do = tl.load(DOUT + n64 * s_dn + c * s_dc + p * s_dp, mask=mask, other=0.0)
+            g = tl.where(tl.fma(z, gamma * rstd, beta) <= 0.0, 0.0, do.to(ACC))  # NaN passes, as torch's
+            dz = rstd * (gamma * g - a - (z * rstd) * b)
+            tl.store(DZ + n64 * s_xn + c * s_xc + p * s_xp, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -311,6 +441,22 @@ def _tile(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
         block_p = min(triton.next_power_of_2(hw), BN_TILE)
         block_c = min(triton.next_power_of_2(c), max(1, BN_TILE // block_p))
     return block_c, block_p
+
+
+def _one_launch(m: int) -> bool:
+    """Training mode in one launch each way (one program per channel over the whole batch) rather than the split
+    path: when M = N·H·W ≤ BN_ONE_LAUNCH_MAX_M, unless a test forces a path (_common.BN_ONE_LAUNCH)."""
+    forced = _common.BN_ONE_LAUNCH
+    return m <= BN_ONE_LAUNCH_MAX_M if forced is None else forced
+
+
+def _one_launch_tile(n: int, hw: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_P) of the one-launch kernels: about BN_ONE_LAUNCH_TILE elements of one channel (half that in
+    channels_last, where every element is its own load with its own address and mask: 8 per thread, not 16), all
+    of a sample's positions (up to the tile) and as many samples as fit."""
+    tile = BN_ONE_LAUNCH_TILE // 2 if channels_last else BN_ONE_LAUNCH_TILE
+    block_p = min(triton.next_power_of_2(hw), tile)
+    return min(triton.next_power_of_2(n), max(1, tile // block_p)), block_p
 
 
 def _samples_per_split(n: int) -> int:
@@ -333,6 +479,19 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
     y = empty_like_layout(tuple(z.shape), z, z.dtype)
     mean = torch.empty(c, device=z.device, dtype=acc)
     rstd = torch.empty(c, device=z.device, dtype=acc)
+    res = residual if residual is not None else z
+    update = mode == MODE_BATCH_STATS and running_mean is not None
+    if mode == MODE_BATCH_STATS and _one_launch(m):
+        block_n, block_p = _one_launch_tile(n, hw, is_channels_last(z))
+        _one_launch_forward_kernel[(c,)](
+            z, res, y, gamma, beta, running_mean if update else mean, running_var if update else rstd, mean, rstd,
+            n, hw, float(m), float(momentum), float(eps),
+            *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
+            gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+            HAS_RES=residual is not None, UPDATE_RUNNING=update, ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z, res, y),
+            BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0, num_warps=BN_ONE_LAUNCH_NUM_WARPS,
+        )  # fmt: skip
+        return y, mean, rstd
     p_mean = p_m2 = mean  # placeholders when unused
     if mode == MODE_BATCH_STATS:
         p_mean = torch.empty((splits, c), device=z.device, dtype=acc)
@@ -341,8 +500,6 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
             z, p_mean, p_m2, n, c, hw, nps, *_strides(z, "z"),
             ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
-    res = residual if residual is not None else z
-    update = mode == MODE_BATCH_STATS and running_mean is not None
     _forward_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
         z, res, y, gamma, beta, p_mean, p_m2,
         running_mean if running_mean is not None else mean, running_var if running_var is not None else rstd,
@@ -374,15 +531,24 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     dz = z if skip_dz else empty_like_layout(tuple(z.shape), z, z.dtype)
     d_gamma = torch.empty((n, c), device=z.device, dtype=gamma.dtype)
     d_beta = torch.empty((n, c), device=z.device, dtype=beta.dtype)
-    p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
     vec = vec_hint(hw, dout, z, dz)
     common = (
         *d_strides, *_strides(z, "z"), *_strides(dz, "dz"),
         gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
     )  # fmt: skip
+    if mode == MODE_BATCH_STATS and not skip_dz and _one_launch(m):
+        block_n, block_p = _one_launch_tile(n, hw, is_channels_last(z))
+        _one_launch_backward_kernel[(c,)](
+            dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, n, c, hw, float(m), *common,
+            ACC=TL_DTYPE[acc], VEC=vec, BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0,
+            num_warps=BN_ONE_LAUNCH_NUM_WARPS,
+        )  # fmt: skip
+        return dz, d_gamma, d_beta, dout
+    p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
     _backward_reduce_kernel[(triton.cdiv(c, block_c), splits)](
         dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
-        MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, EVEN_C=c % block_c == 0,
+        num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     if mode == MODE_BATCH_STATS and not skip_dz:
         _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](

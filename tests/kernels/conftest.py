@@ -1,6 +1,8 @@
 """Kernel tests: Triton runs in its interpreter without a GPU (the variable must be set before `import triton`)."""
 
+import importlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,3 +30,57 @@ def _ieee_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# The BN kernels of each training path; the fixture below counts their launches.
+BN_SPLIT_TRAINING = ("_stats_kernel", "_backward_dz_kernel")
+BN_ONE_LAUNCH = ("_one_launch_forward_kernel", "_one_launch_backward_kernel")
+BN_KERNELS = ("_forward_kernel", "_backward_reduce_kernel", *BN_SPLIT_TRAINING, *BN_ONE_LAUNCH)
+
+
+class _Counting:
+    """Stands in for a Triton kernel in its module: counts `kernel[grid](...)` launches, then launches."""
+
+    def __init__(self, kernel, name: str, launches: dict) -> None:
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches[self.name] = self.launches.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=["split", "one_launch"])
+def bn_path(request, monkeypatch):
+    """bn_film_relu's training mode forced onto one path: "split" (statistics over batch splits, then the apply;
+    the backward's reduction, then dz) or "one_launch" (one program per channel, one launch each way). Yields
+    `.one_launch` and `.launches` (per kernel name); afterwards checks that training ran on that path and never on the other one.
+    (A test with a `mode` parameter runs "one_launch" in training only: see pytest_collection_modifyitems.)"""
+    import kernels._common as common
+
+    bn = importlib.import_module("kernels.bn_film_relu")
+    monkeypatch.setattr(common, "BN_ONE_LAUNCH", request.param == "one_launch")
+    launches: dict[str, int] = {}
+    for name in BN_KERNELS:
+        monkeypatch.setattr(bn, name, _Counting(getattr(bn, name), name, launches))
+    yield SimpleNamespace(one_launch=request.param == "one_launch", launches=launches)
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    training = params.get("mode", "train") == "train"
+    if request.param == "one_launch":
+        assert not any(launches.get(k) for k in BN_SPLIT_TRAINING), f"the split path ran: {launches}"
+        assert launches.get("_one_launch_forward_kernel"), f"no one-launch forward ran: {launches}"
+    else:
+        assert not any(launches.get(k) for k in BN_ONE_LAUNCH), f"the one-launch path ran: {launches}"
+        assert not training or launches.get("_stats_kernel"), f"no split training forward ran: {launches}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrized over BN modes run the one-launch path in training only (eval and no BN have one path)."""
+
+    def one_launch_outside_training(item) -> bool:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return params.get("bn_path") == "one_launch" and params.get("mode", "train") != "train"
+
+    drop = [item for item in items if one_launch_outside_training(item)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if not one_launch_outside_training(item)]

@@ -96,14 +96,14 @@ def check_against_reference(inp, mode, residual=True, buffers=True, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
-def test_matches_reference(device, shape, dtype, mode, residual):
+def test_matches_reference(device, bn_path, shape, dtype, mode, residual):
     check_against_reference(make_inputs(shape, device, dtype), mode, residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("residual_layout", ["channels_last", "nchw"])
-def test_channels_last(device, dtype, mode, residual_layout):
+def test_channels_last(device, bn_path, dtype, mode, residual_layout):
     """z (and the residual) in channels_last: read through strides, output and dz come back in channels_last."""
     inp = make_inputs((2, 130, 14, 14), device, dtype, seed=1)
     inp["z"] = inp["z"].contiguous(memory_format=torch.channels_last)
@@ -117,32 +117,47 @@ def test_channels_last(device, dtype, mode, residual_layout):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", MODES)
-def test_many_tiles_and_batch_splits(device, monkeypatch, layout, mode):
+def test_many_tiles_and_batch_splits(device, bn_path, monkeypatch, layout, mode):
     """Tiny tiles and 2 samples per split: several position tiles per sample (the in-split Chan combine, the
-    `first` program writing the statistics), several channel blocks and an uneven last batch split."""
+    `first` program writing the statistics), several channel blocks and an uneven last batch split. One launch:
+    tiles of 1 sample × 16 (NCHW) or 8 (channels_last) positions, 2 or 3 per sample, the last partial; then of
+    4 or 2 samples × 32 positions (an uneven last block of samples); each pass over several tiles."""
+    cl = layout == "channels_last"
     monkeypatch.setattr(bn_module, "BN_TILE", 16)
     monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 2)
+    monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 16)
+    assert bn_module._one_launch_tile(5, 20, cl) == ((1, 8) if cl else (1, 16))
     inp = make_inputs((5, 3, 4, 5), device, seed=9)
     if layout == "channels_last":
         for k in ("z", "residual", "dout"):
             inp[k] = inp[k].contiguous(memory_format=torch.channels_last)
     check_against_reference(inp, mode)
+    if bn_path.one_launch:
+        monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 128)
+        assert bn_module._one_launch_tile(5, 20, cl) == ((2, 32) if cl else (4, 32))
+        check_against_reference(inp, mode)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", MODES)
-def test_gpu_tiles(device, monkeypatch, layout, mode):
-    """The GPU's launch settings (2048-element tiles, 4 samples per split) in the interpreter: 12×11 = 132
-    positions (VEC = 4 alignment hints in NCHW; three 64-position tiles in channels_last), 20 channels (three
-    8-channel blocks in NCHW), 9 samples in 3 uneven splits; in training also the split cap (2 splits of 5 samples)."""
+def test_gpu_tiles(device, bn_path, monkeypatch, layout, mode):
+    """The GPU's launch settings (2048-element tiles, 4 samples per split; 4096-element one-launch tiles) in the
+    interpreter: 12×11 = 132 positions (VEC = 4 alignment hints in NCHW; three 64-position tiles in channels_last),
+    20 channels (three 8-channel blocks in NCHW), 9 samples in 3 uneven splits; in training also the split cap
+    (2 splits of 5 samples)."""
     monkeypatch.setattr(bn_module, "BN_TILE", 2048)
     monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 4)
+    monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 4096)
     inp = make_inputs((9, 20, 12, 11), device, seed=11)
     if layout == "channels_last":
         for k in ("z", "residual", "dout"):
             inp[k] = inp[k].contiguous(memory_format=torch.channels_last)
     assert bn_module._tile(20, 132, layout == "channels_last") == (
         (32, 64) if layout == "channels_last" else (8, 256)
+    )
+    # one launch: one block of 16 samples, 9 used (NCHW); two blocks of 8, 1 used in the second (channels_last)
+    assert bn_module._one_launch_tile(9, 132, layout == "channels_last") == (
+        (8, 256) if layout == "channels_last" else (16, 256)
     )
     check_against_reference(inp, mode)
     if mode == "train":
@@ -151,13 +166,13 @@ def test_gpu_tiles(device, monkeypatch, layout, mode):
         check_against_reference(inp, mode)
 
 
-def test_train_without_buffers(device):
+def test_train_without_buffers(device, bn_path):
     """training with running_mean = running_var = None: batch statistics, nothing to update."""
     check_against_reference(make_inputs((3, 5, 7, 7), device), "train", buffers=False)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_film_params_in_another_dtype_and_strided(device, mode):
+def test_film_params_in_another_dtype_and_strided(device, bn_path, mode):
     """bf16 activations with float32 γ/β sliced out of a generator output [N, blocks, 2C] (as the model does)."""
     n, c = 3, 5
     inp = make_inputs((n, c, 7, 7), device, torch.bfloat16, gamma_dtype=torch.float32, seed=2)
@@ -168,12 +183,12 @@ def test_film_params_in_another_dtype_and_strided(device, mode):
     check_against_reference(inp, mode)
 
 
-def test_float32_activations_with_bf16_film_params(device):
+def test_float32_activations_with_bf16_film_params(device, bn_path):
     inp = make_inputs((3, 5, 7, 7), device, torch.float32, gamma_dtype=torch.bfloat16, seed=3)
     check_against_reference(inp, "train")
 
 
-def test_running_stats_follow_batchnorm2d(device):
+def test_running_stats_follow_batchnorm2d(device, bn_path):
     """Three training steps and an eval step against nn.BatchNorm2d(affine=False), non-default momentum and eps."""
     n, c, h, w = 4, 6, 5, 3
     bn = nn.BatchNorm2d(c, affine=False, momentum=0.3, eps=1e-3).to(device)
@@ -193,7 +208,7 @@ def test_running_stats_follow_batchnorm2d(device):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bf16_error_comparable_to_pytorch_bf16(device, mode):
+def test_bf16_error_comparable_to_pytorch_bf16(device, bn_path, mode):
     """Against the float32 result, our bf16 error is within BF16_REL and no worse than PyTorch's own bf16 path.
 
     PyTorch in bf16 rounds after every op (BN, ×γ, +β, ReLU, +r); we compute in float32 and round once, so our
@@ -212,7 +227,7 @@ def test_bf16_error_comparable_to_pytorch_bf16(device, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_float64(device, mode):
+def test_gradcheck_float64(device, bn_path, mode):
     """Finite differences in float64 (the kernels accumulate in float64 for float64 inputs)."""
     inp = make_inputs((2, 2, 2, 3), device, torch.float64, seed=5)
     buffers = (inp["running_mean"].double(), inp["running_var"].double()) if mode == "eval" else (None, None)
@@ -227,7 +242,7 @@ def test_gradcheck_float64(device, mode):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_grad_output_broadcast_and_transposed(device):
+def test_grad_output_broadcast_and_transposed(device, bn_path):
     """grad_output with stride 0 (from .sum()) is read in place; a non-flattenable one is copied explicitly."""
     inp = make_inputs((3, 5, 7, 6), device, seed=6)
     for loss_fn in (lambda y: y.sum(), lambda y: (y.transpose(2, 3) * inp["dout"].transpose(2, 3)).sum()):
@@ -273,7 +288,7 @@ def test_rejects_bad_inputs(device):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @cuda_only
-def test_model_size_on_gpu(device, layout, mode, dtype):
+def test_model_size_on_gpu(device, bn_path, layout, mode, dtype):
     """The model's size (batch 64, 128 maps, 14×14), compiled kernels with the GPU launch settings."""
     inp = make_inputs((64, 128, 14, 14), device, dtype, seed=8)
     if layout == "channels_last":

@@ -25,21 +25,21 @@ def _buffers(inp: dict, mode: str, dtype: torch.dtype = torch.float32):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
-def test_float16(device, mode, residual):
+def test_float16(device, bn_path, mode, residual):
     """float16 activations and FiLM parameters (autocast fp16 is a supported precision): within FP16_REL of the
     float32 reference, gradients in float16, running statistics in float32."""
     check_against_reference(make_inputs((3, 5, 7, 7), device, torch.float16, seed=20), mode, residual)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_float16_activations_with_float32_film_params(device, mode):
+def test_float16_activations_with_float32_film_params(device, bn_path, mode):
     """What fp16 autocast hands the op: a float16 conv output and residual, float32 γ/β."""
     inp = make_inputs((3, 5, 7, 7), device, torch.float16, gamma_dtype=torch.float32, seed=21)
     check_against_reference(inp, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_residual_in_another_dtype(device, mode):
+def test_residual_in_another_dtype(device, bn_path, mode):
     """A float32 residual added to a bf16 BN branch: the output keeps z's dtype, dr comes back in float32."""
     inp = make_inputs((3, 5, 7, 7), device, torch.bfloat16, seed=22)
     inp["residual"] = inp["residual"].float()
@@ -47,7 +47,7 @@ def test_residual_in_another_dtype(device, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_float64_equals_float64_reference(device, mode):
+def test_float64_equals_float64_reference(device, bn_path, mode):
     """float64 everywhere (running buffers too): the kernels accumulate in float64, so the reference in float64
     must agree to ~1e-12, outputs, gradients and buffers (a shape that is no multiple of any block)."""
     inp = make_inputs((3, 5, 7, 6), device, torch.float64, seed=23)
@@ -70,7 +70,7 @@ def test_float64_equals_float64_reference(device, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_broadcast_film_params(device, mode):
+def test_broadcast_film_params(device, bn_path, mode):
     """γ expanded over the batch (stride 0) and β expanded from one scalar (both strides 0): read in place, and
     their gradients summed back over the expansion as autograd does for the reference."""
     n, c = 4, 5
@@ -97,7 +97,7 @@ def test_broadcast_film_params(device, mode):
     ids=lambda s: "+".join(s) or "none",
 )
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_only_some_inputs_require_grad(device, needs, mode):
+def test_only_some_inputs_require_grad(device, bn_path, needs, mode):
     """Only some inputs require grad (a frozen generator, a frozen network, inference): the requested gradients
     match the reference, the others stay None; with none requested the output has no graph."""
     inp = make_inputs((3, 5, 7, 7), device, seed=25)
@@ -121,7 +121,7 @@ def test_only_some_inputs_require_grad(device, needs, mode):
             assert grads[k] is None, f"d{k} should be None"
 
 
-def test_strided_views(device):
+def test_strided_views(device, bn_path):
     """z a channel slice of a wider tensor (storage offset, channel stride ≠ C), the residual every other sample of
     a batch, and z2 a batch/channel transpose ([C, N, H, W] viewed as [N, C, H, W]): all flattenable, read through
     their strides with no copy."""
@@ -153,7 +153,7 @@ def test_strided_views(device):
     ids=["per_channel", "batch_broadcast", "channels_last", "hw_transposed"],
 )
 @pytest.mark.parametrize("mode", MODES)
-def test_grad_output_layouts(device, make_dout, mode):
+def test_grad_output_layouts(device, bn_path, make_dout, mode):
     """The incoming gradient in a layout other than z's, read through its strides (or copied when it cannot be)."""
     inp = make_inputs((3, 5, 7, 6), device, seed=28)
     inp["dout"] = make_dout(inp["dout"])
@@ -166,7 +166,7 @@ def test_grad_output_layouts(device, make_dout, mode):
     ids=["batch1", "hw1", "c1", "h1", "w1", "three_values"],
 )
 @pytest.mark.parametrize("mode", MODES)
-def test_degenerate_shapes(device, shape, mode):
+def test_degenerate_shapes(device, bn_path, shape, mode):
     """Batch 1 (legal in training when H·W > 1), 1×1 maps, one channel, one row or column, 3 values per channel.
     (With 2 values per channel the training dz is exactly zero, so only rounding noise would be compared: the
     2-value case is checked on the forward and the buffers below.)"""
@@ -174,7 +174,7 @@ def test_degenerate_shapes(device, shape, mode):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_degenerate_channels_last(device, layout):
+def test_degenerate_channels_last(device, bn_path, layout):
     """channels_last tensors whose layout is ambiguous (one channel; 1×1 maps) or unambiguous with one row."""
     for shape in ((3, 1, 4, 5), (4, 5, 1, 1), (2, 3, 1, 7)):
         inp = make_inputs(shape, device, seed=30)
@@ -184,7 +184,7 @@ def test_degenerate_channels_last(device, layout):
         check_against_reference(inp, "train")
 
 
-def test_one_value_per_channel_in_training_is_refused_as_pytorch_does(device):
+def test_one_value_per_channel_in_training_is_refused_as_pytorch_does(device, bn_path):
     """Batch 1 with 1×1 maps in training: PyTorch raises ValueError (no variance); so do we, in every impl.
     In eval mode and without BN the same input is fine."""
     inp = make_inputs((1, 5, 1, 1), device, seed=31)
@@ -210,20 +210,23 @@ def test_one_value_per_channel_in_training_is_refused_as_pytorch_does(device):
         assert_rel_close(a, b, FP32_REL, name)
 
 
-def test_many_samples(device, monkeypatch):
+def test_many_samples(device, bn_path, monkeypatch):
     """A batch far larger than the split size with the split cap reached (many samples per split, an uneven last
-    split), as a batch of tens of thousands does on a GPU; tiny maps keep the interpreter fast."""
+    split), as a batch of tens of thousands does on a GPU; one launch: many blocks of samples per channel; tiny
+    maps keep the interpreter fast."""
     import importlib
 
     bn_module = importlib.import_module("kernels.bn_film_relu")
     monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 2)
     monkeypatch.setattr(bn_module, "BN_MAX_SPLITS", 4)
+    monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 16)
     assert bn_module._samples_per_split(37) == 10  # 4 splits, the last one with 7 samples
+    assert bn_module._one_launch_tile(37, 6, False) == (2, 8)  # one launch: 19 blocks of samples
     for mode in MODES:
         check_against_reference(make_inputs((37, 3, 2, 3), device, seed=32), mode)
 
 
-def test_eval_uses_running_stats_and_leaves_them_alone(device):
+def test_eval_uses_running_stats_and_leaves_them_alone(device, bn_path):
     """Eval mode normalises with the running statistics (not the batch's) and never writes them, also when the
     batch's statistics are far from them; training then moves them exactly as F.batch_norm does."""
     inp = make_inputs((4, 5, 6, 5), device, seed=33)
@@ -264,7 +267,7 @@ def test_rejects_bad_arguments_naming_them(device, impl):
     assert torch.equal(rm, inp["running_mean"]) and torch.equal(rv, inp["running_var"])
 
 
-def test_double_backward_is_refused(device):
+def test_double_backward_is_refused(device, bn_path):
     """Second derivatives (a gradient penalty) are not implemented: create_graph=True is an error naming the op,
     not a silently missing term (before, dz came back without a graph and d(Σ dz² + Σ γ)/dγ was all ones)."""
     inp = make_inputs((3, 5, 4, 3), device, seed=35)
@@ -336,7 +339,7 @@ def _same_non_finite(
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("mode", MODES)
-def test_nan_and_inf_propagate_as_in_pytorch(device, mode):
+def test_nan_and_inf_propagate_as_in_pytorch(device, bn_path, mode):
     """A NaN or inf in z (an fp16 overflow upstream) reaches the output, the gradients and the running statistics
     where PyTorch's ones do; the fused ReLU used a max that drops NaN (PTX max.f32, and np.fmax in the
     interpreter), so a NaN channel came out as 0 and the loss stayed finite: divergence went unseen and a loss
@@ -364,7 +367,7 @@ def test_nan_and_inf_propagate_as_in_pytorch(device, mode):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_channel_mean_far_from_zero(device, mode):
+def test_channel_mean_far_from_zero(device, bn_path, mode):
     """z whose channel means are 1000-2000 standard deviations away from zero (a conv bias that BN cancels): in
     float32 our error against the float64 truth is no worse than PyTorch's float32 reference (2× + 1e-6) and
     within 2·FP32_REL, which PyTorch's own float32 BN is not here (up to 8e-5). Before, the statistics summed z
@@ -396,31 +399,29 @@ def test_channel_mean_far_from_zero(device, mode):
 
 
 @pytest.mark.parametrize("z_grad", [True, False], ids=["z_grad", "frozen_network"])
-def test_training_backward_skips_dz_when_z_needs_no_gradient(device, monkeypatch, z_grad):
+def test_training_backward_skips_dz_when_z_needs_no_gradient(device, bn_path, z_grad):
     """A frozen visual network (train.trainable=generator): z needs no gradient, so the training backward runs
-    the reduction only (one pass over dout and z instead of two); the γ, β and residual gradients are unchanged."""
-    import importlib
-
-    bn_module = importlib.import_module("kernels.bn_film_relu")
-    original, launches = bn_module._backward_dz_kernel, []
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return original[grid]
-
-    monkeypatch.setattr(bn_module, "_backward_dz_kernel", Counting())
+    the reduction only (one pass over dout and z instead of two); the γ, β and residual gradients are unchanged.
+    With z's gradient the backward is the reduction and the dz pass (split) or the one-launch kernel."""
     inp = make_inputs((3, 5, 7, 6), device, seed=39)
-    results = []
+    results, launches = [], bn_path.launches
     for impl in ("triton", "reference"):
         leaves = {
             k: inp[k].clone().requires_grad_(k != "z" or z_grad) for k in ("z", "gamma", "beta", "residual")
         }
         rm, rv = _buffers(inp, "train")
         out = bn_film_relu(*leaves.values(), rm, rv, training=True, impl=impl)
+        before = dict(launches)
         out.backward(inp["dout"])
+        if impl == "triton":  # the backward's launches
+            backward = {k: v - before.get(k, 0) for k, v in launches.items() if v > before.get(k, 0)}
         results.append({k: v.grad for k, v in leaves.items()})
-    assert len(launches) == (1 if z_grad else 0)
+    if not z_grad:
+        assert backward == {"_backward_reduce_kernel": 1}
+    elif bn_path.one_launch:
+        assert backward == {"_one_launch_backward_kernel": 1}
+    else:
+        assert backward == {"_backward_reduce_kernel": 1, "_backward_dz_kernel": 1}
     for k in ("gamma", "beta", "residual") + (("z",) if z_grad else ()):
         assert_rel_close(results[0][k], results[1][k], FP32_REL, f"d{k}")
     assert z_grad or results[0]["z"] is None

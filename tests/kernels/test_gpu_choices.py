@@ -1,7 +1,8 @@
 """Every launch choice an sm_90 GPU can make, against the reference: each autotune candidate of each GEMM
 (forward, dx, dW) × products (bf16, float32 as TF32, IEEE float32, float64) × layout × ReLU, the weight
-gradient's SM-sized batch splits (several samples per split, as at the classifier's size), and the BN kernels'
-GPU tiles and splits in float32, bf16 and float64.
+gradient's SM-sized batch splits (several samples per split, as at the classifier's size), the BN kernels'
+GPU tiles and splits in float32, bf16 and float64 (both training paths), and which training path the BN launchers
+take at the GPU's sizes.
 
 On a CPU this runs in the interpreter with `as_gpu` (the launchers choose as `FASTFILM_KERNELS_AS_GPU=sm_90`
 makes them: the GPU's candidates, the autotuner's winner fixed per case, splits sized by 132 SMs) and with
@@ -12,6 +13,8 @@ the same tests run compiled, the autotuner choosing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from types import ModuleType
 
 import pytest
 import torch
@@ -32,6 +35,16 @@ CASES = [
 ]
 
 
+def gpu_settings(monkeypatch) -> ModuleType:
+    """kernels/_common.py as FASTFILM_KERNELS_AS_GPU=sm_90 makes it (a fresh copy; the imported one is untouched)."""
+    monkeypatch.setenv("FASTFILM_KERNELS_AS_GPU", "sm_90")
+    spec = importlib.util.find_spec("kernels._common")
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    assert settings.GPU_CHOICES
+    return settings
+
+
 @pytest.fixture
 def as_gpu(monkeypatch, device):
     """The launchers choose as on an sm_90 with 132 SMs (on a GPU: the real device's choices, untouched)."""
@@ -39,8 +52,9 @@ def as_gpu(monkeypatch, device):
         monkeypatch.setattr(common, "AS_GPU", "sm_90")
         monkeypatch.setattr(conv_module, "CONV_WGRAD_SAMPLES_PER_SPLIT", None)
         monkeypatch.setattr(conv_module, "DEFAULT_SM_COUNT", common.AS_GPU_SMS["sm_90"])
-        monkeypatch.setattr(bn_module, "BN_TILE", 2048)
-        monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 4)
+        gpu = gpu_settings(monkeypatch)
+        for name in ("BN_TILE", "BN_SAMPLES_PER_SPLIT", "BN_ONE_LAUNCH_MAX_M", "BN_ONE_LAUNCH_TILE"):
+            monkeypatch.setattr(bn_module, name, getattr(gpu, name))
     return monkeypatch
 
 
@@ -108,7 +122,7 @@ def test_classifier_projection_with_multi_sample_splits(device, as_gpu, layout):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"]
 )
-def test_bn_at_model_size(device, as_gpu, layout, mode, dtype):
+def test_bn_at_model_size(device, bn_path, as_gpu, layout, mode, dtype):
     """The ResBlock's BN-FiLM-ReLU-residual at 128 channels, 14×14, 5 samples (2 uneven splits of the GPU's 4)."""
     inp = bn_tests.make_inputs((5, 128, 14, 14), device, dtype, seed=50)
     if dtype == torch.float64:  # float64 throughout, running buffers included (the reference needs one dtype)
@@ -127,6 +141,49 @@ def test_bn_at_model_size(device, as_gpu, layout, mode, dtype):
     if rm is not None:
         assert_rel_close(rm, ref_rm, 1e-14, "running_mean")
         assert_rel_close(rv, ref_rv, 1e-14, "running_var")
+
+
+class _Recorder:
+    """Stands in for a BN kernel: `kernel[grid](...)` records (name, grid, launch keywords), runs nothing."""
+
+    def __init__(self, name: str, out: list) -> None:
+        self.name, self.out = name, out
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.out.append((self.name, tuple(grid), kwargs))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_bn_training_path_at_gpu_sizes(device, as_gpu, layout):
+    """The rule the launchers follow on a GPU (BN_ONE_LAUNCH_MAX_M = 32,768 values per channel): the paper's
+    ResBlock (batch 64, 128 maps of 14×14: M = 12,544) trains in one launch each way, 128 programs (one per
+    channel) of 16 (channels_last: 8) samples × 256 positions with 8 warps, also at batch 167 (M = 32,732); batch
+    168 (M = 32,928)
+    and 70,000 take the split path (statistics, apply; reduction, dz). The real launchers, on meta tensors, with
+    every BN kernel replaced by a recorder: nothing runs."""
+    launches: list = []
+    for name in ("_stats_kernel", "_forward_kernel", "_backward_reduce_kernel", "_backward_dz_kernel",
+                 "_one_launch_forward_kernel", "_one_launch_backward_kernel"):  # fmt: skip
+        as_gpu.setattr(bn_module, name, _Recorder(name, launches))
+
+    def train_step(n: int) -> list:
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        z = torch.empty((n, 128, 14, 14), device="meta", memory_format=fmt)
+        gamma = beta = torch.empty((n, 128), device="meta")
+        rm = rv = torch.empty(128, device="meta")
+        launches.clear()
+        _, mean, rstd = bn_module._forward(z, gamma, beta, z, rm, rv, bn_module.MODE_BATCH_STATS, 0.1, 1e-5)
+        bn_module._backward(z, z, gamma, beta, mean, rstd, bn_module.MODE_BATCH_STATS)
+        return [(name, grid) for name, grid, _ in launches]
+
+    one = ["_one_launch_forward_kernel", "_one_launch_backward_kernel"]
+    assert train_step(64) == [(name, (128,)) for name in one]
+    tile = (8, 256, 8) if layout == "nhwc" else (16, 256, 8)
+    assert [(kw["BLOCK_N"], kw["BLOCK_P"], kw["num_warps"]) for _, _, kw in launches] == [tile] * 2
+    assert [name for name, _ in train_step(167)] == one
+    split = ["_stats_kernel", "_forward_kernel", "_backward_reduce_kernel", "_backward_dz_kernel"]
+    assert [name for name, _ in train_step(168)] == split
+    assert [name for name, _ in train_step(70_000)] == split
 
 
 def test_as_gpu_choices(monkeypatch):
