@@ -177,7 +177,10 @@ def test_real_measurement_on_the_cpu(tmp_path):
     lines and its JSON."""
     m = model(image_size=12)
     lines = []
-    picks = kernel_pick.pick(m, 2, ["triton"], None, graphed=False, run_dir=str(tmp_path), say=lines.append)
+    picks = kernel_pick.pick(
+        m, 2, ["triton"], None, graphed=False, run_dir=str(tmp_path), say=lines.append,
+        timing=dict(warmup=1, reps=2, groups=2),  # the interpreter is slow; a real clock all the same
+    )  # fmt: skip
     assert lines[0].startswith("fastfilm: kernels: measured") and len(lines) == 1 + len(picks)
     assert all(p.seconds["reference"] > 0 and p.seconds["triton"] > 0 for p in picks)
     saved = json.loads((tmp_path / "kernel_picks.json").read_text())
@@ -190,8 +193,9 @@ def test_training_with_kernels_auto_on_a_gpu_measures_applies_and_logs(
     dataset, tmp_path, monkeypatch, capsys
 ):
     """The trainer's wiring: with `kernels.mode: auto` decided as on a GPU (`per-op`), the model is built with every
-    fused site, each site is timed (a fake clock here: triton wins), the lines are printed, the times written
-    to the run folder, and the run folder's config keeps `auto` (an evaluation elsewhere decides again)."""
+    fused site, each site is timed (a fake clock here: the reference wins, so the run itself stays fast), the
+    lines are printed, the times written to the run folder, and the run folder's config keeps `auto` (an
+    evaluation elsewhere decides again)."""
     from fastfilm import auto
     from fastfilm.config import config_from_dict
     from fastfilm.train import train
@@ -206,8 +210,7 @@ def test_training_with_kernels_auto_on_a_gpu_measures_applies_and_logs(
 
     def fake_time_call(fn, device, graphed=False, **kw):
         seen.append((fn.impl, graphed))
-        fn()
-        return {"reference": 1.0, "triton": 0.5}[fn.impl]
+        return {"reference": 0.5, "triton": 1.0}[fn.impl]
 
     monkeypatch.setattr(kernel_pick, "time_call", fake_time_call)
     run = tmp_path / "run"
@@ -216,8 +219,10 @@ def test_training_with_kernels_auto_on_a_gpu_measures_applies_and_logs(
     train(config_from_dict(raw))
     out = capsys.readouterr().out
     assert "kernels: per-op (as on a GPU (test))" in out and "fastfilm: kernels: measured" in out
-    assert "fastfilm: kernels: triton for FiLMedResBlock" in out and "kernels=per op (measured, above)" in out
+    assert (
+        "fastfilm: kernels: reference for FiLMedResBlock" in out and "kernels=per op (measured, above)" in out
+    )
     assert {impl for impl, _ in seen} == {"reference", "triton"} and not any(g for _, g in seen)  # CPU: eager
     saved = json.loads((run / "kernel_picks.json").read_text())
-    assert saved["picks"] and all(p["choice"] == "triton" for p in saved["picks"])
+    assert saved["picks"] and all(p["choice"] == "reference" for p in saved["picks"])
     assert json.loads((run / "config.json").read_text())["kernels"]["mode"] == "auto"
