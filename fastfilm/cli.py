@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fastfilm.core.config import add_config_args
+from fastfilm.core.config import add_config_args, add_set_arg
 from fastfilm.core.errors import OneLineParser, with_one_line_errors
 
 
@@ -166,14 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint", metavar="CKPT", help="a .pt file saved by the original's scripts/train_model.py"
     )
     p.add_argument("--out", required=True, help="output folder (as `fastfilm export` writes)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="adjust the written config, e.g. --set data.cache=data/cache/clevr",
-    )
+    add_set_arg(p, "adjust the written config, e.g. --set data.cache=data/cache/clevr")
 
     p = sub.add_parser(
         "features", help="ResNet-101 conv4 features of a CLEVR folder's images, as the original"

@@ -355,6 +355,23 @@ def setup(cfg: Config, resume: bool, overwrite: bool = False) -> tuple[Run, Trai
         raise
 
 
+def pick_kernels_per_op(
+    cfg: Config, engine, optimizer, scaler, device: torch.device, rank: int, world: int
+) -> None:
+    """`kernels.mode: auto` on a GPU: each fused op site gets the implementation measured fastest there
+    (fastfilm/kernel_pick.py), timed inside a CUDA graph when graph mode will capture the step."""
+    from fastfilm import kernel_pick
+    from fastfilm.graphed import will_capture
+
+    graphed = will_capture(cfg, engine, optimizer, scaler, device, world)
+    kernel_pick.pick(
+        engine.module, cfg.batch_size, cfg.kernels.candidates, autocast_dtype(cfg.deepspeed),
+        graphed=graphed, rank=rank, run_dir=cfg.train.run_dir if rank == 0 else None,
+    )  # fmt: skip
+    # The run folder's config keeps `auto`: an evaluation elsewhere (a CPU) must not inherit the GPU's mode.
+    cfg.kernels.mode = "auto"
+
+
 def _setup(
     cfg: Config, resume: bool, vocab: dict, lock: ckpt.RunLock, t_start: float
 ) -> tuple[Run, TrainState]:
@@ -370,16 +387,7 @@ def _setup(
     val_loader = loader_for(cfg, cfg.data.val_split, train=False, **shard)
     engine, optimizer, scaler = build_engine(cfg, vocab, device, init=not resume)
     if any(c.what == "kernels" and c.value == PER_OP for c in choices):  # kernels.mode auto on a GPU
-        from fastfilm import kernel_pick
-        from fastfilm.graphed import will_capture
-
-        graphed = will_capture(cfg, engine, optimizer, scaler, device, world)
-        kernel_pick.pick(
-            engine.module, cfg.batch_size, cfg.kernels.candidates, autocast_dtype(cfg.deepspeed),
-            graphed=graphed, rank=rank, run_dir=cfg.train.run_dir if rank == 0 else None,
-        )  # fmt: skip
-        # The run folder's config keeps `auto`: an evaluation elsewhere (a CPU) must not inherit the GPU's mode.
-        cfg.kernels.mode = "auto"
+        pick_kernels_per_op(cfg, engine, optimizer, scaler, device, rank, world)
     if len(train_loader) < engine.gradient_accumulation_steps():
         raise ConfigError(
             f"{cfg.source}: deepspeed.train_micro_batch_size_per_gpu={cfg.batch_size} × "

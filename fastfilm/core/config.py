@@ -277,13 +277,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="hot-path implementation (overrides kernels.mode in the config; auto: chosen by the machine)",
     )
+    add_set_arg(p, "override one config value (repeatable), e.g. --set train.epochs=3")
+
+
+def add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set SECTION.KEY=VALUE` option (collected in `overrides`)."""
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.epochs=3",
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help
     )
 
 
