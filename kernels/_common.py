@@ -7,6 +7,7 @@ millisecond per program-iteration, so fewer, larger tiles are much faster there.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -34,17 +35,23 @@ TL_DTYPE = {
     torch.float64: tl.float64,
 }
 
-# Elements per tile of the BatchNorm-FiLM kernels, and programs' share of the batch in its reductions.
+# Elements per tile of the BatchNorm-FiLM kernels.
 BN_TILE = 2048 if GPU_CHOICES else 16384
 BN_NUM_WARPS = 4
-# the reductions run ceil(N / BN_SAMPLES_PER_SPLIT) programs per channel block
-BN_SAMPLES_PER_SPLIT = 4 if GPU_CHOICES else 64
-BN_MAX_SPLITS = 64  # ... but at most this many (a batch of 70,000 takes 1,094 samples per split)
+# The split path's reductions (training statistics, the backward's sums) divide each channel block's N·H·W
+# values into splits — groups of whole samples, or one sample's positions in chunks when a sample is large (the
+# stem at 112²) — so that channel blocks × splits ≈ BN_SPLIT_PROGRAMS_PER_SM × the GPU's SMs, with at least
+# BN_MIN_TILES_PER_SPLIT tiles per split; a small finalize kernel combines the splits' partials once. Under the
+# interpreter (without FASTFILM_KERNELS_AS_GPU) 0: one split, the fewest programs (`bn_film_relu._split_plan`).
+BN_SPLIT_PROGRAMS_PER_SM = 8 if GPU_CHOICES else 0
+BN_MIN_TILES_PER_SPLIT = 4
+# Tests force a split: (samples per split, position tiles per chunk); None: the rule above.
+BN_SPLIT: tuple[int, int] | None = None
 # Training mode in one launch forward (statistics, then apply) and one backward (sums, then dz), one program per
 # channel reading the whole batch twice (the second pass from L2), when M = N·H·W ≤ BN_ONE_LAUNCH_MAX_M: the
-# paper's ResBlock at batch 64 (M = 12,544, 128 programs) saves a launch each way. Above it the split path
-# (statistics over batch splits, then an apply over every (sample, channel, position) tile) spreads the work
-# over more SMs than C programs can. The threshold is a prediction (kernels/README.md), not a measurement. Under
+# paper's ResBlock at batch 64 (M = 12,544, 128 programs) saves two launches each way. Above it the split path
+# (statistics over splits, their finalize, then an apply over every (sample, channel, position) tile) spreads
+# the work over more SMs than C programs can. The threshold is a prediction (kernels/README.md), not a measurement. Under
 # the interpreter (without FASTFILM_KERNELS_AS_GPU) 0: the split path's few large tiles run there ~8× faster than
 # C one-channel programs (the kernel tests run both paths: their `bn_path` fixture).
 BN_ONE_LAUNCH_MAX_M = 32768 if GPU_CHOICES else 0
@@ -93,6 +100,18 @@ GEMM_AS_GPU_PICK: dict[str, int] = {"forward": 0, "dx": 0, "dw": 0}
 # as many splits as it takes for the 64×64-tile grid to cover the SMs (conv_coords._wgrad_samples_per_split).
 CONV_WGRAD_SAMPLES_PER_SPLIT: int | None = None if GPU_CHOICES else 64
 DEFAULT_SM_COUNT = AS_GPU_SMS.get(AS_GPU, 132)  # H100/H200 SXM; used when there is no CUDA device to ask
+
+
+@functools.cache
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs of `device` (cached), or DEFAULT_SM_COUNT without a CUDA device (interpreter, meta tensors)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _family(compute, precision: str) -> str:

@@ -43,6 +43,12 @@ GRID_LIMIT = (2**31 - 1, 65_535, 65_535)
 PAPER = {"n": 64, "c": 128, "h": 14, "w": 14, "proj": 512}
 # (label, N, C, H, W): one sample, 2×2 maps, one channel, and a batch beyond CUDA's 65,535 grid rows.
 EDGES = [("batch 1", 1, 128, 14, 14), ("2x2", 64, 128, 2, 2), ("1 channel", 64, 1, 14, 14), ("batch 70000", 70_000, 128, 14, 14)]  # fmt: skip
+# (label, N, C, H, W) of the paper model's BatchNorm + ReLU (model.BatchNormReLU, kernels=triton): the stem's
+# 128 maps after each stride-2 conv of a 224 px image (its last, 14², is the ResBlocks' size), the classifier's 512.
+BN_RELU_SIZES = [
+    ("stem 112", 64, 128, 112, 112), ("stem 56", 64, 128, 56, 56), ("stem 28", 64, 128, 28, 28),
+    ("classifier bn", 64, 512, 14, 14),
+]  # fmt: skip
 PRECISIONS = (
     "tf32",
     "ieee",
@@ -138,6 +144,21 @@ def record_bn(
         common.BN_ONE_LAUNCH = saved
 
 
+def record_bn_relu(n: int, c: int, h: int, w: int, dtype, layout: str, mode: str, case: str, out) -> None:
+    """The launches of the model's BatchNormReLU (stem, classifier) forward + backward: γ, β its float32 weight
+    and bias broadcast over the batch (stride 0), no residual; training takes the rule's path."""
+    import torch
+
+    bn = importlib.import_module("kernels.bn_film_relu")
+    z, dout = _meta((n, c, h, w), dtype, layout), _meta((n, c, h, w), dtype, layout)
+    gamma, beta = _meta((c,), torch.float32).expand(n, c), _meta((c,), torch.float32).expand(n, c)
+    rm = rv = _meta((c,), torch.float32)
+    mode_id = {"train": bn.MODE_BATCH_STATS, "eval": bn.MODE_RUNNING_STATS}[mode]
+    with recording(case, out):
+        _, mean, rstd = bn._forward(z, gamma, beta, None, rm, rv, mode_id, 0.1, 1e-5)
+        bn._backward(dout, z, gamma, beta, mean, rstd, mode_id)
+
+
 def record_conv(
     n: int, c_in: int, c_out: int, h: int, w: int, precision: str, layout: str, relu: bool, case, out
 ):
@@ -192,6 +213,11 @@ def record_all(sizes: str) -> list[Launch]:
                 ):
                     case = f"{label} {precision} {layout} {what}"
                     record_conv(n, c, c_out, h, w, precision, layout, relu, case, out)
+    for label, n, c, h, w in BN_RELU_SIZES:  # the paper model's stem and classifier BatchNorm + ReLU
+        for layout in LAYOUTS:
+            for dt_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                for mode in ("train", "eval"):
+                    record_bn_relu(n, c, h, w, dtype, layout, mode, f"{label} {dt_name} {layout} {mode}", out)
     return out
 
 

@@ -15,18 +15,24 @@ Backward, with x̂ = (z − mean)·rstd recomputed from z (never stored) and g =
     eval:      dz = γ·rstd·g (the statistics are constants);    no BN: dz = γ·g
 
 Kernels (all statistics and sums in float32, float64 when the inputs are float64):
-    training forward   _stats_kernel (partial mean/M2 per channel and batch split, Chan's parallel combine)
-                       → _forward_kernel (combines the partials, updates the running buffers, applies)
+    training forward   _stats_kernel (partial mean/M2 per channel block and split, Chan's parallel combine)
+                       → _finalize_stats_kernel (combines the partials once: mean, rstd, the running buffers)
+                       → _forward_kernel (applies)
     eval / no-BN fwd   _forward_kernel only
-    training backward  _backward_reduce_kernel (dγ, dβ, per-split A/B partial sums) → _backward_dz_kernel
-    eval / no-BN bwd   _backward_reduce_kernel only (it writes dz in the same pass)
+    training backward  _backward_reduce_kernel (dγ, dβ per split) → _finalize_sums_kernel (dγ, dβ over the
+                       splits of a sample; A_c, B_c) → _backward_dz_kernel
+    eval / no-BN bwd   _backward_reduce_kernel (it writes dz in the same pass; + _finalize_sums_kernel when a
+                       sample's positions are split)
     training, small M  _one_launch_forward_kernel, _one_launch_backward_kernel: one program per channel, the
                        statistics (sums) pass then the apply (dz) pass in one launch each (_one_launch says when)
+A split (_split_plan) is a group of whole samples or, for large maps, a chunk of one sample's positions: enough
+of them that the reductions fill the GPU (the stem's 112² maps included), each combined once by a finalize.
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +41,12 @@ import triton.language as tl
 
 import kernels._common as _common
 from kernels._common import (
-    BN_MAX_SPLITS,
+    BN_MIN_TILES_PER_SPLIT,
     BN_NUM_WARPS,
     BN_ONE_LAUNCH_MAX_M,
     BN_ONE_LAUNCH_NUM_WARPS,
     BN_ONE_LAUNCH_TILE,
-    BN_SAMPLES_PER_SPLIT,
+    BN_SPLIT_PROGRAMS_PER_SM,
     BN_TILE,
     TL_DTYPE,
     acc_dtype,
@@ -51,10 +57,14 @@ from kernels._common import (
     hw_stride,
     is_channels_last,
     no_double_backward,
+    sm_count,
     vec_hint,
 )
 
 MODE_BATCH_STATS, MODE_RUNNING_STATS, MODE_NO_NORM = 0, 1, 2
+# The finalize kernels' tiles: channels per program, splits (samples) per step of their loops; one stage (no
+# prefetch: sm_80 spilled the sums' kernel at 64 samples × 32 channels with the default 3).
+BN_FINALIZE_BLOCK_C, BN_FINALIZE_BLOCK_S, BN_FINALIZE_BLOCK_N = 32, 64, 32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,14 +100,23 @@ def bn_film_relu_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Partial statistics of z − K over the samples of one batch split s (N_s·HW values each), K = z[0, c, 0] the
-# same pivot in every split (_pivot):
+# Split s of a channel block's N·H·W values (_split_plan): samples [n0, n1) of group s // K, positions [pa, pb) of
+# chunk s % K (K = 1: whole samples). All splits of a group have n1 − n0 samples, chunk k has pb − pa positions.
+@triton.jit
+def _split_range(s, N, HW, NPS, PPC, K):
+    n0 = (s // K) * NPS
+    pa = (s % K) * PPC
+    return n0, tl.minimum(n0 + NPS, N), pa, tl.minimum(pa + PPC, HW)
+
+
+# Partial statistics of z − K over split s's values (N_s·P_s of them), K = z[0, c, 0] the same pivot in every
+# split (_pivot):
 #   tiles t of the split in order; per tile its mean m_t and M2_t = Σ (x − m_t)²;
 #   running (count k, mean μ, M2) ← Chan (_chan): δ = m_t − μ, μ += δ·n_t/(k + n_t), M2 += M2_t + δ²·k·n_t/(k + n_t).
 @triton.jit
 def _stats_kernel(
     Z, PMEAN, PM2,
-    N, C, HW, NPS,
+    N, C, HW, NPS, PPC, K,
     s_zn, s_zc, s_zp,
     ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -106,24 +125,26 @@ def _stats_kernel(
     pid_s = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    n0 = pid_s * NPS
-    n1 = tl.minimum(n0 + NPS, N)
+    n0, n1, pa, pb = _split_range(pid_s, N, HW, NPS, PPC, K)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     pivot = _pivot(Z, c, cmask, s_zc, ACC)
     for n in range(n0, n1):
         base = Z + tl.cast(n, tl.int64) * s_zn + c[:, None] * s_zc
-        for p0 in range(0, HW, BLOCK_P):
+        for p0 in range(pa, pb, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
-            mask = cmask[:, None] & (p < HW)[None, :]
+            mask = cmask[:, None] & (p < pb)[None, :]
             x = tl.load(base + p[None, :] * s_zp, mask=mask, other=pivot[:, None]).to(ACC) - pivot[:, None]
-            cnt = tl.cast(tl.minimum(HW - p0, BLOCK_P), ACC)
+            cnt = tl.cast(tl.minimum(pb - p0, BLOCK_P), ACC)
             t_mean = tl.sum(x, axis=1) / cnt
             d = tl.where(mask, x - t_mean[:, None], 0.0)
             t_m2 = tl.sum(d * d, axis=1)
-            mean, m2 = _chan(mean, m2, tl.cast((n - n0) * HW + p0, ACC), t_mean, t_m2, cnt)
+            mean, m2 = _chan(mean, m2, tl.cast((n - n0) * (pb - pa) + p0 - pa, ACC), t_mean, t_m2, cnt)
     tl.store(PMEAN + pid_s * C + c, mean, mask=cmask)
     tl.store(PM2 + pid_s * C + c, m2, mask=cmask)
+    # split 0 also stores K after the S partial means, for the finalize (a block-shaped mask: the interpreter
+    # mishandles scalar & block masks)
+    tl.store(PMEAN + tl.num_programs(1) * C + c, pivot, mask=cmask & ((0 * c + pid_s) == 0))
 
 
 # Chan's combine of the statistics of `seen` values (mean, M2) with those of a tile of cnt values (t_mean, t_M2):
@@ -140,37 +161,66 @@ def _pivot(Z, c, cmask, s_zc, ACC: tl.constexpr):
     return tl.load(Z + c * s_zc, mask=cmask, other=0.0).to(ACC)
 
 
-# Combine the S split partials of channels c (split s holds n_s = min(NPS, N − s·NPS)·HW values):
-#   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M       (means of z − K)
+# Once per channel block, the S split partials combined (split s holds n_s = N_s·P_s values), means of z − K:
+#   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M,   rstd = 1 / √(var + eps)
+#   mean (+ K, stored by _stats_kernel after the partials) and rstd saved for the apply and the backward;
+#   running buffers updated (momentum, unbiased variance)
 @triton.jit
-def _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
-    s = tl.arange(0, BLOCK_S)
-    smask = s < S
-    mask = smask[:, None] & cmask[None, :]
-    offs = s[:, None] * C + c[None, :]
-    p_mean = tl.load(PMEAN + offs, mask=mask, other=0.0)
-    p_m2 = tl.load(PM2 + offs, mask=mask, other=0.0)
-    cnt = tl.cast(tl.where(smask, (tl.minimum(s * NPS + NPS, N) - s * NPS) * HW, 0), ACC)
-    mean = tl.sum(cnt[:, None] * p_mean, axis=0) / M
-    d = tl.where(mask, p_mean - mean[None, :], 0.0)
-    m2 = tl.sum(p_m2 + cnt[:, None] * d * d, axis=0)
-    return mean, m2
+def _finalize_stats_kernel(
+    PMEAN, PM2, RMEAN, RVAR, MEAN, RSTD,
+    N, C, HW, S, NPS, PPC, K, M: tl.float64, momentum: tl.float64, eps: tl.float64,
+    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    M, momentum, eps = tl.cast(M, ACC), tl.cast(momentum, ACC), tl.cast(eps, ACC)  # as in _forward_kernel
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        n0, n1, pa, pb = _split_range(s, N, HW, NPS, PPC, K)
+        cnt = tl.cast(tl.where(s < S, (n1 - n0) * (pb - pa), 0), ACC)
+        mask = (s < S)[:, None] & cmask[None, :]
+        total += tl.sum(
+            cnt[:, None] * tl.load(PMEAN + s[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0
+        )
+    mean = total / M
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        n0, n1, pa, pb = _split_range(s, N, HW, NPS, PPC, K)
+        cnt = tl.cast(tl.where(s < S, (n1 - n0) * (pb - pa), 0), ACC)
+        mask = (s < S)[:, None] & cmask[None, :]
+        d = tl.where(
+            mask, tl.load(PMEAN + s[:, None] * C + c[None, :], mask=mask, other=0.0) - mean[None, :], 0.0
+        )
+        m2 += tl.sum(
+            tl.load(PM2 + s[:, None] * C + c[None, :], mask=mask, other=0.0) + cnt[:, None] * d * d, axis=0
+        )
+    mean += tl.load(PMEAN + S * C + c, mask=cmask, other=0.0)
+    if UPDATE_RUNNING:
+        r_mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
+        r_var = tl.load(RVAR + c, mask=cmask, other=0.0).to(ACC)
+        r_mean = momentum * mean + (1.0 - momentum) * r_mean
+        r_var = momentum * (m2 / (M - 1.0)) + (1.0 - momentum) * r_var
+        tl.store(RMEAN + c, r_mean.to(RMEAN.dtype.element_ty), mask=cmask)
+        tl.store(RVAR + c, r_var.to(RVAR.dtype.element_ty), mask=cmask)
+    tl.store(MEAN + c, mean, mask=cmask)
+    tl.store(RSTD + c, 1.0 / tl.sqrt(m2 / M + eps), mask=cmask)
 
 
 # out[n,c,p] = r[n,c,p] + max((z[n,c,p] − mean[c])·scale[n,c] + β[n,c], 0) for one sample n, channels c, positions p.
-# MODE 0 combines the batch statistics (and the programs of sample 0, first position block, update the running
-# buffers and save mean/rstd for the backward), MODE 1 reads the running buffers, MODE 2 has mean = 0, scale = γ.
+# MODE 0 reads the batch's mean/rstd (_finalize_stats_kernel), MODE 1 the running buffers (and the programs of
+# sample 0, first position block, save mean/rstd for the backward), MODE 2 has mean = 0, scale = γ.
 @triton.jit
 def _forward_kernel(
-    Z, R, Y, GAMMA, BETA, PMEAN, PM2, RMEAN, RVAR, MEAN, RSTD,
-    N, C, HW, S, NPS, M: tl.float64, momentum: tl.float64, eps: tl.float64,
+    Z, R, Y, GAMMA, BETA, RMEAN, RVAR, MEAN, RSTD,
+    C, HW, eps: tl.float64,
     s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp, s_gn, s_gc, s_bn, s_bc,
-    MODE: tl.constexpr, HAS_RES: tl.constexpr, UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
-    VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    # The float scalars arrive as float64 (a compiled kernel would otherwise get them as float32: momentum 0.1
-    # would be 0.10000000149 in float64 statistics) and are rounded once to the accumulation dtype.
-    M, momentum, eps = tl.cast(M, ACC), tl.cast(momentum, ACC), tl.cast(eps, ACC)
+    # eps arrives as float64 (a compiled kernel would otherwise get it as float32) and is rounded once to ACC.
+    eps = tl.cast(eps, ACC)
     HW, s_zn, s_zc = aligned(HW, VEC), aligned(s_zn, VEC), aligned(s_zc, VEC)
     s_rn, s_rc, s_yn, s_yc = aligned(s_rn, VEC), aligned(s_rc, VEC), aligned(s_yn, VEC), aligned(s_yc, VEC)
     n = tl.program_id(0)
@@ -178,27 +228,18 @@ def _forward_kernel(
     pid_p = tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    if MODE != 2:
-        # sample 0's first position block writes the per-channel results (a block-shaped mask: the interpreter
-        # mishandles scalar & block masks)
+    if MODE == 0:
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
+    elif MODE == 1:
+        mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
+        rstd = 1.0 / tl.sqrt(tl.load(RVAR + c, mask=cmask, other=1.0).to(ACC) + eps)
+        # sample 0's first position block writes them (a block-shaped mask: the interpreter mishandles scalar &
+        # block masks)
         first = (0 * c + n + pid_p) == 0
-        if MODE == 0:
-            mean, m2 = _combine_partials(PMEAN, PM2, c, cmask, N, C, HW, S, NPS, M, ACC, BLOCK_S)
-            mean += _pivot(Z, c, cmask, s_zc, ACC)
-            rstd = 1.0 / tl.sqrt(m2 / M + eps)
-            if UPDATE_RUNNING:
-                r_mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
-                r_var = tl.load(RVAR + c, mask=cmask, other=0.0).to(ACC)
-                r_mean = momentum * mean + (1.0 - momentum) * r_mean
-                r_var = momentum * (m2 / (M - 1.0)) + (1.0 - momentum) * r_var
-                tl.store(RMEAN + c, r_mean.to(RMEAN.dtype.element_ty), mask=cmask & first)
-                tl.store(RVAR + c, r_var.to(RVAR.dtype.element_ty), mask=cmask & first)
-        else:
-            mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
-            rstd = 1.0 / tl.sqrt(tl.load(RVAR + c, mask=cmask, other=1.0).to(ACC) + eps)
         tl.store(MEAN + c, mean, mask=cmask & first)
         tl.store(RSTD + c, rstd, mask=cmask & first)
-    # γ and β loaded after the statistics' combine (fewer registers live through it)
+    # γ and β loaded after the statistics (fewer registers live through them)
     gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
     beta = tl.load(BETA + n * s_bn + c * s_bc, mask=cmask, other=0.0).to(ACC)
     scale = gamma if MODE == 2 else gamma * rstd
@@ -215,12 +256,13 @@ def _forward_kernel(
     tl.store(Y + n64 * s_yn + c[:, None] * s_yc + p[None, :] * s_yp, out.to(Y.dtype.element_ty), mask=mask)
 
 
-# Per (n, c) of one batch split: dβ = Σ_p g, dγ = Σ_p g·x̂ with g = dout·[(z − mean)·scale + β > 0] (the forward's);
-# MODE 0 stores the split's sums A_s = Σ_n γ·dβ and B_s = Σ_n γ·dγ; MODE 1/2 write dz = scale·g in the same pass.
+# Per (n, c) over split s's positions [pa, pb): dβ = Σ_p g, dγ = Σ_p g·x̂ with g = dout·[(z − mean)·scale + β > 0]
+# (the forward's), stored to DGAMMA/DBETA[k, n, c] for chunk k = s % K (the outputs themselves when K = 1 and
+# nothing else needs the sums: _backward); MODE 1/2 write dz = scale·g in the same pass.
 @triton.jit
 def _backward_reduce_kernel(
-    DOUT, Z, GAMMA, BETA, MEAN, RSTD, DZ, DGAMMA, DBETA, PSUM,
-    N, C, HW, NPS,
+    DOUT, Z, GAMMA, BETA, MEAN, RSTD, DZ, DGAMMA, DBETA,
+    N, C, HW, NPS, PPC, K,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
     MODE: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     EVEN_C: tl.constexpr,
@@ -239,10 +281,8 @@ def _backward_reduce_kernel(
     else:
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
-    a_sum = tl.zeros([BLOCK_C], dtype=ACC)
-    b_sum = tl.zeros([BLOCK_C], dtype=ACC)
-    n0 = pid_s * NPS
-    n1 = tl.minimum(n0 + NPS, N)
+    n0, n1, pa, pb = _split_range(pid_s, N, HW, NPS, PPC, K)
+    out = (pid_s % K) * N * C
     for n in range(n0, n1):
         n64 = tl.cast(n, tl.int64)
         gamma = tl.load(GAMMA + n64 * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
@@ -250,9 +290,9 @@ def _backward_reduce_kernel(
         scale = gamma * rstd
         d_beta = tl.zeros([BLOCK_C], dtype=ACC)
         d_gamma = tl.zeros([BLOCK_C], dtype=ACC)
-        for p0 in range(0, HW, BLOCK_P):
+        for p0 in range(pa, pb, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
-            mask = cmask[:, None] & (p < HW)[None, :]
+            mask = cmask[:, None] & (p < pb)[None, :]
             z = tl.load(Z + n64 * s_zn + c[:, None] * s_zc + p[None, :] * s_zp, mask=mask, other=0.0).to(ACC)
             do = tl.load(DOUT + n64 * s_dn + c[:, None] * s_dc + p[None, :] * s_dp, mask=mask, other=0.0)
             z -= mean[:, None]
@@ -264,24 +304,52 @@ def _backward_reduce_kernel(
                 dz = g * scale[:, None]
                 x_ptr = DZ + n64 * s_xn + c[:, None] * s_xc + p[None, :] * s_xp
                 tl.store(x_ptr, dz.to(DZ.dtype.element_ty), mask=mask)
-        tl.store(DGAMMA + n64 * C + c, d_gamma.to(DGAMMA.dtype.element_ty), mask=cmask)
-        tl.store(DBETA + n64 * C + c, d_beta.to(DBETA.dtype.element_ty), mask=cmask)
-        a_sum += gamma * d_beta
-        b_sum += gamma * d_gamma
-    if MODE == 0:
-        tl.store(PSUM + pid_s * C + c, a_sum, mask=cmask)
-        tl.store(PSUM + (tl.num_programs(1) + pid_s) * C + c, b_sum, mask=cmask)
+        tl.store(DGAMMA + out + n64 * C + c, d_gamma.to(DGAMMA.dtype.element_ty), mask=cmask)
+        tl.store(DBETA + out + n64 * C + c, d_beta.to(DBETA.dtype.element_ty), mask=cmask)
 
 
-# Training-mode input gradient: dz = rstd·(γ·g − A_c − x̂·B_c), A_c and B_c summed over the S splits, divided by M.
+# Once per channel block, after _backward_reduce_kernel wrote partial sums per position chunk k (float32):
+#   dβ[n,c] = Σ_k dβ_k[n,c],   dγ[n,c] = Σ_k dγ_k[n,c]   (stored in γ's dtype);
+#   with SUMS (training): A_c = Σ_n γ[n,c]·dβ[n,c] / M,   B_c = Σ_n γ[n,c]·dγ[n,c] / M   (from the float32 sums)
 @triton.jit
-def _backward_dz_kernel(
-    DOUT, Z, GAMMA, BETA, MEAN, RSTD, PSUM, DZ,
-    C, HW, S, M: tl.float64,
-    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
-    ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+def _finalize_sums_kernel(
+    PGAMMA, PBETA, GAMMA, DGAMMA, DBETA, AB,
+    N, C, K, M: tl.float64, s_gn, s_gc,
+    SUMS: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     M = tl.cast(M, ACC)  # float64 in, rounded once (as in _forward_kernel)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    a = tl.zeros([BLOCK_C], dtype=ACC)
+    b = tl.zeros([BLOCK_C], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & cmask[None, :]
+        offs = tl.cast(n, tl.int64)[:, None] * C + c[None, :]
+        d_gamma = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+        d_beta = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+        for k in range(0, K):
+            d_gamma += tl.load(PGAMMA + k * N * C + offs, mask=mask, other=0.0)
+            d_beta += tl.load(PBETA + k * N * C + offs, mask=mask, other=0.0)
+        tl.store(DGAMMA + offs, d_gamma.to(DGAMMA.dtype.element_ty), mask=mask)
+        tl.store(DBETA + offs, d_beta.to(DBETA.dtype.element_ty), mask=mask)
+        if SUMS:
+            gamma = tl.load(GAMMA + n[:, None] * s_gn + c[None, :] * s_gc, mask=mask, other=0.0).to(ACC)
+            a += tl.sum(gamma * d_beta, axis=0)
+            b += tl.sum(gamma * d_gamma, axis=0)
+    if SUMS:
+        tl.store(AB + c, a / M, mask=cmask)
+        tl.store(AB + C + c, b / M, mask=cmask)
+
+
+# Training-mode input gradient: dz = rstd·(γ·g − A_c − x̂·B_c), A_c and B_c from _finalize_sums_kernel (÷ M there).
+@triton.jit
+def _backward_dz_kernel(
+    DOUT, Z, GAMMA, BETA, MEAN, RSTD, AB, DZ,
+    C, HW,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_xn, s_xc, s_xp, s_gn, s_gc, s_bn, s_bc,
+    ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
     HW, s_dn, s_dc, s_zn = aligned(HW, VEC), aligned(s_dn, VEC), aligned(s_dc, VEC), aligned(s_zn, VEC)
     s_zc, s_xn, s_xc = aligned(s_zc, VEC), aligned(s_xn, VEC), aligned(s_xc, VEC)
     n = tl.program_id(0)
@@ -289,10 +357,8 @@ def _backward_dz_kernel(
     pid_p = tl.program_id(2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    s = tl.arange(0, BLOCK_S)
-    smask = (s < S)[:, None] & cmask[None, :]
-    a = tl.sum(tl.load(PSUM + s[:, None] * C + c[None, :], mask=smask, other=0.0), axis=0) / M
-    b = tl.sum(tl.load(PSUM + (S + s[:, None]) * C + c[None, :], mask=smask, other=0.0), axis=0) / M
+    a = tl.load(AB + c, mask=cmask, other=0.0)
+    b = tl.load(AB + C + c, mask=cmask, other=0.0)
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
     gamma = tl.load(GAMMA + n * s_gn + c * s_gc, mask=cmask, other=0.0).to(ACC)
@@ -459,10 +525,35 @@ def _one_launch_tile(n: int, hw: int, channels_last: bool) -> tuple[int, int]:
     return min(triton.next_power_of_2(n), max(1, tile // block_p)), block_p
 
 
-def _samples_per_split(n: int) -> int:
-    """Samples per batch split of the reductions: BN_SAMPLES_PER_SPLIT, or more for a batch so large that there
-    would be over BN_MAX_SPLITS splits (every forward and dz program combines all the splits' partials)."""
-    return max(BN_SAMPLES_PER_SPLIT, triton.cdiv(n, BN_MAX_SPLITS))
+class SplitPlan(NamedTuple):
+    """How the split path's reductions divide a channel block's N·H·W values: `splits` = ⌈N / nps⌉ groups of
+    `nps` samples × `chunks` chunks of `ppc` positions (chunks = 1, ppc ≥ H·W: whole samples)."""
+
+    nps: int
+    ppc: int
+    chunks: int
+    splits: int
+
+
+def _split_plan(n: int, c: int, hw: int, block_c: int, block_p: int, device: torch.device) -> SplitPlan:
+    """Splits for channel blocks × splits ≈ BN_SPLIT_PROGRAMS_PER_SM × the SMs (a whole GPU streaming: at the
+    stem's 112², a split per sample would give 64 samples × 2 channel blocks = 128 programs, 1 per SM), none
+    under BN_MIN_TILES_PER_SPLIT tiles; one split when there are no SMs to fill (the interpreter).
+    _common.BN_SPLIT forces (samples per split, position tiles per chunk), any combination of the two."""
+    tiles = triton.cdiv(hw, block_p)  # position tiles of one sample
+    if _common.BN_SPLIT is not None:
+        nps, tpc = _common.BN_SPLIT[0], min(_common.BN_SPLIT[1], tiles)
+    else:
+        programs = BN_SPLIT_PROGRAMS_PER_SM * sm_count(device)
+        want = max(1, programs // triton.cdiv(c, block_c))
+        per_split = max(BN_MIN_TILES_PER_SPLIT, triton.cdiv(n * tiles, want))
+        if per_split >= tiles:  # groups of whole samples, as even as they come
+            nps, tpc = triton.cdiv(n, triton.cdiv(n, per_split // tiles)), tiles
+        else:  # each sample in chunks of positions, as even as they come
+            nps, tpc = 1, triton.cdiv(tiles, triton.cdiv(tiles, per_split))
+    nps = min(nps, n)
+    chunks = triton.cdiv(tiles, tpc)
+    return SplitPlan(nps, tpc * block_p, chunks, triton.cdiv(n, nps) * chunks)
 
 
 def _strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
@@ -474,8 +565,6 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
     hw, m = h * w, n * h * w
     acc = acc_dtype(z.dtype, gamma.dtype, beta.dtype, residual.dtype if residual is not None else z.dtype)
     block_c, block_p = _tile(c, hw, is_channels_last(z))
-    nps = _samples_per_split(n)
-    splits = triton.cdiv(n, nps)
     y = empty_like_layout(tuple(z.shape), z, z.dtype)
     mean = torch.empty(c, device=z.device, dtype=acc)
     rstd = torch.empty(c, device=z.device, dtype=acc)
@@ -492,22 +581,29 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
             BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0, num_warps=BN_ONE_LAUNCH_NUM_WARPS,
         )  # fmt: skip
         return y, mean, rstd
-    p_mean = p_m2 = mean  # placeholders when unused
     if mode == MODE_BATCH_STATS:
-        p_mean = torch.empty((splits, c), device=z.device, dtype=acc)
-        p_m2 = torch.empty((splits, c), device=z.device, dtype=acc)
-        _stats_kernel[(triton.cdiv(c, block_c), splits)](
-            z, p_mean, p_m2, n, c, hw, nps, *_strides(z, "z"),
+        plan = _split_plan(n, c, hw, block_c, block_p, z.device)
+        p_mean = torch.empty((plan.splits + 1, c), device=z.device, dtype=acc)  # + the pivots
+        p_m2 = torch.empty((plan.splits, c), device=z.device, dtype=acc)
+        _stats_kernel[(triton.cdiv(c, block_c), plan.splits)](
+            z, p_mean, p_m2, n, c, hw, plan.nps, plan.ppc, plan.chunks, *_strides(z, "z"),
             ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
+        _finalize_stats_kernel[(triton.cdiv(c, BN_FINALIZE_BLOCK_C),)](
+            p_mean, p_m2, running_mean if update else mean, running_var if update else rstd, mean, rstd,
+            n, c, hw, plan.splits, plan.nps, plan.ppc, plan.chunks, float(m), float(momentum), float(eps),
+            UPDATE_RUNNING=update, ACC=TL_DTYPE[acc],
+            BLOCK_S=min(triton.next_power_of_2(plan.splits), BN_FINALIZE_BLOCK_S), BLOCK_C=BN_FINALIZE_BLOCK_C,
+            num_warps=BN_NUM_WARPS, num_stages=1,
+        )  # fmt: skip
     _forward_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
-        z, res, y, gamma, beta, p_mean, p_m2,
+        z, res, y, gamma, beta,
         running_mean if running_mean is not None else mean, running_var if running_var is not None else rstd,
-        mean, rstd, n, c, hw, splits, nps, float(m), float(momentum), float(eps),
+        mean, rstd, c, hw, float(eps),
         *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
         gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
-        MODE=mode, HAS_RES=residual is not None, UPDATE_RUNNING=update, ACC=TL_DTYPE[acc],
-        VEC=vec_hint(hw, z, res, y), BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
+        MODE=mode, HAS_RES=residual is not None, ACC=TL_DTYPE[acc],
+        VEC=vec_hint(hw, z, res, y), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -523,8 +619,6 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
         dout = dout.contiguous()
         d_strides = _strides(dout, "grad_output")
     block_c, block_p = _tile(c, hw, is_channels_last(z))
-    nps = _samples_per_split(n)
-    splits = triton.cdiv(n, nps)
     # Training without dz (z needs no gradient: a frozen visual network) skips the dz pass; the reduction writes
     # no dz in training, so z stands in for the pointer. Eval / no BN write dz in the reduction anyway.
     skip_dz = mode == MODE_BATCH_STATS and not need_dz
@@ -544,17 +638,33 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
             num_warps=BN_ONE_LAUNCH_NUM_WARPS,
         )  # fmt: skip
         return dz, d_gamma, d_beta, dout
-    p_sum = torch.empty((2, splits, c), device=z.device, dtype=acc)
-    _backward_reduce_kernel[(triton.cdiv(c, block_c), splits)](
-        dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, p_sum, n, c, hw, nps, *common,
+    plan = _split_plan(n, c, hw, block_c, block_p, z.device)
+    sums = mode == MODE_BATCH_STATS and not skip_dz  # dz needs A_c, B_c
+    # The sums straight into dγ/dβ when every (n, c) has one split and nothing else needs them; else float32
+    # partials per position chunk, summed (and A_c, B_c formed) by _finalize_sums_kernel.
+    direct = plan.chunks == 1 and not sums
+    if direct:
+        p_gamma, p_beta = d_gamma, d_beta
+    else:
+        p_gamma = torch.empty((plan.chunks, n, c), device=z.device, dtype=acc)
+        p_beta = torch.empty((plan.chunks, n, c), device=z.device, dtype=acc)
+    _backward_reduce_kernel[(triton.cdiv(c, block_c), plan.splits)](
+        dout, z, gamma, beta, mean, rstd, dz, p_gamma, p_beta, n, c, hw, plan.nps, plan.ppc, plan.chunks, *common,
         MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, EVEN_C=c % block_c == 0,
         num_warps=BN_NUM_WARPS,
     )  # fmt: skip
-    if mode == MODE_BATCH_STATS and not skip_dz:
+    if not direct:
+        ab = torch.empty((2, c), device=z.device, dtype=acc) if sums else mean  # placeholder when unused
+        _finalize_sums_kernel[(triton.cdiv(c, BN_FINALIZE_BLOCK_C),)](
+            p_gamma, p_beta, gamma, d_gamma, d_beta, ab, n, c, plan.chunks, float(m),
+            gamma.stride(0), gamma.stride(1), SUMS=sums, ACC=TL_DTYPE[acc],
+            BLOCK_N=min(triton.next_power_of_2(n), BN_FINALIZE_BLOCK_N), BLOCK_C=BN_FINALIZE_BLOCK_C,
+            num_warps=BN_NUM_WARPS, num_stages=1,
+        )  # fmt: skip
+    if sums:
         _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
-            dout, z, gamma, beta, mean, rstd, p_sum, dz, c, hw, splits, float(m), *common,
-            ACC=TL_DTYPE[acc], VEC=vec, BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=block_c, BLOCK_P=block_p,
-            num_warps=BN_NUM_WARPS,
+            dout, z, gamma, beta, mean, rstd, ab, dz, c, hw, *common,
+            ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
     return None if skip_dz else dz, d_gamma, d_beta, dout
 

@@ -33,9 +33,11 @@ def _ieee_float32():
 
 
 # The BN kernels of each training path; the fixture below counts their launches.
-BN_SPLIT_TRAINING = ("_stats_kernel", "_backward_dz_kernel")
+BN_SPLIT_TRAINING = ("_stats_kernel", "_finalize_stats_kernel", "_backward_dz_kernel")
 BN_ONE_LAUNCH = ("_one_launch_forward_kernel", "_one_launch_backward_kernel")
-BN_KERNELS = ("_forward_kernel", "_backward_reduce_kernel", *BN_SPLIT_TRAINING, *BN_ONE_LAUNCH)
+BN_KERNELS = (
+    "_forward_kernel", "_backward_reduce_kernel", "_finalize_sums_kernel", *BN_SPLIT_TRAINING, *BN_ONE_LAUNCH
+)  # fmt: skip
 
 
 class _Counting:

@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block: H100, A100 (CUDA's opt-in maximum)
 KERNELS = {
     "bn_film_relu._stats_kernel",
+    "bn_film_relu._finalize_stats_kernel",
     "bn_film_relu._forward_kernel",
     "bn_film_relu._backward_reduce_kernel",
+    "bn_film_relu._finalize_sums_kernel",
     "bn_film_relu._backward_dz_kernel",
     "bn_film_relu._one_launch_forward_kernel",
     "bn_film_relu._one_launch_backward_kernel",

@@ -21,6 +21,7 @@ from tests.kernels.helpers import (
 )
 
 bn_module = importlib.import_module("kernels.bn_film_relu")  # the package exports a function of that name
+common = importlib.import_module("kernels._common")
 
 # Not multiples of any block size: odd channel counts, 7×7 and 14×14 positions (196 = 256 − 60).
 SHAPES = [(3, 5, 7, 7), (2, 130, 14, 14)]
@@ -118,14 +119,20 @@ def test_channels_last(device, bn_path, dtype, mode, residual_layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", MODES)
 def test_many_tiles_and_batch_splits(device, bn_path, monkeypatch, layout, mode):
-    """Tiny tiles and 2 samples per split: several position tiles per sample (the in-split Chan combine, the
-    `first` program writing the statistics), several channel blocks and an uneven last batch split. One launch:
-    tiles of 1 sample × 16 (NCHW) or 8 (channels_last) positions, 2 or 3 per sample, the last partial; then of
-    4 or 2 samples × 32 positions (an uneven last block of samples); each pass over several tiles."""
+    """Tiny tiles, splits of 2 samples × one position tile: several tiles per sample (the in-split Chan combine,
+    the `first` program writing eval's statistics), several channel blocks, an uneven last group of samples and
+    a partial last chunk of positions (the finalize kernels' sums over chunks). One launch: tiles of 1 sample ×
+    16 (NCHW) or 8 (channels_last) positions, 2 or 3 per sample, the last partial; then of 4 or 2 samples × 32
+    positions (an uneven last block of samples); each pass over several tiles."""
     cl = layout == "channels_last"
     monkeypatch.setattr(bn_module, "BN_TILE", 16)
-    monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 2)
+    monkeypatch.setattr(common, "BN_SPLIT", (2, 1))
     monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 16)
+    block_c, block_p = bn_module._tile(3, 20, cl)
+    assert (block_c, block_p) == ((4, 4) if cl else (1, 16))
+    assert bn_module._split_plan(5, 3, 20, block_c, block_p, torch.device(device)) == (
+        (2, 4, 5, 15) if cl else (2, 16, 2, 6)
+    )
     assert bn_module._one_launch_tile(5, 20, cl) == ((1, 8) if cl else (1, 16))
     inp = make_inputs((5, 3, 4, 5), device, seed=9)
     if layout == "channels_last":
@@ -141,13 +148,17 @@ def test_many_tiles_and_batch_splits(device, bn_path, monkeypatch, layout, mode)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_tiles(device, bn_path, monkeypatch, layout, mode):
-    """The GPU's launch settings (2048-element tiles, 4 samples per split; 4096-element one-launch tiles) in the
-    interpreter: 12×11 = 132 positions (VEC = 4 alignment hints in NCHW; three 64-position tiles in channels_last),
-    20 channels (three 8-channel blocks in NCHW), 9 samples in 3 uneven splits; in training also the split cap
-    (2 splits of 5 samples)."""
+    """The GPU's launch settings (2048-element tiles, splits for 8 programs per SM of 132; 4096-element
+    one-launch tiles) in the interpreter: 12×11 = 132 positions (VEC = 4 alignment hints in NCHW; three
+    64-position tiles in channels_last), 20 channels (three 8-channel blocks in NCHW), 9 samples: 3 splits of 3
+    samples (NCHW), one split per sample (channels_last); in training also splits of 2 samples (the last of 1) ×
+    chunks of 2 of the 3 tiles."""
     monkeypatch.setattr(bn_module, "BN_TILE", 2048)
-    monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 4)
+    monkeypatch.setattr(bn_module, "BN_SPLIT_PROGRAMS_PER_SM", 8)
     monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 4096)
+    cl = layout == "channels_last"
+    plan = bn_module._split_plan(9, 20, 132, *bn_module._tile(20, 132, cl), torch.device("cpu"))
+    assert plan == ((1, 192, 1, 9) if cl else (3, 256, 1, 3))
     inp = make_inputs((9, 20, 12, 11), device, seed=11)
     if layout == "channels_last":
         for k in ("z", "residual", "dout"):
@@ -161,8 +172,9 @@ def test_gpu_tiles(device, bn_path, monkeypatch, layout, mode):
     )
     check_against_reference(inp, mode)
     if mode == "train":
-        monkeypatch.setattr(bn_module, "BN_MAX_SPLITS", 2)
-        assert bn_module._samples_per_split(9) == 5
+        monkeypatch.setattr(common, "BN_SPLIT", (2, 2))
+        plan = bn_module._split_plan(9, 20, 132, *bn_module._tile(20, 132, cl), torch.device("cpu"))
+        assert plan == ((2, 128, 2, 10) if cl else (2, 256, 1, 5))
         check_against_reference(inp, mode)
 
 

@@ -217,10 +217,10 @@ def test_many_samples(device, bn_path, monkeypatch):
     import importlib
 
     bn_module = importlib.import_module("kernels.bn_film_relu")
-    monkeypatch.setattr(bn_module, "BN_SAMPLES_PER_SPLIT", 2)
-    monkeypatch.setattr(bn_module, "BN_MAX_SPLITS", 4)
+    monkeypatch.setattr(importlib.import_module("kernels._common"), "BN_SPLIT", (10, 1))
     monkeypatch.setattr(bn_module, "BN_ONE_LAUNCH_TILE", 16)
-    assert bn_module._samples_per_split(37) == 10  # 4 splits, the last one with 7 samples
+    tiles = bn_module._tile(3, 6, False)
+    assert bn_module._split_plan(37, 3, 6, *tiles, torch.device("cpu")).splits == 4  # the last has 7 samples
     assert bn_module._one_launch_tile(37, 6, False) == (2, 8)  # one launch: 19 blocks of samples
     for mode in MODES:
         check_against_reference(make_inputs((37, 3, 2, 3), device, seed=32), mode)
@@ -402,7 +402,8 @@ def test_channel_mean_far_from_zero(device, bn_path, mode):
 def test_training_backward_skips_dz_when_z_needs_no_gradient(device, bn_path, z_grad):
     """A frozen visual network (train.trainable=generator): z needs no gradient, so the training backward runs
     the reduction only (one pass over dout and z instead of two); the γ, β and residual gradients are unchanged.
-    With z's gradient the backward is the reduction and the dz pass (split) or the one-launch kernel."""
+    With z's gradient the backward is the reduction, the sums' finalize and the dz pass (split) or the one-launch
+    kernel."""
     inp = make_inputs((3, 5, 7, 6), device, seed=39)
     results, launches = [], bn_path.launches
     for impl in ("triton", "reference"):
@@ -421,7 +422,11 @@ def test_training_backward_skips_dz_when_z_needs_no_gradient(device, bn_path, z_
     elif bn_path.one_launch:
         assert backward == {"_one_launch_backward_kernel": 1}
     else:
-        assert backward == {"_backward_reduce_kernel": 1, "_backward_dz_kernel": 1}
+        assert backward == {
+            "_backward_reduce_kernel": 1,
+            "_finalize_sums_kernel": 1,
+            "_backward_dz_kernel": 1,
+        }
     for k in ("gamma", "beta", "residual") + (("z",) if z_grad else ()):
         assert_rel_close(results[0][k], results[1][k], FP32_REL, f"d{k}")
     assert z_grad or results[0]["z"] is None

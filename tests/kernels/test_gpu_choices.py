@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from types import ModuleType
 
 import pytest
 import torch
+import triton
 
 import kernels._common as common
 from tests.kernels import test_bn_film_relu as bn_tests
 from tests.kernels import test_conv_coords as cc_tests
+from tests.kernels.conftest import BN_KERNELS as BN_KERNEL_NAMES
 from tests.kernels.helpers import assert_rel_close
 
 conv_module = importlib.import_module("kernels.conv_coords")
@@ -53,7 +56,7 @@ def as_gpu(monkeypatch, device):
         monkeypatch.setattr(conv_module, "CONV_WGRAD_SAMPLES_PER_SPLIT", None)
         monkeypatch.setattr(conv_module, "DEFAULT_SM_COUNT", common.AS_GPU_SMS["sm_90"])
         gpu = gpu_settings(monkeypatch)
-        for name in ("BN_TILE", "BN_SAMPLES_PER_SPLIT", "BN_ONE_LAUNCH_MAX_M", "BN_ONE_LAUNCH_TILE"):
+        for name in ("BN_TILE", "BN_SPLIT_PROGRAMS_PER_SM", "BN_ONE_LAUNCH_MAX_M", "BN_ONE_LAUNCH_TILE"):
             monkeypatch.setattr(bn_module, name, getattr(gpu, name))
     return monkeypatch
 
@@ -123,7 +126,8 @@ def test_classifier_projection_with_multi_sample_splits(device, as_gpu, layout):
     "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"]
 )
 def test_bn_at_model_size(device, bn_path, as_gpu, layout, mode, dtype):
-    """The ResBlock's BN-FiLM-ReLU-residual at 128 channels, 14×14, 5 samples (2 uneven splits of the GPU's 4)."""
+    """The ResBlock's BN-FiLM-ReLU-residual at 128 channels, 14×14, 5 samples, split as on an sm_90: NCHW 2
+    uneven splits (4 + 1 samples), channels_last one split per sample and chunk of 4 + 3 position tiles."""
     inp = bn_tests.make_inputs((5, 128, 14, 14), device, dtype, seed=50)
     if dtype == torch.float64:  # float64 throughout, running buffers included (the reference needs one dtype)
         inp["running_mean"], inp["running_var"] = inp["running_mean"].double(), inp["running_var"].double()
@@ -162,8 +166,7 @@ def test_bn_training_path_at_gpu_sizes(device, as_gpu, layout):
     and 70,000 take the split path (statistics, apply; reduction, dz). The real launchers, on meta tensors, with
     every BN kernel replaced by a recorder: nothing runs."""
     launches: list = []
-    for name in ("_stats_kernel", "_forward_kernel", "_backward_reduce_kernel", "_backward_dz_kernel",
-                 "_one_launch_forward_kernel", "_one_launch_backward_kernel"):  # fmt: skip
+    for name in BN_KERNEL_NAMES:
         as_gpu.setattr(bn_module, name, _Recorder(name, launches))
 
     def train_step(n: int) -> list:
@@ -181,9 +184,45 @@ def test_bn_training_path_at_gpu_sizes(device, as_gpu, layout):
     tile = (8, 256, 8) if layout == "nhwc" else (16, 256, 8)
     assert [(kw["BLOCK_N"], kw["BLOCK_P"], kw["num_warps"]) for _, _, kw in launches] == [tile] * 2
     assert [name for name, _ in train_step(167)] == one
-    split = ["_stats_kernel", "_forward_kernel", "_backward_reduce_kernel", "_backward_dz_kernel"]
+    split = ["_stats_kernel", "_finalize_stats_kernel", "_forward_kernel", "_backward_reduce_kernel",
+             "_finalize_sums_kernel", "_backward_dz_kernel"]  # fmt: skip
     assert [name for name, _ in train_step(168)] == split
     assert [name for name, _ in train_step(70_000)] == split
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 128, 112, 112), (64, 128, 56, 56), (64, 128, 28, 28), (168, 128, 14, 14), (512, 128, 14, 14),
+     (70_000, 128, 14, 14), (256, 512, 14, 14)],
+    ids=lambda s: "x".join(map(str, s)),
+)  # fmt: skip
+def test_bn_split_reductions_fill_the_gpu(device, as_gpu, layout, shape):
+    """On an sm_90 (132 SMs) the split path's reductions — the training statistics and the backward's sums —
+    run 4 to 16 programs per SM at the sizes the model takes that path: the stem's BatchNorm at 112², 56², 28²
+    (batch 64; with one split per sample, 112² in channels_last had 2 channel blocks × 64 samples = 128
+    programs, one per SM, each streaming 3 MB one tile at a time), the ResBlocks from batch 168 to 70,000, the
+    classifier's 512 channels at batch 256. The finalize kernels run one program per 32 channels. The real launchers on
+    meta tensors, every BN kernel replaced by a recorder: nothing runs."""
+    launches: list = []
+    for name in BN_KERNEL_NAMES:
+        as_gpu.setattr(bn_module, name, _Recorder(name, launches))
+    n, c, h, w = shape
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    z = torch.empty(shape, device="meta", memory_format=fmt)
+    gamma = beta = torch.empty((n, c), device="meta")
+    rm = rv = torch.empty(c, device="meta")
+    _, mean, rstd = bn_module._forward(z, gamma, beta, z, rm, rv, bn_module.MODE_BATCH_STATS, 0.1, 1e-5)
+    bn_module._backward(z, z, gamma, beta, mean, rstd, bn_module.MODE_BATCH_STATS)
+    grids = {name: grid for name, grid, _ in launches}
+    sms = common.sm_count(z.device)  # meta tensors: DEFAULT_SM_COUNT, an sm_90's 132
+    block_c, block_p = bn_module._tile(c, h * w, layout == "nhwc")
+    plan = bn_module._split_plan(n, c, h * w, block_c, block_p, z.device)
+    assert plan.splits == triton.cdiv(n, plan.nps) * triton.cdiv(h * w, plan.ppc) and plan.ppc % block_p == 0
+    for name in ("_stats_kernel", "_backward_reduce_kernel"):
+        assert grids[name] == (triton.cdiv(c, block_c), plan.splits)
+        assert 4 * sms <= math.prod(grids[name]) <= 16 * sms, (name, grids[name], plan)
+    assert grids["_finalize_stats_kernel"] == grids["_finalize_sums_kernel"] == (triton.cdiv(c, 32),)
 
 
 def test_as_gpu_choices(monkeypatch):
