@@ -10,9 +10,11 @@ slower conv than fp32): only a tiny matmul probe runs, to put the factor in the 
 device supports it, else fp16 with the loss scaler. An explicit `bf16`, `fp16` or `torch_autocast` in the
 config's DeepSpeed section always wins.
 
-Kernels on a CPU: `compile` (torch.compile of the ResBlock's ops, the rest eager) when the run trains in bf16
-autocast (in float32 it was slower than eager: FP32_REASON), a C++ compiler is there for inductor and the run's
-time budget repays its first-step compilation; else `reference`. On CUDA: measured
+Kernels on a CPU: the whole model under torch.compile (`reference` kernels, `train.compile`) inside graph mode's
+static-shape step (`train.cuda_graphs`, uncaptured on a CPU) — MODEL_COMPILE — when a C++ compiler is there for
+inductor, the run's time budget repays the compilations and the run can take that step (one rank unless asked,
+ZeRO stage 0, Adam, a unidirectional encoder); where it cannot, `compile` (the ResBlock's ops) with bf16 autocast
+(in float32 it was slower than eager: FP32_REASON), else `reference`. On CUDA: measured
 per op site when the model is built (`per-op`, fastfilm/kernel_pick.py: each fused op runs whichever of
 `kernels.candidates` is fastest at the run's shapes; one mode for the whole model lost on an H200, batch 64,
 bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; /work/shared/gpu). The Triton interpreter is never
@@ -376,10 +378,16 @@ def have_compiler() -> str | None:
 
 
 def choose_kernels(
-    cfg: Any, device: torch.device, *, compiler: str | None | bool = True, precision: str = "bf16"
+    cfg: Any,
+    device: torch.device,
+    *,
+    compiler: str | None | bool = True,
+    precision: str = "bf16",
+    world: int = 1,
 ) -> Choice:
     """`kernels.mode: auto` (see the module docstring); other modes stay. `compiler=True`: look for one.
-    `precision`: the run's (`choose_precision`'s value): on a CPU, compile only pays with bf16 autocast."""
+    `precision`: the run's (`choose_precision`'s value): on a CPU, compiling the ResBlock ops alone pays only
+    with bf16 autocast. `world`: the run's ranks (with several, graph mode's step is opt-in)."""
     mode = cfg.kernels.mode
     if mode != "auto":
         return Choice("kernels", mode, "kernels.mode in the config")
@@ -393,8 +401,6 @@ def choose_kernels(
             f"each fused op timed at the run's shapes against {', '.join(['reference', *cands])} once the model is "
             "built; one mode for the whole model lost on an H200 (bf16: reference 22.8 ms/step, triton 25.9)",
         )
-    if precision != "bf16":
-        return Choice("kernels", "reference", FP32_REASON)
     cc = have_compiler() if compiler is True else compiler
     if not cc:
         return Choice("kernels", "reference", "no C++ compiler for torch.compile's CPU backend")
@@ -406,7 +412,38 @@ def choose_kernels(
             f"train.max_minutes={budget:g}: torch.compile's first step (~{COMPILE_FIRST_STEP_S:.0f} s on 2 cores) "
             "would not pay back",
         )
-    return Choice("kernels", "compile", COMPILE_REASON)
+    why = model_compile_unsupported(cfg, world)
+    if why is None and budget and budget < MODEL_COMPILE_MIN_MINUTES:
+        why = (
+            f"train.max_minutes={budget:g} (its compilations, ~{MODEL_COMPILE_S:.0f} s on 2 cores, repay over "
+            f"{MODEL_COMPILE_MIN_MINUTES:g} minutes or more)"
+        )
+    if why is None:
+        return Choice("kernels", MODEL_COMPILE, MODEL_COMPILE_REASON)
+    if precision != "bf16":
+        return Choice("kernels", "reference", f"{FP32_REASON}; the whole-model compile: not with {why}")
+    return Choice("kernels", "compile", f"{COMPILE_REASON}; the whole-model compile: not with {why}")
+
+
+def model_compile_unsupported(cfg: Any, world: int = 1) -> str | None:
+    """Why a CPU run cannot take the whole-model compile (graph mode's static-shape step, which train.compile runs
+    inside; the checks of `graphed.unsupported` that the config alone can answer), or None."""
+    t = cfg.train
+    if t.compile is False:
+        return "train.compile=false"
+    if t.cuda_graphs is False:
+        return "train.cuda_graphs=false (the compile runs inside graph mode's static-shape step)"
+    if world != 1 and t.cuda_graphs is not True:
+        return f"{world} ranks (graph mode's step is opt-in there: train.cuda_graphs=true)"
+    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    if stage:
+        return f"ZeRO stage {stage} (graph mode needs stage 0)"
+    kind = str(cfg.deepspeed.get("optimizer", {}).get("type", "Adam"))
+    if kind.lower() not in ("adam", "adamw"):
+        return f"optimizer {kind} (graph mode needs torch's fused Adam)"
+    if cfg.model.bidirectional:
+        return "a bidirectional encoder"
+    return None
 
 
 # Measured with bench/cpu_modes.py (make-train model, batch 64, 2 idle cores of an AMD EPYC under
@@ -416,6 +453,17 @@ FP32_REASON = (
     "questions/s on an AVX2 CPU); it pays with bf16 autocast"
 )
 PER_OP = "per-op"  # kernels.mode auto on CUDA: fastfilm.kernel_pick times each op site
+# kernels.mode auto on a CPU: the reference kernels, the whole model under torch.compile (train.compile) in graph
+# mode's static-shape step (train.cuda_graphs, uncaptured on a CPU); `resolve` writes the three into the config.
+MODEL_COMPILE = "reference + train.compile"
+MODEL_COMPILE_S = 75.0  # its compilations in make train (one per question-length bucket), 2 cores: measured
+# ... which steps ~1.2-1.3× faster repay after ~6-8 minutes (break-even c·r/(r − 1)); shorter budgets: the rule above
+MODEL_COMPILE_MIN_MINUTES = 8.0
+MODEL_COMPILE_REASON = (
+    "the whole model under torch.compile in graph mode's static-shape step: in make train's 10 minutes, its "
+    "compilations included, 1.31× the steps of bf16 + compiled ResBlock ops on an avx512_bf16 EPYC and 1.17× "
+    "those of fp32 eager under AVX2 (means of 2 runs each; bench/RESULTS_CPU_MODES.md)"
+)
 
 
 def build_mode(cfg: Any) -> str:
@@ -440,7 +488,21 @@ def decide(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None = Non
             "num_answers": len(vocab["answer_token_to_idx"]),
         }
     precision = choose_precision(cfg, device, **kw)
-    return [precision, choose_kernels(cfg, device, precision=precision.value)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return [precision, choose_kernels(cfg, device, precision=precision.value, world=world)]
+
+
+def apply_kernels(cfg: Any, kernels: Choice) -> None:
+    """Write a kernels choice into `cfg`: kernels.mode (a per-op run is built with `build_mode`'s), and
+    train.compile (true for MODEL_COMPILE, with train.cuda_graphs 'auto' made true; 'auto' becomes false else)."""
+    if kernels.value == MODEL_COMPILE:
+        cfg.kernels.mode, cfg.train.compile = "reference", True
+        if cfg.train.cuda_graphs == "auto":
+            cfg.train.cuda_graphs = True
+    else:
+        cfg.kernels.mode = build_mode(cfg) if kernels.value == PER_OP else kernels.value
+    if cfg.train.compile == "auto":
+        cfg.train.compile = False
 
 
 def resolve(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None, rank: int = 0) -> list[Choice]:
@@ -459,7 +521,7 @@ def resolve(cfg: Any, device: torch.device, vocab: Mapping[str, Any] | None, ran
         choices = box[0]
     precision, kernels = choices
     apply_precision(cfg, precision)
-    cfg.kernels.mode = build_mode(cfg) if kernels.value == PER_OP else kernels.value
+    apply_kernels(cfg, kernels)
     out = ([threads] if threads is not None else []) + list(choices)
     if rank == 0:
         for c in out:

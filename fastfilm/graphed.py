@@ -374,7 +374,7 @@ def trainer_step(run):
     want = cfg.train.cuda_graphs
     cuda = run.device.type == "cuda"
     if want is False or (want == "auto" and not cuda):
-        if cfg.train.compile:
+        if cfg.train.compile is True:
             _say(run, "train.compile needs graph mode's step (train.cuda_graphs); the model runs eagerly")
         return None
     why = unsupported(engine, run.optimizer, cfg.model, run.world, asked=want is True)
@@ -386,7 +386,11 @@ def trainer_step(run):
         _say(run, "train.cuda_graphs: no CUDA device; graph mode's static-shape step runs eagerly")
     elif not capture:
         _say(run, "train.cuda_graphs: fp16 loss scaling is not captured; graph mode's step runs eagerly")
-    fwd = compiled_forward(engine.module, cfg.kernels.mode == "reference") if cfg.train.compile else None
+    fwd = (
+        compiled_forward(engine.module, cfg.kernels.mode == "reference")
+        if cfg.train.compile is True
+        else None
+    )
     loader = run.train_loader
     max_len = int(loader.arrays["questions"].shape[1]) if hasattr(loader, "arrays") else 0
     step = GraphedTrainStep(

@@ -100,9 +100,24 @@ def test_the_resolved_config_keeps_its_choice_when_reloaded():
 
 
 def test_kernels_auto():
-    assert auto.choose_kernels(cfg(), CPU, compiler="g++").value == "compile"
-    fp32 = auto.choose_kernels(cfg(), CPU, compiler="g++", precision="fp32")
-    assert fp32.value == "reference" and "slower than eager" in fp32.reason
+    for precision in ("bf16", "fp32"):  # on a CPU: the whole model compiled in graph mode's static step
+        whole = auto.choose_kernels(cfg(), CPU, compiler="g++", precision=precision)
+        assert whole.value == auto.MODEL_COMPILE and "make train" in whole.reason
+    # where graph mode's step cannot run (or is switched off), the ResBlock ops' compile with bf16, else reference
+    for ds, train, world, why in (
+        ({}, {"compile": False}, 1, "train.compile=false"),
+        ({}, {"cuda_graphs": False}, 1, "train.cuda_graphs=false"),
+        ({}, {}, 2, "2 ranks"),
+        ({"zero_optimization": {"stage": 1}}, {}, 1, "ZeRO stage 1"),
+        ({}, {"max_minutes": 5}, 1, "train.max_minutes=5"),
+    ):
+        c = cfg(ds=ds, **train)
+        bf16 = auto.choose_kernels(c, CPU, compiler="g++", world=world)
+        assert bf16.value == "compile" and f"the whole-model compile: not with {why}" in bf16.reason
+        fp32 = auto.choose_kernels(c, CPU, compiler="g++", precision="fp32", world=world)
+        assert fp32.value == "reference" and "slower than eager" in fp32.reason and why in fp32.reason
+    two = auto.choose_kernels(cfg(cuda_graphs=True), CPU, compiler="g++", world=2)  # opted in: the same step
+    assert two.value == auto.MODEL_COMPILE
     no_cc = auto.choose_kernels(cfg(), CPU, compiler=None)
     assert no_cc.value == "reference" and "no C++ compiler" in no_cc.line()
     short = auto.choose_kernels(cfg(max_minutes=1), CPU, compiler="g++")
@@ -120,6 +135,23 @@ def test_kernels_auto():
     assert only_ref.value == "reference" and auto.build_mode(c) == "reference"
     c.kernels.candidates = ["compile", "reference"]
     assert auto.build_mode(c) == "compile"
+
+
+def test_kernels_choice_is_written_into_the_config():
+    """MODEL_COMPILE: kernels.mode reference, train.compile true, train.cuda_graphs 'auto' made true (an explicit
+    value stays); any other choice leaves train.compile 'auto' false and an explicit one as it is."""
+    c = cfg()
+    auto.apply_kernels(c, auto.Choice("kernels", auto.MODEL_COMPILE, "x"))
+    assert (c.kernels.mode, c.train.compile, c.train.cuda_graphs) == ("reference", True, True)
+    c = cfg()
+    auto.apply_kernels(c, auto.Choice("kernels", "compile", "x"))
+    assert (c.kernels.mode, c.train.compile, c.train.cuda_graphs) == ("compile", False, "auto")
+    c = cfg(kernels="reference", compile=True)
+    auto.apply_kernels(c, auto.choose_kernels(c, CPU))
+    assert (c.kernels.mode, c.train.compile) == ("reference", True)
+    c = cfg()
+    auto.apply_kernels(c, auto.Choice("kernels", auto.PER_OP, "x"))
+    assert (c.kernels.mode, c.train.compile) == ("triton", False)
 
 
 def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
@@ -157,8 +189,9 @@ def test_resolve_logs_and_applies(capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("fastfilm: threads: ")
     assert out[1].startswith("fastfilm: precision: fp32 (this CPU has no bf16 instructions")
-    assert out[2] == f"fastfilm: kernels: reference ({auto.FP32_REASON})"  # AVX2: fp32, so no compile
-    assert c.kernels.mode == "reference" and autocast_dtype(c.deepspeed) is None
+    assert out[2] == f"fastfilm: kernels: {auto.MODEL_COMPILE} ({auto.MODEL_COMPILE_REASON})"
+    assert (c.kernels.mode, c.train.compile, c.train.cuda_graphs) == ("reference", True, True)
+    assert autocast_dtype(c.deepspeed) is None
 
 
 @pytest.mark.parametrize(
@@ -171,7 +204,8 @@ def test_resolve_logs_and_applies(capsys, monkeypatch):
     ids=["avx512_bf16", "avx512_bf16-no-gain", "avx2"],
 )
 def test_precision_and_kernels_are_decided_together(monkeypatch, machine, expect):
-    """`decide` as the trainer runs it: kernels follow the precision (compile only pays with bf16 autocast)."""
+    """`decide` as the trainer runs it: the whole-model compile in either precision; without it (here switched
+    off) the kernels follow the precision (the ResBlock ops' compile only pays with bf16 autocast)."""
     flags, capability, model_probe = machine
     monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "x", "flags": flags})
     monkeypatch.setattr(auto, "cpu_capability", lambda: capability)
@@ -180,9 +214,11 @@ def test_precision_and_kernels_are_decided_together(monkeypatch, machine, expect
     monkeypatch.setattr(auto, "matmul_ratio_probe", lambda: {"fp32": 1.0, "bf16": 24.0, "matmul": 256})
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     precision, kernels = auto.decide(cfg(), CPU)
+    assert (precision.value, kernels.value) == (expect[0], auto.MODEL_COMPILE)
+    precision, kernels = auto.decide(cfg(compile=False), CPU)
     assert (precision.value, kernels.value) == expect
     if expect[0] == "fp32":
-        assert kernels.reason == auto.FP32_REASON
+        assert kernels.reason.startswith(auto.FP32_REASON)
 
 
 def test_demo_is_sized_by_the_probed_speed():

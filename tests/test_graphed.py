@@ -5,6 +5,7 @@ code uncaptured, which is what the trainer does with `train.cuda_graphs: true` a
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -352,7 +353,7 @@ def test_config_keys_and_the_memory_format_default(dataset, tmp_path):
 
     raw = tiny_config(dataset, tmp_path / "run")
     cfg = config_from_dict(raw)
-    assert (cfg.train.cuda_graphs, cfg.train.compile, cfg.model.memory_format) == ("auto", False, "auto")
+    assert (cfg.train.cuda_graphs, cfg.train.compile, cfg.model.memory_format) == ("auto", "auto", "auto")
     assert memory_format(cfg, torch.device("cpu")) == "channels_first"
     assert memory_format(cfg, torch.device("cuda")) == "channels_last"
     assert memory_format(cfg, torch.device("cuda"), zero_stage=2) == "channels_first"
@@ -361,6 +362,9 @@ def test_config_keys_and_the_memory_format_default(dataset, tmp_path):
         assert config_from_dict(raw).train.cuda_graphs is value
     raw["train"]["cuda_graphs"] = "always"
     with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        config_from_dict(raw)
+    raw["train"].update(cuda_graphs="auto", compile="yes")
+    with pytest.raises(ConfigError, match="train.compile: expected true, false or 'auto'"):
         config_from_dict(raw)
 
 
@@ -391,6 +395,19 @@ def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tm
     raw["train"].update(compile=True, cuda_graphs=False)
     train(config_from_dict(raw))
     assert "train.compile needs graph mode's step" in capsys.readouterr().out
+    # kernels.mode auto on a CPU: the reference kernels, the whole model compiled in graph mode's static step
+    monkeypatch.setattr("fastfilm.auto.have_compiler", lambda: "g++")
+    raw = tiny_config(dataset, tmp_path / "auto", max_steps=2)
+    raw["kernels"] = {"mode": "auto"}
+    torch._dynamo.reset()
+    assert train(config_from_dict(raw))["step"] == 2 and seen == [True, True]
+    out = capsys.readouterr().out
+    assert "fastfilm: kernels: reference + train.compile (" in out and "kernels=reference" in out
+    assert "graph mode's static-shape step runs eagerly" in out
+    saved = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert (saved["kernels"]["mode"], saved["train"]["compile"], saved["train"]["cuda_graphs"]) == (
+        "reference", True, True
+    )  # fmt: skip
 
 
 def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):

@@ -133,8 +133,10 @@ class TrainConfig:
     # several ranks, and on a CPU the same static-shape step runs eagerly (one log line); false: DeepSpeed's
     # engine.backward / engine.step as before.
     cuda_graphs: bool | str = "auto"
-    # torch.compile of the whole model (fullgraph with kernels=reference), inside the graph mode's step.
-    compile: bool = False
+    # torch.compile of the whole model (fullgraph with kernels=reference), inside the graph mode's step. "auto":
+    # `kernels.mode: auto` decides (on a CPU: on, with graph mode's static-shape step, where it can run: see
+    # fastfilm/auto.py); off with any other kernels mode.
+    compile: bool | str = "auto"
     seed: int = 0
     # "deepspeed": the DeepSpeed section's bf16/fp16/torch_autocast as written (float32 without them). "auto": chosen
     # by the machine and logged (fastfilm/auto.py); an explicit bf16/fp16/torch_autocast in the section still wins.
@@ -570,8 +572,10 @@ def _validate_run(cfg: Config) -> None:
         raise bad("train", f"log_every and sync_every must be >= 1, got {t.log_every} and {t.sync_every}")
     if t.film_reg_weight < 0:
         raise bad("train.film_reg_weight", "must be >= 0")
-    if isinstance(t.cuda_graphs, str) and t.cuda_graphs != "auto":
-        raise bad("train.cuda_graphs", f"expected true, false or 'auto', got {t.cuda_graphs!r}")
+    for key in ("cuda_graphs", "compile"):
+        value = getattr(t, key)
+        if isinstance(value, str) and value != "auto":
+            raise bad(f"train.{key}", f"expected true, false or 'auto', got {value!r}")
     choice("train.trainable", t.trainable, ("all", "generator", "network"))
     choice("train.precision", t.precision, ("deepspeed", "auto"))
     choice("train.frozen_mode", t.frozen_mode, ("train", "eval"))
