@@ -161,6 +161,15 @@ def _pivot(Z, c, cmask, s_zc, ACC: tl.constexpr):
     return tl.load(Z + c * s_zc, mask=cmask, other=0.0).to(ACC)
 
 
+# Splits s0 … s0 + BLOCK_S − 1 of channels c in the [S, C] partials: their offsets, mask and value counts n_s.
+@triton.jit
+def _split_block(s0, c, cmask, N, C, HW, S, NPS, PPC, K, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    s = s0 + tl.arange(0, BLOCK_S)
+    n0, n1, pa, pb = _split_range(s, N, HW, NPS, PPC, K)
+    cnt = tl.cast(tl.where(s < S, (n1 - n0) * (pb - pa), 0), ACC)
+    return s[:, None] * C + c[None, :], (s < S)[:, None] & cmask[None, :], cnt
+
+
 # Once per channel block, the S split partials combined (split s holds n_s = N_s·P_s values), means of z − K:
 #   mean = Σ n_s·mean_s / M,   var = (Σ M2_s + Σ n_s·(mean_s − mean)²) / M,   rstd = 1 / √(var + eps)
 #   mean (+ K, stored by _stats_kernel after the partials) and rstd saved for the apply and the backward;
@@ -176,26 +185,14 @@ def _finalize_stats_kernel(
     cmask = c < C
     total = tl.zeros([BLOCK_C], dtype=ACC)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        n0, n1, pa, pb = _split_range(s, N, HW, NPS, PPC, K)
-        cnt = tl.cast(tl.where(s < S, (n1 - n0) * (pb - pa), 0), ACC)
-        mask = (s < S)[:, None] & cmask[None, :]
-        total += tl.sum(
-            cnt[:, None] * tl.load(PMEAN + s[:, None] * C + c[None, :], mask=mask, other=0.0), axis=0
-        )
+        offs, mask, cnt = _split_block(s0, c, cmask, N, C, HW, S, NPS, PPC, K, ACC, BLOCK_S)
+        total += tl.sum(cnt[:, None] * tl.load(PMEAN + offs, mask=mask, other=0.0), axis=0)
     mean = total / M
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        n0, n1, pa, pb = _split_range(s, N, HW, NPS, PPC, K)
-        cnt = tl.cast(tl.where(s < S, (n1 - n0) * (pb - pa), 0), ACC)
-        mask = (s < S)[:, None] & cmask[None, :]
-        d = tl.where(
-            mask, tl.load(PMEAN + s[:, None] * C + c[None, :], mask=mask, other=0.0) - mean[None, :], 0.0
-        )
-        m2 += tl.sum(
-            tl.load(PM2 + s[:, None] * C + c[None, :], mask=mask, other=0.0) + cnt[:, None] * d * d, axis=0
-        )
+        offs, mask, cnt = _split_block(s0, c, cmask, N, C, HW, S, NPS, PPC, K, ACC, BLOCK_S)
+        d = tl.where(mask, tl.load(PMEAN + offs, mask=mask, other=0.0) - mean[None, :], 0.0)
+        m2 += tl.sum(tl.load(PM2 + offs, mask=mask, other=0.0) + cnt[:, None] * d * d, axis=0)
     mean += tl.load(PMEAN + S * C + c, mask=cmask, other=0.0)
     if UPDATE_RUNNING:
         r_mean = tl.load(RMEAN + c, mask=cmask, other=0.0).to(ACC)
