@@ -160,7 +160,7 @@ def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k
             return GEMM_INTERPRET_EXACT[kind][name]
         if AS_GPU:
             return as_gpu_blocks(kind, a["COMPUTE"], a["PRECISION"])[names.index(name)]
-        return max(16, min(GEMM_INTERPRET_CONFIG[name], triton.next_power_of_2(sizes[name](a))))
+        return max(16, min(GEMM_INTERPRET_CONFIG[name], next_power_of_2(sizes[name](a))))
 
     def decorate(fn):
         if INTERPRET:
@@ -180,6 +180,17 @@ def gemm_tuning(kind: str, m: Callable[[dict], int], n: Callable[[dict], int], k
     return decorate
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on the host: `triton.cdiv` (and `triton.next_power_of_2`) are constexpr functions in triton ≥ 3.6,
+    ~4 µs a call from Python; the launchers call them several times per launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (as `triton.next_power_of_2`; 0 for n = 0), at a plain function's cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @triton.jit
 def aligned(x, VEC: tl.constexpr):
     """x, which the launcher checked is a multiple of VEC, in a form that tells the compiler so (tl.multiple_of
@@ -193,7 +204,8 @@ def vec_hint(hw: int, *tensors: torch.Tensor) -> int:
     channel strides (so 1 in channels_last, where the channel stride is 1 and the channel axis vectorises anyway)."""
     g = hw
     for t in tensors:
-        g = math.gcd(g, t.stride(0), t.stride(1))
+        s = t.stride()
+        g = math.gcd(g, s[0], s[1])
     return min(16, g & -g) if g else 16
 
 
@@ -251,17 +263,19 @@ def hw_stride(t: torch.Tensor, name: str) -> int:
     silently copied.
     """
     _, _, h, w = t.shape
-    if h > 1 and w > 1 and t.stride(2) != w * t.stride(3):
+    s = t.stride()  # one call (a launcher reads several tensors' strides per launch)
+    if h > 1 and w > 1 and s[2] != w * s[3]:
         raise ValueError(
-            f"kernels: {name} has strides {tuple(t.stride())}: H and W must be flattenable "
+            f"kernels: {name} has strides {tuple(s)}: H and W must be flattenable "
             "(contiguous NCHW or channels_last); call .contiguous() explicitly if you mean to copy"
         )
-    return t.stride(3) if w > 1 else t.stride(2)
+    return s[3] if w > 1 else s[2]
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
     """True when the channel is the fastest-varying dimension (NHWC in memory)."""
-    return t.stride(1) == 1 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1
+    _, c, h, w = t.shape
+    return c > 1 and h * w > 1 and t.stride(1) == 1
 
 
 def empty_like_layout(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

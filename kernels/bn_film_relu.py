@@ -51,11 +51,13 @@ from kernels._common import (
     TL_DTYPE,
     acc_dtype,
     aligned,
+    cdiv,
     check_device,
     check_tensors,
     empty_like_layout,
     hw_stride,
     is_channels_last,
+    next_power_of_2,
     no_double_backward,
     sm_count,
     vec_hint,
@@ -498,11 +500,11 @@ def _one_launch_backward_kernel(
 def _tile(c: int, hw: int, channels_last: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of about BN_TILE elements, long along the dimension that is contiguous in memory."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(c), 64)
-        block_p = min(triton.next_power_of_2(hw), max(1, BN_TILE // block_c))
+        block_c = min(next_power_of_2(c), 64)
+        block_p = min(next_power_of_2(hw), max(1, BN_TILE // block_c))
     else:
-        block_p = min(triton.next_power_of_2(hw), BN_TILE)
-        block_c = min(triton.next_power_of_2(c), max(1, BN_TILE // block_p))
+        block_p = min(next_power_of_2(hw), BN_TILE)
+        block_c = min(next_power_of_2(c), max(1, BN_TILE // block_p))
     return block_c, block_p
 
 
@@ -518,8 +520,8 @@ def _one_launch_tile(n: int, hw: int, channels_last: bool) -> tuple[int, int]:
     channels_last, where every element is its own load with its own address and mask: 8 per thread, not 16), all
     of a sample's positions (up to the tile) and as many samples as fit."""
     tile = BN_ONE_LAUNCH_TILE // 2 if channels_last else BN_ONE_LAUNCH_TILE
-    block_p = min(triton.next_power_of_2(hw), tile)
-    return min(triton.next_power_of_2(n), max(1, tile // block_p)), block_p
+    block_p = min(next_power_of_2(hw), tile)
+    return min(next_power_of_2(n), max(1, tile // block_p)), block_p
 
 
 class SplitPlan(NamedTuple):
@@ -537,43 +539,45 @@ def _split_plan(n: int, c: int, hw: int, block_c: int, block_p: int, device: tor
     stem's 112², a split per sample would give 64 samples × 2 channel blocks = 128 programs, 1 per SM), none
     under BN_MIN_TILES_PER_SPLIT tiles; one split when there are no SMs to fill (the interpreter).
     _common.BN_SPLIT forces (samples per split, position tiles per chunk), any combination of the two."""
-    tiles = triton.cdiv(hw, block_p)  # position tiles of one sample
+    tiles = cdiv(hw, block_p)  # position tiles of one sample
     if _common.BN_SPLIT is not None:
         nps, tpc = _common.BN_SPLIT[0], min(_common.BN_SPLIT[1], tiles)
     else:
         programs = BN_SPLIT_PROGRAMS_PER_SM * sm_count(device)
-        want = max(1, programs // triton.cdiv(c, block_c))
-        per_split = max(BN_MIN_TILES_PER_SPLIT, triton.cdiv(n * tiles, want))
+        want = max(1, programs // cdiv(c, block_c))
+        per_split = max(BN_MIN_TILES_PER_SPLIT, cdiv(n * tiles, want))
         if per_split >= tiles:  # groups of whole samples, as even as they come
-            nps, tpc = triton.cdiv(n, triton.cdiv(n, per_split // tiles)), tiles
+            nps, tpc = cdiv(n, cdiv(n, per_split // tiles)), tiles
         else:  # each sample in chunks of positions, as even as they come
-            nps, tpc = 1, triton.cdiv(tiles, triton.cdiv(tiles, per_split))
+            nps, tpc = 1, cdiv(tiles, cdiv(tiles, per_split))
     nps = min(nps, n)
-    chunks = triton.cdiv(tiles, tpc)
-    return SplitPlan(nps, tpc * block_p, chunks, triton.cdiv(n, nps) * chunks)
+    chunks = cdiv(tiles, tpc)
+    return SplitPlan(nps, tpc * block_p, chunks, cdiv(n, nps) * chunks)
 
 
 def _strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), hw_stride(t, name)
+    s = t.stride()
+    return s[0], s[1], hw_stride(t, name)
 
 
 def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum, eps):
     n, c, h, w = z.shape
     hw, m = h * w, n * h * w
     acc = acc_dtype(z.dtype, gamma.dtype, beta.dtype, residual.dtype if residual is not None else z.dtype)
-    block_c, block_p = _tile(c, hw, is_channels_last(z))
+    cl = is_channels_last(z)
+    block_c, block_p = _tile(c, hw, cl)
     y = empty_like_layout(tuple(z.shape), z, z.dtype)
     mean = torch.empty(c, device=z.device, dtype=acc)
     rstd = torch.empty(c, device=z.device, dtype=acc)
     res = residual if residual is not None else z
     update = mode == MODE_BATCH_STATS and running_mean is not None
     if mode == MODE_BATCH_STATS and _one_launch(m):
-        block_n, block_p = _one_launch_tile(n, hw, is_channels_last(z))
+        block_n, block_p = _one_launch_tile(n, hw, cl)
         _one_launch_forward_kernel[(c,)](
             z, res, y, gamma, beta, running_mean if update else mean, running_var if update else rstd, mean, rstd,
             n, hw, float(m), float(momentum), float(eps),
             *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
-            gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+            *gamma.stride(), *beta.stride(),
             HAS_RES=residual is not None, UPDATE_RUNNING=update, ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z, res, y),
             BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0, num_warps=BN_ONE_LAUNCH_NUM_WARPS,
         )  # fmt: skip
@@ -582,23 +586,23 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
         plan = _split_plan(n, c, hw, block_c, block_p, z.device)
         p_mean = torch.empty((plan.splits + 1, c), device=z.device, dtype=acc)  # + the pivots
         p_m2 = torch.empty((plan.splits, c), device=z.device, dtype=acc)
-        _stats_kernel[(triton.cdiv(c, block_c), plan.splits)](
+        _stats_kernel[(cdiv(c, block_c), plan.splits)](
             z, p_mean, p_m2, n, c, hw, plan.nps, plan.ppc, plan.chunks, *_strides(z, "z"),
             ACC=TL_DTYPE[acc], VEC=vec_hint(hw, z), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
-        _finalize_stats_kernel[(triton.cdiv(c, BN_FINALIZE_BLOCK_C),)](
+        _finalize_stats_kernel[(cdiv(c, BN_FINALIZE_BLOCK_C),)](
             p_mean, p_m2, running_mean if update else mean, running_var if update else rstd, mean, rstd,
             n, c, hw, plan.splits, plan.nps, plan.ppc, plan.chunks, float(m), float(momentum), float(eps),
             UPDATE_RUNNING=update, ACC=TL_DTYPE[acc],
-            BLOCK_S=min(triton.next_power_of_2(plan.splits), BN_FINALIZE_BLOCK_S), BLOCK_C=BN_FINALIZE_BLOCK_C,
+            BLOCK_S=min(next_power_of_2(plan.splits), BN_FINALIZE_BLOCK_S), BLOCK_C=BN_FINALIZE_BLOCK_C,
             num_warps=BN_NUM_WARPS, num_stages=1,
         )  # fmt: skip
-    _forward_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
+    _forward_kernel[(n, cdiv(c, block_c), cdiv(hw, block_p))](
         z, res, y, gamma, beta,
         running_mean if running_mean is not None else mean, running_var if running_var is not None else rstd,
         mean, rstd, c, hw, float(eps),
         *_strides(z, "z"), *_strides(res, "residual"), *_strides(y, "out"),
-        gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+        *gamma.stride(), *beta.stride(),
         MODE=mode, HAS_RES=residual is not None, ACC=TL_DTYPE[acc],
         VEC=vec_hint(hw, z, res, y), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
     )  # fmt: skip
@@ -615,7 +619,8 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
         # The incoming gradient's layout is not ours to choose; an exotic one costs one explicit copy.
         dout = dout.contiguous()
         d_strides = _strides(dout, "grad_output")
-    block_c, block_p = _tile(c, hw, is_channels_last(z))
+    cl = is_channels_last(z)
+    block_c, block_p = _tile(c, hw, cl)
     # Training without dz (z needs no gradient: a frozen visual network) skips the dz pass; the reduction writes
     # no dz in training, so z stands in for the pointer. Eval / no BN write dz in the reduction anyway.
     skip_dz = mode == MODE_BATCH_STATS and not need_dz
@@ -625,10 +630,10 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     vec = vec_hint(hw, dout, z, dz)
     common = (
         *d_strides, *_strides(z, "z"), *_strides(dz, "dz"),
-        gamma.stride(0), gamma.stride(1), beta.stride(0), beta.stride(1),
+        *gamma.stride(), *beta.stride(),
     )  # fmt: skip
     if mode == MODE_BATCH_STATS and not skip_dz and _one_launch(m):
-        block_n, block_p = _one_launch_tile(n, hw, is_channels_last(z))
+        block_n, block_p = _one_launch_tile(n, hw, cl)
         _one_launch_backward_kernel[(c,)](
             dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, n, c, hw, float(m), *common,
             ACC=TL_DTYPE[acc], VEC=vec, BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0,
@@ -645,21 +650,21 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     else:
         p_gamma = torch.empty((plan.chunks, n, c), device=z.device, dtype=acc)
         p_beta = torch.empty((plan.chunks, n, c), device=z.device, dtype=acc)
-    _backward_reduce_kernel[(triton.cdiv(c, block_c), plan.splits)](
+    _backward_reduce_kernel[(cdiv(c, block_c), plan.splits)](
         dout, z, gamma, beta, mean, rstd, dz, p_gamma, p_beta, n, c, hw, plan.nps, plan.ppc, plan.chunks, *common,
         MODE=mode, ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, EVEN_C=c % block_c == 0,
         num_warps=BN_NUM_WARPS,
     )  # fmt: skip
     if not direct:
         ab = torch.empty((2, c), device=z.device, dtype=acc) if sums else mean  # placeholder when unused
-        _finalize_sums_kernel[(triton.cdiv(c, BN_FINALIZE_BLOCK_C),)](
+        _finalize_sums_kernel[(cdiv(c, BN_FINALIZE_BLOCK_C),)](
             p_gamma, p_beta, gamma, d_gamma, d_beta, ab, n, c, plan.chunks, float(m),
             gamma.stride(0), gamma.stride(1), SUMS=sums, ACC=TL_DTYPE[acc],
-            BLOCK_N=min(triton.next_power_of_2(n), BN_FINALIZE_BLOCK_N), BLOCK_C=BN_FINALIZE_BLOCK_C,
+            BLOCK_N=min(next_power_of_2(n), BN_FINALIZE_BLOCK_N), BLOCK_C=BN_FINALIZE_BLOCK_C,
             num_warps=BN_NUM_WARPS, num_stages=1,
         )  # fmt: skip
     if sums:
-        _backward_dz_kernel[(n, triton.cdiv(c, block_c), triton.cdiv(hw, block_p))](
+        _backward_dz_kernel[(n, cdiv(c, block_c), cdiv(hw, block_p))](
             dout, z, gamma, beta, mean, rstd, ab, dz, c, hw, *common,
             ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip

@@ -31,6 +31,7 @@ from kernels._common import (
     TL_DTYPE,
     acc_dtype,
     aligned,
+    cdiv,
     check_device,
     check_tensors,
     empty_like_layout,
@@ -287,8 +288,8 @@ def _wgrad_samples_per_split(n: int, c_in: int, c_out: int, device: torch.device
     if CONV_WGRAD_SAMPLES_PER_SPLIT:
         return CONV_WGRAD_SAMPLES_PER_SPLIT
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-    tiles = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64)
-    return triton.cdiv(n, min(n, triton.cdiv(sms or DEFAULT_SM_COUNT, tiles)))
+    tiles = cdiv(c_out, 64) * cdiv(c_in, 64)
+    return cdiv(n, min(n, cdiv(sms or DEFAULT_SM_COUNT, tiles)))
 
 
 def _conv1x1_forward(x, weight, bias, relu, compute):
@@ -301,7 +302,7 @@ def _conv1x1_forward(x, weight, bias, relu, compute):
     den_y, half_y = _linspace_args(h)
 
     def grid(meta):
-        return n * triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"])
+        return n * cdiv(hw, meta["BLOCK_N"]), cdiv(c_out, meta["BLOCK_M"])
 
     _forward_kernel[grid](
         x, weight, bias if bias is not None else weight, y,
@@ -337,7 +338,7 @@ def _conv1x1_backward(dy, y, x, weight, relu, need_dx, need_dw):
         dx = empty_like_layout(tuple(x.shape), x, x.dtype)
 
         def dx_grid(meta):
-            return n * triton.cdiv(hw, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_M"])
+            return n * cdiv(hw, meta["BLOCK_N"]), cdiv(c_in, meta["BLOCK_M"])
 
         _backward_dx_kernel[dx_grid](
             dy, y, weight, dx, c_in, c_out, hw,
@@ -346,13 +347,13 @@ def _conv1x1_backward(dy, y, x, weight, relu, need_dx, need_dw):
         )  # fmt: skip
     if need_dw:
         nps = _wgrad_samples_per_split(n, c_in, c_out, x.device)
-        splits = triton.cdiv(n, nps)
+        splits = cdiv(n, nps)
         parts = torch.empty((splits, c_out * (c_in + 3)), device=x.device, dtype=acc)
         den_x, half_x = _linspace_args(w)
         den_y, half_y = _linspace_args(h)
 
         def dw_grid(meta):
-            return triton.cdiv(c_in, meta["BLOCK_N"]), triton.cdiv(c_out, meta["BLOCK_M"]), splits
+            return cdiv(c_in, meta["BLOCK_N"]), cdiv(c_out, meta["BLOCK_M"]), splits
 
         _backward_dw_kernel[dw_grid](
             dy, y, x, parts, n, c_in, c_out, hw, nps, w, h, den_x, half_x, den_y, half_y,
