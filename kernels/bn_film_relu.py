@@ -131,6 +131,10 @@ def _stats_kernel(
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     pivot = _pivot(Z, c, cmask, s_zc, ACC)
+    # split 0 also stores K after the S partial means, for the finalize; here, not after the loop, where the
+    # predicate spilled on sm_80 (triton 3.6, bf16 NCHW). A block-shaped mask: the interpreter mishandles scalar &
+    # block masks.
+    tl.store(PMEAN + tl.num_programs(1) * C + c, pivot, mask=cmask & ((0 * c + pid_s) == 0))
     for n in range(n0, n1):
         base = Z + tl.cast(n, tl.int64) * s_zn + c[:, None] * s_zc
         for p0 in range(pa, pb, BLOCK_P):
@@ -144,9 +148,6 @@ def _stats_kernel(
             mean, m2 = _chan(mean, m2, tl.cast((n - n0) * (pb - pa) + p0 - pa, ACC), t_mean, t_m2, cnt)
     tl.store(PMEAN + pid_s * C + c, mean, mask=cmask)
     tl.store(PM2 + pid_s * C + c, m2, mask=cmask)
-    # split 0 also stores K after the S partial means, for the finalize (a block-shaped mask: the interpreter
-    # mishandles scalar & block masks)
-    tl.store(PMEAN + tl.num_programs(1) * C + c, pivot, mask=cmask & ((0 * c + pid_s) == 0))
 
 
 # Chan's combine of the statistics of `seen` values (mean, M2) with those of a tile of cnt values (t_mean, t_M2):

@@ -19,7 +19,6 @@ from types import ModuleType
 
 import pytest
 import torch
-import triton
 
 import kernels._common as common
 from tests.kernels import test_bn_film_relu as bn_tests
@@ -157,31 +156,38 @@ class _Recorder:
         return lambda *args, **kwargs: self.out.append((self.name, tuple(grid), kwargs))
 
 
+def record_training_step(monkeypatch, shape: tuple, layout: str) -> list:
+    """The BN launches (name, grid, launch keywords) of one training forward + backward at `shape`: the real
+    launchers on meta tensors, every BN kernel replaced by a recorder, so nothing runs."""
+    launches: list = []
+    for name in BN_KERNEL_NAMES:
+        monkeypatch.setattr(bn_module, name, _Recorder(name, launches))
+    n, c = shape[:2]
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    z = torch.empty(shape, device="meta", memory_format=fmt)
+    gamma = beta = torch.empty((n, c), device="meta")
+    rm = rv = torch.empty(c, device="meta")
+    _, mean, rstd = bn_module._forward(z, gamma, beta, z, rm, rv, bn_module.MODE_BATCH_STATS, 0.1, 1e-5)
+    bn_module._backward(z, z, gamma, beta, mean, rstd, bn_module.MODE_BATCH_STATS)
+    return launches
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_bn_training_path_at_gpu_sizes(device, as_gpu, layout):
     """The rule the launchers follow on a GPU (BN_ONE_LAUNCH_MAX_M = 32,768 values per channel): the paper's
     ResBlock (batch 64, 128 maps of 14×14: M = 12,544) trains in one launch each way, 128 programs (one per
     channel) of 16 (channels_last: 8) samples × 256 positions with 8 warps, also at batch 167 (M = 32,732); batch
     168 (M = 32,928)
-    and 70,000 take the split path (statistics, apply; reduction, dz). The real launchers, on meta tensors, with
-    every BN kernel replaced by a recorder: nothing runs."""
-    launches: list = []
-    for name in BN_KERNEL_NAMES:
-        as_gpu.setattr(bn_module, name, _Recorder(name, launches))
+    and 70,000 take the split path (statistics, finalize, apply; reduction, finalize, dz). Recorded launches:
+    nothing runs."""
 
     def train_step(n: int) -> list:
-        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-        z = torch.empty((n, 128, 14, 14), device="meta", memory_format=fmt)
-        gamma = beta = torch.empty((n, 128), device="meta")
-        rm = rv = torch.empty(128, device="meta")
-        launches.clear()
-        _, mean, rstd = bn_module._forward(z, gamma, beta, z, rm, rv, bn_module.MODE_BATCH_STATS, 0.1, 1e-5)
-        bn_module._backward(z, z, gamma, beta, mean, rstd, bn_module.MODE_BATCH_STATS)
-        return [(name, grid) for name, grid, _ in launches]
+        return [(name, grid) for name, grid, _ in record_training_step(as_gpu, (n, 128, 14, 14), layout)]
 
     one = ["_one_launch_forward_kernel", "_one_launch_backward_kernel"]
     assert train_step(64) == [(name, (128,)) for name in one]
     tile = (8, 256, 8) if layout == "nhwc" else (16, 256, 8)
+    launches = record_training_step(as_gpu, (64, 128, 14, 14), layout)
     assert [(kw["BLOCK_N"], kw["BLOCK_P"], kw["num_warps"]) for _, _, kw in launches] == [tile] * 2
     assert [name for name, _ in train_step(167)] == one
     split = ["_stats_kernel", "_finalize_stats_kernel", "_forward_kernel", "_backward_reduce_kernel",
@@ -200,29 +206,21 @@ def test_bn_training_path_at_gpu_sizes(device, as_gpu, layout):
 def test_bn_split_reductions_fill_the_gpu(device, as_gpu, layout, shape):
     """On an sm_90 (132 SMs) the split path's reductions — the training statistics and the backward's sums —
     run 4 to 16 programs per SM at the sizes the model takes that path: the stem's BatchNorm at 112², 56², 28²
-    (batch 64; with one split per sample, 112² in channels_last had 2 channel blocks × 64 samples = 128
-    programs, one per SM, each streaming 3 MB one tile at a time), the ResBlocks from batch 168 to 70,000, the
-    classifier's 512 channels at batch 256. The finalize kernels run one program per 32 channels. The real launchers on
-    meta tensors, every BN kernel replaced by a recorder: nothing runs."""
-    launches: list = []
-    for name in BN_KERNEL_NAMES:
-        as_gpu.setattr(bn_module, name, _Recorder(name, launches))
+    (batch 64; with the earlier splits of 4 whole samples, 112² in channels_last ran 2 channel blocks × 16 splits
+    = 32 programs, each streaming 6 MB one tile at a time), the ResBlocks from batch 168 to 70,000, the
+    classifier's 512 channels at batch 256. The finalize kernels run one program per 32 channels. Recorded
+    launches (record_training_step): nothing runs."""
     n, c, h, w = shape
-    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    z = torch.empty(shape, device="meta", memory_format=fmt)
-    gamma = beta = torch.empty((n, c), device="meta")
-    rm = rv = torch.empty(c, device="meta")
-    _, mean, rstd = bn_module._forward(z, gamma, beta, z, rm, rv, bn_module.MODE_BATCH_STATS, 0.1, 1e-5)
-    bn_module._backward(z, z, gamma, beta, mean, rstd, bn_module.MODE_BATCH_STATS)
-    grids = {name: grid for name, grid, _ in launches}
-    sms = common.sm_count(z.device)  # meta tensors: DEFAULT_SM_COUNT, an sm_90's 132
+    grids = {name: grid for name, grid, _ in record_training_step(as_gpu, shape, layout)}
+    meta = torch.device("meta")
+    sms = common.sm_count(meta)  # meta tensors: DEFAULT_SM_COUNT, an sm_90's 132
     block_c, block_p = bn_module._tile(c, h * w, layout == "nhwc")
-    plan = bn_module._split_plan(n, c, h * w, block_c, block_p, z.device)
-    assert plan.splits == triton.cdiv(n, plan.nps) * triton.cdiv(h * w, plan.ppc) and plan.ppc % block_p == 0
+    plan = bn_module._split_plan(n, c, h * w, block_c, block_p, meta)
+    assert plan.splits == common.cdiv(n, plan.nps) * common.cdiv(h * w, plan.ppc) and plan.ppc % block_p == 0
     for name in ("_stats_kernel", "_backward_reduce_kernel"):
-        assert grids[name] == (triton.cdiv(c, block_c), plan.splits)
+        assert grids[name] == (common.cdiv(c, block_c), plan.splits)
         assert 4 * sms <= math.prod(grids[name]) <= 16 * sms, (name, grids[name], plan)
-    assert grids["_finalize_stats_kernel"] == grids["_finalize_sums_kernel"] == (triton.cdiv(c, 32),)
+    assert grids["_finalize_stats_kernel"] == grids["_finalize_sums_kernel"] == (common.cdiv(c, 32),)
 
 
 def test_as_gpu_choices(monkeypatch):
