@@ -15,6 +15,9 @@ CONFIG ?= configs/synthetic.json
 # FiLM learns it in 10 CPU-minutes: 3–5 objects (CLEVR: 3–10) drawn twice as large (shape and material survive
 # the 64-pixel cache), one attribute word per object description (CLEVR: up to 3), 4000 train images.
 SYNTH_ARGS ?= --train-images 4000 --min-objects 3 --max-objects 5 --object-scale 2.0 --max-filters 1
+# make test runs the tests in this many processes (pytest-xdist; one file per process at a time, so that a
+# module's fixtures are built once): one per core up to 4. Each gets its share of the cores' threads (conftest.py).
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 PYTEST_ARGS ?=
 # The demo's image size: `auto` (configs/synthetic.json) sizes it by a short speed probe of this CPU (`python -m
 # fastfilm.auto demo`: 64, 48 or 32 px, the largest at which the 10 minutes see ~8 epochs; it prints what it chose
@@ -25,7 +28,7 @@ export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.w
 
 STAMP := $(VENV)/.fastfilm-installed
 
-.PHONY: setup train test test-kernels-as-gpu lint format data bench clean help
+.PHONY: setup train test test-kernels-as-gpu aot-manifest lint format data bench clean help
 help:
 	@echo "make train   set up .venv, generate the synthetic CLEVR-format set, train on it (DeepSpeed launcher)"
 	@echo "make test    set up .venv, lint, run the test suite"
@@ -74,13 +77,18 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 	$(PY) -m pytest -q bench/ --bench-quick
 
 # The kernel tests with the launchers choosing as on an sm_90 (132 SMs): the GPU's tiles, autotune candidates and
 # splits, under the interpreter (kernels/README.md, "The CPU sees what the GPU does"); ~5 min on 2 idle cores.
 test-kernels-as-gpu: $(STAMP)
 	TRITON_INTERPRET=1 FASTFILM_KERNELS_AS_GPU=sm_90 $(PY) -m pytest -q tests/kernels --ignore tests/kernels/test_aot.py
+
+# After changing a kernel: compile the whole AOT matrix (~950 variants, ~7 min on 2 AVX2 cores) and record it in
+# the manifest that make test checks against (kernels/README.md, "The manifest"); commit it with the change.
+aot-manifest: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m kernels.aot --sizes all --check --write-manifest kernels/aot_manifest.json
 
 bench: $(STAMP)
 	$(PY) -m pytest bench/ --benchmark-json=bench/results.json

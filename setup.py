@@ -24,7 +24,15 @@ setup(
         "h5py",  # the original code's feature files (`fastfilm prep --features-h5`)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff", "import-linter"],
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "pytest-timeout",
+            "pytest-xdist",
+            "hypothesis",
+            "ruff",
+            "import-linter",
+        ],
         "analysis": ["matplotlib", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fastfilm=fastfilm.cli:main"]},

@@ -2,7 +2,9 @@
 
     python -m kernels.aot                          # paper sizes, sm_90 + sm_80: the table in kernels/README.md
     python -m kernels.aot --sizes all --rows       # paper + edge sizes, one row per compiled variant
-    python -m kernels.aot --sizes all --json F --check    # what the test runs; exit status 1 on any failure
+    python -m kernels.aot --sizes all --json F --check    # the full matrix; exit status 1 on any failure
+    python -m kernels.aot --sizes all --write-manifest kernels/aot_manifest.json   # after changing a kernel
+    python -m kernels.aot --sizes all --manifest kernels/aot_manifest.json --json F   # what make test runs
 
 How. The real launchers (`_forward`/`_backward` in bn_film_relu.py, `_conv1x1_forward`/`_conv1x1_backward` in
 conv_coords.py) are called on meta tensors (shapes, strides, dtypes and storage offsets, no memory) while
@@ -13,6 +15,12 @@ launch gets (i32/i64, divisibility by 16, == 1); launches with the same compile 
 specialisations, constexprs, options) are compiled once, in parallel, with `triton.compile(ASTSource(...))` and
 the ptxas of the triton wheel, whose `-v` report gives registers and spills. The Triton cache is a fresh
 temporary directory, so that every variant really goes through ptxas.
+
+The manifest. The full matrix is ~950 variants, 6.9 minutes on 2 cores of an AVX2-only EPYC: too much for every
+`make test`. `kernels/aot_manifest.json` holds each variant's result from the last full run,
+named by a hash of its compile key, its kernel's source (with the jit functions it calls) and the triton version.
+make test compiles only what the manifest lacks (a changed kernel's variants: tests/kernels/test_aot.py then
+fails until the manifest is written again) and a sample of 48 it has, which must compile exactly as recorded.
 
 Predicted time, never measured: the bytes of the tensors a launch reads or writes (each tensor once; a pointer
 the compiled kernel never uses does not count) ÷ the GPU's HBM bandwidth. It is a lower bound: a launch cannot
@@ -374,20 +382,61 @@ def problems(row: dict) -> list[str]:
     return out
 
 
+def variant_id(launch: Launch, key: str) -> str:
+    """A compiled variant's name in a manifest: its compile key, the kernel's source (with the @triton.jit
+    functions it calls: JITFunction.cache_key) and the triton version; any change to one is a new variant."""
+    import hashlib
+
+    import triton
+
+    fn = launch.fn
+    while not hasattr(fn, "cache_key"):  # autotuner / heuristics wrappers
+        fn = fn.fn
+    return hashlib.sha256(f"{key}|{fn.cache_key}|{triton.__version__}".encode()).hexdigest()[:20]
+
+
+def sample_of(ids: dict[str, tuple[str, int]], k: int) -> set[str]:
+    """k variants to compile afresh from a manifest: the first of each (kernel, arch) by hash, then the lowest
+    hashes (the same set on every run of one source; a changed kernel draws new ones)."""
+    chosen = {}
+    for vid in sorted(ids):
+        chosen.setdefault(ids[vid], vid)
+    picked = set(chosen.values())
+    for vid in sorted(ids):
+        if len(picked) >= k:
+            break
+        picked.add(vid)
+    return picked
+
+
 def compile_matrix(
-    launches: list[Launch], archs: list[int], jobs: int, log: Callable[[str], None]
-) -> list[dict]:
-    """Compile every distinct variant once (in `jobs` processes); one result row per (launch, arch)."""
+    launches: list[Launch], archs: list[int], jobs: int, log: Callable[[str], None],
+    manifest: dict | None = None, sample: int = 0,
+) -> list[dict]:  # fmt: skip
+    """Compile every distinct variant once (in `jobs` processes); one result row per (launch, arch).
+
+    With a manifest (variant id → an earlier full run's result, `--write-manifest`), only the variants it lacks
+    and a sample of `sample` it has are compiled; each row says where its result came from ("source": compiled,
+    sampled or manifest), and a sampled variant that compiles differently from its manifest entry is a problem."""
     import multiprocessing
 
-    keys, distinct = [], {}
+    keys, distinct, ids = [], {}, {}
     for launch in launches:
         for arch in archs:
             key, job = compile_job(launch, arch)
             keys.append((launch, arch, key))
             distinct.setdefault(key, job)
-    log(f"{len(launches) * len(archs)} launches x archs, {len(distinct)} distinct variants to compile")
-    order = sorted(distinct, key=lambda k: "conv_coords" not in k)  # the GEMMs take longest: start them first
+            ids.setdefault(key, variant_id(launch, key))
+    known = {} if manifest is None else manifest["variants"]
+    sampled = sample_of(
+        {ids[k]: (distinct[k][1], distinct[k][2]) for k in distinct if ids[k] in known}, sample
+    )
+    todo = [k for k in distinct if ids[k] not in known or ids[k] in sampled]
+    log(
+        f"{len(launches) * len(archs)} launches x archs, {len(distinct)} distinct variants, {len(todo)} to compile"
+        + (f" ({len(todo) - len(sampled)} not in the manifest, {len(sampled)} sampled)" if manifest else "")
+    )
+    order = sorted(todo, key=lambda k: "conv_coords" not in k)  # the GEMMs take longest: start them first
     results = {}
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         for i, (key, result) in enumerate(pool.imap_unordered(_run_keyed, [(k, distinct[k]) for k in order])):
@@ -396,16 +445,52 @@ def compile_matrix(
                 log(f"  {i + 1}/{len(order)} compiled")
     rows = []
     for launch, arch, key in keys:
-        r = dict(results[key])
-        used = r.pop("used_pointers", [])
-        nbytes = launch_bytes(launch, used)
+        vid = ids[key]
+        if key in results:
+            r = dict(results[key])
+            source = "sampled" if vid in known else "compiled"
+        else:
+            r, source = dict(known[vid]), "manifest"
+        nbytes = launch_bytes(launch, r.get("used_pointers", []))
         r.update(
             case=launch.case, kernel=launch.kernel, config=launch.config, arch=arch, grid=list(launch.grid),
-            bytes=nbytes, predicted_us=nbytes / HBM_BYTES_PER_S[arch] * 1e6, variant=key_hash(key),
+            bytes=nbytes, predicted_us=nbytes / HBM_BYTES_PER_S[arch] * 1e6, variant=key_hash(key), id=vid,
+            source=source,
         )  # fmt: skip
         r["problems"] = problems(r)
+        if source == "sampled":
+            r["problems"] += manifest_mismatch(known[vid], results[key])
         rows.append(r)
     return rows
+
+
+def manifest_mismatch(expected: dict, got: dict) -> list[str]:
+    """How a fresh compile differs from the manifest's entry for the same variant (empty when it is the same)."""
+    diff = [
+        f"{k}: manifest {expected.get(k)!r}, compiled {got.get(k)!r}"
+        for k in got
+        if expected.get(k) != got[k]
+    ]
+    return [f"differs from the manifest ({'; '.join(diff)})"] if diff else []
+
+
+# What run_job reports about a variant: a manifest keeps these per variant id.
+RESULT_KEYS = (
+    "ok", "error", "registers", "spill_stores", "spill_loads", "stack", "shared", "scratch", "warps", "stages",
+    "tensor_cores", "mma_operands_read", "used_pointers",
+)  # fmt: skip
+
+
+def write_manifest(path: str, rows: list[dict], sizes: str, archs: list[int]) -> None:
+    """A full run's result per variant id, one JSON line each (temp file + rename)."""
+    import triton
+
+    variants = {r["id"]: {k: r[k] for k in RESULT_KEYS if k in r} for r in rows}
+    head = {"triton": triton.__version__, "sizes": sizes, "archs": sorted(archs)}
+    lines = [f"{json.dumps(v)}: {json.dumps(variants[v], sort_keys=True)}" for v in sorted(variants)]
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(head)[:-1] + ', "variants": {\n' + ",\n".join(lines) + "\n}}\n")
+    os.replace(path + ".tmp", path)
 
 
 def key_hash(key: str) -> str:
@@ -510,9 +595,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every row (launch × arch) to this JSON file")
     parser.add_argument("--only", default="", help="only kernels whose name contains this (development)")
     parser.add_argument(
+        "--case", action="append", help="only cases containing this (repeatable: any of them)"
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit 1 on a compile error, spill, smem or grid issue"
     )
+    parser.add_argument(
+        "--manifest", help="take the results of variants this earlier full run has (--write-manifest) from it; "
+        "compile only the others and a sample of its own (make test: kernels/aot_manifest.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sample", type=int, default=48, help="with --manifest: variants compiled again (48)"
+    )
+    parser.add_argument(
+        "--write-manifest", help="write every variant's result to this file (a full run only)"
+    )
     args = parser.parse_args(argv)
+    if args.write_manifest and (
+        args.manifest or args.only or args.sizes != "all" or len(args.archs) < len(ARCHS)
+    ):
+        parser.error(
+            "--write-manifest needs the full matrix: --sizes all, both archs, no --only or --manifest"
+        )
 
     from kernels._common import INTERPRET
 
@@ -526,9 +630,25 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    launches = [launch for launch in record_all(args.sizes) if args.only in launch.kernel]
-    rows = compile_matrix(launches, args.archs, args.jobs, log)
+    manifest = None
+    if args.manifest:
+        try:
+            with open(args.manifest) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            parser.error(f"--manifest {args.manifest}: {e}")
+        import triton
+
+        if manifest.get("triton") != triton.__version__:  # its variant ids cannot match: all compile
+            log(f"{args.manifest} is from triton {manifest.get('triton')}, this is {triton.__version__}")
+    launches = [
+        launch for launch in record_all(args.sizes)
+        if args.only in launch.kernel and (not args.case or any(c in launch.case for c in args.case))
+    ]  # fmt: skip
+    rows = compile_matrix(launches, args.archs, args.jobs, log, manifest, args.sample)
     tmp.cleanup()
+    if args.write_manifest:
+        write_manifest(args.write_manifest, rows, args.sizes, args.archs)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)

@@ -8,6 +8,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the same results, without re-patching tl per helper call
+    from tests import interpreter_speed
+
+    interpreter_speed.skip_repatching_in_kernels()
+
+# Under pytest-xdist (make test: one process per core) each process gets its share of the cores' threads: the
+# same total as one process with all of them, without two processes' thread pools fighting over each core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):

@@ -89,6 +89,7 @@ def learned(tmp_path_factory):
     return d, summary["question_only_baseline"]["overall_best_per_family"]
 
 
+@pytest.mark.slow  # ~2 min of training on 2 avx512 cores, 4 on AVX2 ones: over make test's budget there
 def test_gamma_ablation_hurts_a_trained_model(learned, tmp_path):
     """The paper's Table 2 on a model that learned: γ → its training-set mean costs far more than β → mean."""
     from fastfilm.analyze import analyze

@@ -4,7 +4,12 @@ no compile error, no register spill, shared memory within the arch's limit, no g
 `python -m kernels.aot` records the launches of the real launchers at the paper's sizes and at edge sizes, and
 compiles each distinct variant with the ptxas of the triton wheel (kernels/aot.py says how). Here it runs in a
 subprocess with TRITON_INTERPRET=0 (this process has the kernels decorated for the interpreter) and a fresh
-Triton cache, so every variant goes through ptxas on every run.
+Triton cache, so every variant it compiles goes through ptxas.
+
+make test compiles against `kernels/aot_manifest.json` (kernels/aot.py, "The manifest"): the results of the last
+full run, per variant of the current sources; only variants it lacks and a sample of 48 are compiled, and a
+variant missing from it fails `test_manifest_has_every_variant`. `pytest -m slow tests/kernels/test_aot.py`
+compiles the whole matrix (~950 variants, ~7 minutes on 2 AVX2 cores).
 """
 
 from __future__ import annotations
@@ -42,15 +47,47 @@ GEMM_KIND = {
 }
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
-    """The command's JSON rows (one per launch and arch) for paper + edge sizes, both archs, 2 compile processes."""
-    out = tmp_path_factory.mktemp("aot") / "aot.json"
+MANIFEST = ROOT / "kernels" / "aot_manifest.json"
+
+
+def run_aot(out: Path, *extra: str) -> list[dict]:
+    """`python -m kernels.aot --sizes all` for both archs in 2 compile processes; its JSON rows (launch × arch)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "kernels.aot", "--sizes", "all", "--jobs", "2", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    cmd = [sys.executable, "-m", "kernels.aot", "--sizes", "all", "--jobs", "2", "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"kernels.aot failed:\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    """The matrix's rows, each result from the manifest or a fresh compile (the sample and what it lacks)."""
+    return run_aot(tmp_path_factory.mktemp("aot") / "aot.json", "--manifest", str(MANIFEST), "--sample", "48")
+
+
+def test_manifest_has_every_variant(rows):
+    """The manifest is the current sources' (else: `python -m kernels.aot --sizes all --write-manifest
+    kernels/aot_manifest.json`), and 48 of its variants compiled again, exactly as it says (the problems of
+    `test_every_variant_compiles_without_spills_within_limits` include any difference)."""
+    missing = sorted(
+        {f"{r['kernel']} [{r['case']}] sm_{r['arch']}" for r in rows if r["source"] == "compiled"}
+    )
+    assert not missing, (
+        f"{len(missing)} variants are not in {MANIFEST.name} (a kernel changed?); run `python -m kernels.aot "
+        f"--sizes all --write-manifest kernels/aot_manifest.json`:\n" + "\n".join(missing[:20])
+    )
+    assert len({r["id"] for r in rows if r["source"] == "sampled"}) == 48
+
+
+@pytest.mark.slow
+def test_full_matrix_compiles_as_the_manifest_says(tmp_path):
+    """Every variant compiled afresh (no manifest): no problem, and each result the manifest's."""
+    fresh = run_aot(tmp_path / "aot.json")
+    assert not [r for r in fresh if r["problems"]]
+    known = json.loads(MANIFEST.read_text())["variants"]
+    result = lambda r: {k: r[k] for k in aot.RESULT_KEYS if k in r}  # noqa: E731
+    differ = [r["case"] for r in fresh if aot.manifest_mismatch(known.get(r["id"], {}), result(r))]
+    assert not differ, differ[:20]
 
 
 def test_matrix_is_complete(rows):
@@ -144,6 +181,8 @@ def test_problems_are_detected():
     assert aot.problems(fine | {"scratch": 64})
     assert aot.problems(fine | {"grid": [1, 1, 70_000]})
     assert aot.problems(fine | {"ok": False, "error": "x"})
+    assert aot.manifest_mismatch({"registers": 40, "ok": True}, {"registers": 40, "ok": True}) == []
+    assert aot.manifest_mismatch({"registers": 40, "ok": True}, {"registers": 41, "ok": True})
     log = "ptxas info    : Used 166 registers, used 1 barriers\n    0 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads"
     assert aot._ptxas_number(r"Used (\d+) registers", log) == 166
     assert aot._ptxas_number(r"(\d+) bytes spill stores", log) == 24
@@ -184,10 +223,10 @@ TRITON_36 = os.environ.get("FASTFILM_TRITON_36", str(ROOT / ".venv" / "triton-3.
     reason=f"no triton 3.6.0 in {TRITON_36} (make setup installs it; FASTFILM_TRITON_36 names another folder)",
 )
 def test_aot_compiles_under_triton_3_6(tmp_path):
-    """setup.py allows triton >= 3.6: the GEMMs' paper-size matrix (float64 included) compiles with the lowest one
+    """setup.py allows triton >= 3.6: the GEMMs' paper-size matrix in float64 and bf16 compiles with the lowest one
     too, for sm_90 (the GPU these versions ran on). triton 3.6 asserts that tl.dot's out_dtype equals its
-    accumulator's: the float64 GEMMs failed there. (The BN kernels, the edge sizes and sm_80 under 3.6 are a manual
-    run, ~20 CPU-minutes, that make test's budget keeps out; kernels/README.md says what it last found — no spill
+    accumulator's: the float64 GEMMs failed there. (float32, the BN kernels, the edge sizes and sm_80 under 3.6 are a
+    manual run, ~20 CPU-minutes, that make test's budget keeps out; kernels/README.md says what it last found — no spill
     outside float64: `PYTHONPATH=.venv/triton-3.6:. python -m kernels.aot --sizes all --check`.)"""
     out = tmp_path / "aot36.json"
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([TRITON_36, str(ROOT)]))
@@ -197,6 +236,10 @@ def test_aot_compiles_under_triton_3_6(tmp_path):
     cmd += [
         "--only",
         "conv_coords",
+        "--case",
+        "paper fp64",
+        "--case",
+        "paper bf16",
         "--json",
         str(out),
         "--check",
@@ -207,4 +250,4 @@ def test_aot_compiles_under_triton_3_6(tmp_path):
     )
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} == {k for k in KERNELS if k.startswith("conv_coords")}
-    assert any(" fp64 " in r["case"] for r in rows)
+    assert {r["case"].split()[1] for r in rows} == {"fp64", "bf16"}

