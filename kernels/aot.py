@@ -392,6 +392,7 @@ def variant_id(launch: Launch, key: str) -> str:
     fn = launch.fn
     while not hasattr(fn, "cache_key"):  # autotuner / heuristics wrappers
         fn = fn.fn
+    key = key.replace(os.path.dirname(triton.__file__), "<triton>")  # libdevice's path: where the venv is
     return hashlib.sha256(f"{key}|{fn.cache_key}|{triton.__version__}".encode()).hexdigest()[:20]
 
 
