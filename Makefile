@@ -45,11 +45,8 @@ $(STAMP): setup.py pyproject.toml
 	@# The lowest triton setup.py allows, beside the venv's own: `python -m kernels.aot` compiles the kernels with both
 	@# (tests/kernels/test_aot.py); only that test puts it on PYTHONPATH.
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-3.6 triton==3.6.0
-	@# DeepSpeed JIT-builds a small C++ op on its first init on a CPU (~1 min); build it once here, cached.
-	@# (with the venv's ninja first on PATH, as fastfilm/train.py does: another ninja version would rebuild it)
-	@# Its build folder is one per CPU kind (built with -march=native; fastfilm.auto.extensions_dir), as the trainer's.
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from fastfilm.auto import use_per_cpu_extensions_dir as u; u(); \
-	  from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "^\[" || true
+	@# (DeepSpeed's CPU init would JIT-build a shared-memory all-reduce op, ~1 min of C++, that only its inference
+	@# uses: the trainer skips it, fastfilm/train.py skip_deepspeed_shm_op; nothing to build here.)
 	@touch $(STAMP)
 
 data: $(STAMP)

@@ -117,9 +117,10 @@ class Run:
 def use_this_venvs_ninja() -> None:
     """Put this interpreter's `bin` folder first on PATH when it holds `ninja`.
 
-    On a CPU, DeepSpeed JIT-builds a small C++ op on its first init, and torch runs whichever `ninja` PATH finds.
-    With two ninja versions on a machine (the venv's, from pip, and the system's), each switch between them
-    rebuilds the op (about 45 s on 2 cores): a launcher run and a plain run would take turns paying for it.
+    DeepSpeed JIT-builds its C++ ops on a CPU where a config asks for one (e.g. the CPU Adam of ZeRO-Offload; its
+    shared-memory all-reduce is skipped: `skip_deepspeed_shm_op`), and torch runs whichever `ninja` PATH finds. With
+    two ninja versions on a machine (the venv's, from pip, and the system's), each switch between them rebuilds the
+    op (about 45 s on 2 cores): a launcher run and a plain run would take turns paying for it.
     """
     from fastfilm.auto import use_per_cpu_extensions_dir
 
@@ -128,6 +129,21 @@ def use_this_venvs_ninja() -> None:
     path = os.environ.get("PATH", "")
     if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + path
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op in `init_distributed`.
+
+    DeepSpeed's torch backend builds and loads `deepspeed_shm_comm` on every CPU init: C++ compiled by ninja, about a
+    minute on 2 cores, once per machine *and venv* (the build folder is per CPU kind, the build command holds the
+    venv's include paths, so two checkouts on one machine rebuild it in turn). Only DeepSpeed's tensor-parallel
+    inference calls it (`inference_all_reduce`, which uses the process group without it); training's all-reduces
+    go through gloo either way. `deepspeed.ops.__compatible_ops__` is DeepSpeed's own per-process table of the ops it
+    may build (probed once, kept in the module): marked incompatible, `build_shm_op` returns None.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:
@@ -144,6 +160,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     use_this_venvs_ninja()
+    skip_deepspeed_shm_op()
     if "RANK" not in os.environ:  # plain `python fastfilm/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -6,12 +6,24 @@ of `tl`, `tl.core` and `tl.tensor`), although the kernel's own launch (`GridExec
 same modules already and keeps them patched until it returns. In the BN kernels, which call small helpers in
 their loops, that was ~25% of an interpreted launch. `skip_repatching_in_kernels` skips the repeat when the
 helper sees no language module the launch did not patch; everything else is triton's own code path.
+
+`tl.sum`, `tl.zeros` and the other helpers of `triton.language.standard` see `tl.core` as well as `tl`, which a
+kernel module importing only `triton.language as tl` does not: each of their calls took the slow path (1,560 calls,
+~5 s of a 12 s interpreted BN test). So the launch patches `tl.core` too, as triton's first such call would (triton
+leaves that patch in place; here it is undone when the launch returns, with the launch's own).
+
+`skip_dead_overflow_checks`: with `sanitize_overflow` (on by default) every int32 add/sub/mul in the interpreter is
+recomputed in int64 and compared with the int32 range, for a `device_assert` that is dropped unless `debug` is on
+(`semantic.device_assert` returns at once without it; compiled code without `debug` checks nothing either). Off when
+debug is off, it computes nothing else: ~40% of an interpreted BN backward (index arithmetic is most of its ops).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
+import types
 
 
 def skip_repatching_in_kernels() -> bool:
@@ -34,14 +46,21 @@ def skip_repatching_in_kernels() -> bool:
         return langs_of[key]
 
     launch, call = executor.__call__, function.__call__
+    # A function that sees only `tl.core`: what `_patch_lang` patches for it is that module.
+    sees_core = types.FunctionType((lambda: None).__code__, {"core": tl.core})
 
     def launch_patched(self, *args, **kwargs):
-        outer = getattr(state, "patched", None)
-        state.patched = langs(self.fn) | (outer or frozenset())
+        outer = getattr(state, "patched", None) or frozenset()
+        core_scope = None
+        if id(tl.core) not in outer | langs(self.fn):
+            core_scope = interpreter._patch_lang(sees_core)
+        state.patched = langs(self.fn) | outer | {id(tl.core)}
         try:
             return launch(self, *args, **kwargs)
         finally:
-            state.patched = outer
+            state.patched = outer or None
+            if core_scope is not None:
+                core_scope.restore()
 
     def call_in_kernel(self, *args, **kwargs):
         patched = getattr(state, "patched", None)
@@ -54,4 +73,18 @@ def skip_repatching_in_kernels() -> bool:
             raise interpreter.InterpreterError(repr(e)) from e
 
     executor.__call__, function.__call__ = launch_patched, call_in_kernel
+    return True
+
+
+def skip_dead_overflow_checks() -> bool:
+    """Turn off the interpreter's int32 overflow re-computation when its assert would be dropped (debug off)."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or not dataclasses.is_dataclass(options) or not hasattr(options, "sanitize_overflow"):
+        return False
+    if options.debug or not options.sanitize_overflow:
+        return False
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
     return True

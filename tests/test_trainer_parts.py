@@ -284,6 +284,20 @@ def test_an_engine_does_not_inherit_an_earlier_engines_autocast(dataset, tmp_pat
     assert engines[1].optimizer.torch_autocast_gradscaler is None  # ZeRO's own scaler: none in float32
 
 
+def test_deepspeed_builds_no_shared_memory_op_on_a_cpu(dataset, tmp_path):
+    """DeepSpeed's CPU init would JIT-build its inference-only shm all-reduce op (~1 min of C++ per machine and venv);
+    the trainer's process group has none, and the trainer's all-reduces still work (gloo)."""
+    import deepspeed.comm as dist
+
+    from fastfilm import train as trainer
+
+    trainer.setup_distributed(config_from_dict(tiny_config(dataset, tmp_path / "run")))
+    assert dist.comm.cdb.shm_comm_op is None
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    assert t.tolist() == [1.0, 1.0, 1.0]  # a world of one
+
+
 def test_default_evaluation_is_at_each_epochs_end_also_after_a_resume_on_another_layout(dataset, tmp_path):
     """eval_every 0 = once per epoch, at its end: a run resumed with half the micro-batch (12 steps per epoch instead
     of 6) evaluates where its epochs end (steps 10 and 22), not every 12 steps of the new layout (12, 24)."""
