@@ -1,5 +1,6 @@
-"""tests/interpreter_speed.py's shortcuts are on in the interpreted test runs and compute what triton's own path does:
-one language patch per launch (not one per helper call), no int32 overflow re-computation while `debug` is off."""
+"""tests/interpreter_speed.py's shortcuts (installed by tests/conftest.py) are on in the interpreted test runs and
+compute what triton's own path does: one language patch per launch (not one per helper call), no int32 overflow
+re-computation while `debug` is off. (Not in tests/kernels: these run only in the interpreter, on the CPU.)"""
 
 import os
 
