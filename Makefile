@@ -78,9 +78,10 @@ test: lint
 	$(PY) -m pytest -q bench/ --bench-quick
 
 # The kernel tests with the launchers choosing as on an sm_90 (132 SMs): the GPU's tiles, autotune candidates and
-# splits, under the interpreter (kernels/README.md, "The CPU sees what the GPU does"); ~5 min on 2 idle cores.
+# splits, under the interpreter (kernels/README.md, "The CPU sees what the GPU does"); 4 min on 2 idle AVX2 cores.
 test-kernels-as-gpu: $(STAMP)
-	TRITON_INTERPRET=1 FASTFILM_KERNELS_AS_GPU=sm_90 $(PY) -m pytest -q tests/kernels --ignore tests/kernels/test_aot.py
+	TRITON_INTERPRET=1 FASTFILM_KERNELS_AS_GPU=sm_90 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests/kernels \
+	  --ignore tests/kernels/test_aot.py
 
 # After changing a kernel: compile the whole AOT matrix (~950 variants, ~7 min on 2 AVX2 cores) and record it in
 # the manifest that make test checks against (kernels/README.md, "The manifest"); commit it with the change.
