@@ -12,8 +12,9 @@ config's DeepSpeed section always wins.
 
 Kernels on a CPU: the whole model under torch.compile (`reference` kernels, `train.compile`) inside graph mode's
 static-shape step (`train.cuda_graphs`, uncaptured on a CPU) — MODEL_COMPILE — when a C++ compiler is there for
-inductor, the run's time budget repays the compilations and the run can take that step (one rank unless asked,
-ZeRO stage 0, Adam, a unidirectional encoder); where it cannot, `compile` (the ResBlock's ops) with bf16 autocast
+inductor, the run's time budget repays the compilations (8 minutes or more with AVX-512; 60 or more without,
+where the compiled steps were only ~1.05× faster: MODEL_COMPILE_MIN_MINUTES_AVX2) and the run can take that step
+(one rank unless asked, ZeRO stage 0, Adam, a unidirectional encoder); where it cannot, `compile` (the ResBlock's ops) with bf16 autocast
 (in float32 it was slower than eager: FP32_REASON), else `reference`. On CUDA: measured
 per op site when the model is built (`per-op`, fastfilm/kernel_pick.py: each fused op runs whichever of
 `kernels.candidates` is fastest at the run's shapes; one mode for the whole model lost on an H200, batch 64,
@@ -384,10 +385,12 @@ def choose_kernels(
     compiler: str | None | bool = True,
     precision: str = "bf16",
     world: int = 1,
+    capability: str | None = None,
 ) -> Choice:
     """`kernels.mode: auto` (see the module docstring); other modes stay. `compiler=True`: look for one.
     `precision`: the run's (`choose_precision`'s value): on a CPU, compiling the ResBlock ops alone pays only
-    with bf16 autocast. `world`: the run's ranks (with several, graph mode's step is opt-in)."""
+    with bf16 autocast. `world`: the run's ranks (with several, graph mode's step is opt-in). `capability`:
+    torch's CPU capability (None: this machine's), which sets the budget the whole-model compile needs."""
     mode = cfg.kernels.mode
     if mode != "auto":
         return Choice("kernels", mode, "kernels.mode in the config")
@@ -413,13 +416,20 @@ def choose_kernels(
             "would not pay back",
         )
     why = model_compile_unsupported(cfg, world)
-    if why is None and budget and budget < MODEL_COMPILE_MIN_MINUTES:
+    wide = wide_vectors(cpu_capability() if capability is None else capability)
+    min_minutes = MODEL_COMPILE_MIN_MINUTES if wide else MODEL_COMPILE_MIN_MINUTES_AVX2
+    if why is None and budget and budget < min_minutes:
         why = (
             f"train.max_minutes={budget:g} (its compilations, ~{MODEL_COMPILE_S:.0f} s on 2 cores, repay over "
             f"{MODEL_COMPILE_MIN_MINUTES:g} minutes or more)"
+            if wide
+            else f"train.max_minutes={budget:g} on a CPU without AVX-512 ({AVX2_MODEL_COMPILE})"
         )
     if why is None:
-        return Choice("kernels", MODEL_COMPILE, MODEL_COMPILE_REASON)
+        if wide:
+            return Choice("kernels", MODEL_COMPILE, MODEL_COMPILE_REASON)
+        limit = f"train.max_minutes={budget:g}" if budget else "train.max_minutes=0, no time limit"
+        return Choice("kernels", MODEL_COMPILE, f"{MODEL_COMPILE_REASON_AVX2} ({limit})")
     if precision != "bf16":
         return Choice("kernels", "reference", f"{FP32_REASON}; the whole-model compile: not with {why}")
     return Choice("kernels", "compile", f"{COMPILE_REASON}; the whole-model compile: not with {why}")
@@ -459,10 +469,32 @@ MODEL_COMPILE = "reference + train.compile"
 MODEL_COMPILE_S = 75.0  # its compilations in make train (one per question-length bucket), 2 cores: measured
 # ... which steps ~1.2-1.3× faster repay after ~6-8 minutes (break-even c·r/(r − 1)); shorter budgets: the rule above
 MODEL_COMPILE_MIN_MINUTES = 8.0
+# ... with AVX-512 (torch's capability AVX512*/AMX). On a real AVX2-only EPYC (2026-12-05, make train, fp32) the
+# compiled model's epochs were only ~1.05× faster than eager and its compilations took ~3.3 minutes: 2,900 steps in
+# the 10 minutes against eager's 4,080 (bench/RESULTS_CPU_MODES.md; the 1.17× gain measured under AVX2 *emulation*
+# on an avx512 core did not hold). There it repays after about an hour; without AVX2 or AVX-512 it is unmeasured.
+MODEL_COMPILE_MIN_MINUTES_AVX2 = 60.0
+AVX2_MODEL_COMPILE = (
+    "the whole-model compile's ~3.3 minutes of compilations repay over 60 minutes or more there: its steps were "
+    "~1.05× faster than eager on an AVX2-only EPYC, 2,900 steps in make train's 10 minutes against eager's 4,080"
+)
+
+MODEL_COMPILE_REASON_AVX2 = (
+    "the whole model under torch.compile in graph mode's static-shape step: on a CPU without AVX-512 its steps were "
+    "only ~1.05× faster than eager after ~3.3 minutes of compilations (an AVX2-only EPYC), which a run of 60 "
+    "minutes or more repays"
+)
+
+
+def wide_vectors(capability: str) -> bool:
+    """Whether torch's CPU kernels (and inductor's code) get 512-bit vectors: capability AVX512* or AMX*."""
+    return capability.upper().startswith(("AVX512", "AMX"))
+
+
 MODEL_COMPILE_REASON = (
     "the whole model under torch.compile in graph mode's static-shape step: in make train's 10 minutes, its "
-    "compilations included, 1.31× the steps of bf16 + compiled ResBlock ops on an avx512_bf16 EPYC and 1.17× "
-    "those of fp32 eager under AVX2 (means of 2 runs each; bench/RESULTS_CPU_MODES.md)"
+    "compilations included, 1.31× the steps of bf16 + compiled ResBlock ops on an avx512_bf16 EPYC (means of 2 "
+    "runs each; bench/RESULTS_CPU_MODES.md)"
 )
 
 

@@ -8,22 +8,25 @@ import torch
 
 from fastfilm.config import config_from_dict
 from fastfilm.model import FiLMModel
-from tests.reliability.test_distributed import launch
+from tests.reliability.test_distributed import launch_args
 from tests.test_graphed import assert_trained_weights_close
 from tests.test_train import tiny_config, weights
 
 
 def test_channels_last_trains_under_the_launcher_with_channels_firsts_logits(dataset, tmp_path):
-    models, losses = {}, {}
+    models, losses, raws = {}, {}, {}
     for fmt in ("channels_first", "channels_last"):
-        run = tmp_path / fmt
-        raw = tiny_config(dataset, run, max_steps=3, log_every=1)
+        raw = tiny_config(dataset, tmp_path / fmt, max_steps=3, log_every=1)
         raw["model"]["memory_format"] = fmt
         raw["deepspeed"]["train_micro_batch_size_per_gpu"] = 4  # 2 ranks × 4: the same global batch of 8
-        path = tmp_path / f"{fmt}.json"
-        path.write_text(json.dumps(raw))
-        proc = launch("fastfilm/train.py", path, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (tmp_path / f"{fmt}.json").write_text(json.dumps(raw))
+        raws[fmt] = raw
+    # Both runs in one launch of the trainer's command line (train_runs.py): one start-up of the ranks.
+    paths = [tmp_path / f"{fmt}.json" for fmt in raws]
+    proc = launch_args("tests/reliability/train_runs.py", paths, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for fmt, raw in raws.items():
+        run = tmp_path / fmt
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses[fmt] = [r["train/loss"] for r in rows if "train/loss" in r]
         cfg = config_from_dict(raw)

@@ -148,15 +148,24 @@ def test_odd_questions_through_the_model(dataset):
     assert out.shape == (2, len(vocab["answer_token_to_idx"])) and torch.isfinite(out).all()
 
 
+SIGTERM_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset, tmp_path_factory):
+    """The uninterrupted run both SIGTERM cases end equal to (trained once for the two)."""
+    straight = tmp_path_factory.mktemp("straight")
+    train(config_from_dict(tiny_config(dataset, straight, epochs=1000, max_steps=SIGTERM_STEPS)))
+    return straight
+
+
 @pytest.mark.parametrize(
     "delay", [0.0, random.Random(os.getpid()).uniform(0.05, 0.6)], ids=["early", "random"]
 )
-def test_sigterm_at_any_step_saves_and_resume_continues_exactly(dataset, tmp_path, delay):
+def test_sigterm_at_any_step_saves_and_resume_continues_exactly(dataset, tmp_path, delay, straight_run):
     """SIGTERM finishes the step, saves `last`, exits 0; a resume then ends bit-identical to an uninterrupted run.
     The ranks agree on a signal every train.sync_every (10) steps: the run is long enough for that to come first."""
-    steps = 100
-    straight = tmp_path / "straight"
-    train(config_from_dict(tiny_config(dataset, straight, epochs=1000, max_steps=steps)))
+    steps, straight = SIGTERM_STEPS, straight_run
 
     run, cfg = tmp_path / "sig", tmp_path / "sig.json"
     cfg.write_text(json.dumps(tiny_config(dataset, run, epochs=1000, max_steps=steps)))
