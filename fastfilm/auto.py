@@ -475,8 +475,8 @@ MODEL_COMPILE_MIN_MINUTES = 8.0
 # on an avx512 core did not hold). There it repays after about an hour; without AVX2 or AVX-512 it is unmeasured.
 MODEL_COMPILE_MIN_MINUTES_AVX2 = 60.0
 AVX2_MODEL_COMPILE = (
-    "the whole-model compile's ~3.3 minutes of compilations repay over 60 minutes or more there: its steps were "
-    "~1.05× faster than eager on an AVX2-only EPYC, 2,900 steps in make train's 10 minutes against eager's 4,080"
+    "its ~3.3 minutes of compilations repay over 60 minutes or more there: its steps were ~1.05× faster than eager "
+    "on an AVX2-only EPYC, 2,900 steps in make train's 10 minutes against eager's 4,080"
 )
 
 MODEL_COMPILE_REASON_AVX2 = (
