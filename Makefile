@@ -17,6 +17,8 @@ CONFIG ?= configs/synthetic.json
 SYNTH_ARGS ?= --train-images 4000 --min-objects 3 --max-objects 5 --object-scale 2.0 --max-filters 1
 # make test runs the tests in this many processes (pytest-xdist; one file per process at a time, so that a
 # module's fixtures are built once): one per core up to 4. Each gets its share of the cores' threads (conftest.py).
+# Files are handed out longest first (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order:
+# xdist's own puts the files with most tests first, which left single-test 2-rank launcher files running alone last).
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 PYTEST_ARGS ?=
 # The demo's image size: `auto` (configs/synthetic.json) sizes it by a short speed probe of this CPU (`python -m
@@ -74,7 +76,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	$(PY) -m pytest -q bench/ --bench-quick
 
 # The kernel tests with the launchers choosing as on an sm_90 (132 SMs): the GPU's tiles, autotune candidates and
