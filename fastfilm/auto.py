@@ -14,8 +14,8 @@ Kernels on a CPU: the whole model under torch.compile (`reference` kernels, `tra
 static-shape step (`train.cuda_graphs`, uncaptured on a CPU) — MODEL_COMPILE — when a C++ compiler is there for
 inductor, the run's time budget repays the compilations (8 minutes or more with AVX-512; 60 or more without,
 where the compiled steps were only ~1.05× faster: MODEL_COMPILE_MIN_MINUTES_AVX2) and the run can take that step
-(one rank unless asked, ZeRO stage 0, Adam, a unidirectional encoder); where it cannot, `compile` (the ResBlock's ops) with bf16 autocast
-(in float32 it was slower than eager: FP32_REASON), else `reference`. On CUDA: measured
+(one rank unless asked, ZeRO stage 0, Adam, a unidirectional encoder); where it cannot, `compile` (the ResBlock's
+ops) with bf16 autocast (in float32 it was slower than eager: FP32_REASON), else `reference`. On CUDA: measured
 per op site when the model is built (`per-op`, fastfilm/kernel_pick.py: each fused op runs whichever of
 `kernels.candidates` is fastest at the run's shapes; one mode for the whole model lost on an H200, batch 64,
 bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; /work/shared/gpu). The Triton interpreter is never
@@ -423,7 +423,7 @@ def choose_kernels(
             f"train.max_minutes={budget:g} (its compilations, ~{MODEL_COMPILE_S:.0f} s on 2 cores, repay over "
             f"{MODEL_COMPILE_MIN_MINUTES:g} minutes or more)"
             if wide
-            else f"train.max_minutes={budget:g} on a CPU without AVX-512 ({AVX2_MODEL_COMPILE})"
+            else f"train.max_minutes={budget:g} ({AVX2_MODEL_COMPILE})"
         )
     if why is None:
         if wide:
@@ -475,14 +475,12 @@ MODEL_COMPILE_MIN_MINUTES = 8.0
 # on an avx512 core did not hold). There it repays after about an hour; without AVX2 or AVX-512 it is unmeasured.
 MODEL_COMPILE_MIN_MINUTES_AVX2 = 60.0
 AVX2_MODEL_COMPILE = (
-    "its ~3.3 minutes of compilations repay over 60 minutes or more there: its steps were ~1.05× faster than eager "
-    "on an AVX2-only EPYC, 2,900 steps in make train's 10 minutes against eager's 4,080"
+    "on a CPU without AVX-512 its steps were only ~1.05× faster than eager after ~3.3 minutes of compilations (an "
+    "AVX2-only EPYC: 2,900 steps in make train's 10 minutes against eager's 4,080), which a run of "
+    f"{MODEL_COMPILE_MIN_MINUTES_AVX2:g} minutes or more repays"
 )
-
 MODEL_COMPILE_REASON_AVX2 = (
-    "the whole model under torch.compile in graph mode's static-shape step: on a CPU without AVX-512 its steps were "
-    "only ~1.05× faster than eager after ~3.3 minutes of compilations (an AVX2-only EPYC), which a run of 60 "
-    "minutes or more repays"
+    f"the whole model under torch.compile in graph mode's static-shape step: {AVX2_MODEL_COMPILE}"
 )
 
 
