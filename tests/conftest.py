@@ -59,7 +59,6 @@ LONGEST_FIRST = (
     "tests/kernels/test_conv_coords.py",
     "tests/test_train_schedule.py",
     "tests/test_kernel_pick.py",
-    "tests/test_channels_last.py",
 )
 
 
