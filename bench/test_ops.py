@@ -51,6 +51,8 @@ def test_bn_film_relu(benchmark, settings, op_n, impl, dtype, pass_, layout, whe
     reason = benchlib.skip_reason(impl, settings) or where_skip(where, layout, settings)
     if reason:
         pytest.skip(reason)
+    if settings.quick and not settings.cuda and impl == "compile" and dtype == "fp32":
+        pytest.skip("--bench-quick on a CPU: compile only in bf16 (each compilation costs ~5-20 s here)")
     import kernels
 
     benchlib.fresh_compile_state(impl)

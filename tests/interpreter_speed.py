@@ -16,6 +16,18 @@ leaves that patch in place; here it is undone when the launch returns, with the 
 recomputed in int64 and compared with the int32 range, for a `device_assert` that is dropped unless `debug` is on
 (`semantic.device_assert` returns at once without it; compiled code without `debug` checks nothing either). Off when
 debug is off, it computes nothing else: ~40% of an interpreted BN backward (index arithmetic is most of its ops).
+
+`cache_numpy_dtypes`: the interpreter's `_get_np_dtype` (the numpy dtype that holds a Triton dtype) builds its
+19-entry table, hashing every Triton dtype in it, on each of its calls — ~6% of an interpreted GEMM test. The
+shortcut asks it once per element type and remembers the answer (a block type holds what its element type holds,
+which is also how triton's function answers).
+
+`fast_block_types`: every op result and broadcast builds a `tl.block_type`, whose `__init__` unwraps each shape
+element from `constexpr` and validates the shape (powers of two, the numel limit) — ~20% of an interpreted GEMM
+test, for a few distinct shapes. The shortcut remembers each validated shape of plain ints and its numel, and
+sets the same four attributes for it (the shape object itself is shared); any other shape (constexpr elements, a
+first sight) takes triton's `__init__`, which raises for a bad one as before. A `tl.tensor` of such a block type
+gets the shape's numel and constexpr shape built once (triton builds both on every op: another ~12%).
 """
 
 from __future__ import annotations
@@ -87,4 +99,91 @@ def skip_dead_overflow_checks() -> bool:
     if options.debug or not options.sanitize_overflow:
         return False
     builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    return True
+
+
+def cache_numpy_dtypes() -> bool:
+    """Memoise the interpreter's Triton dtype → numpy dtype lookup per element type (see the module docstring)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = getattr(interpreter, "_get_np_dtype", None)
+    if real is None or getattr(real, "cached", False):
+        return False
+    known: dict = {}
+
+    def get_np_dtype(tt_dtype):
+        element = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(element, tl.pointer_type):  # unhashable; triton answers these before building its table
+            return real(element)
+        try:
+            return known[element]
+        except KeyError:
+            known[element] = found = real(element)
+            return found
+
+    get_np_dtype.cached = True
+    interpreter._get_np_dtype = get_np_dtype
+    return True
+
+
+def fast_block_types() -> bool:
+    """Skip re-unwrapping and re-validating a block shape already validated, and share a known shape's constexpr
+    form among the tensors of that shape (see the module docstring)."""
+    import math
+
+    import triton.language as tl
+
+    cls, tensor_cls, tl_tuple, constexpr = (
+        tl.core.block_type,
+        tl.core.tensor,
+        tl.core.tuple,
+        tl.core.constexpr,
+    )
+    real_init, real_tensor_init = cls.__init__, tensor_cls.__init__
+    if getattr(real_init, "fast", False):
+        return False  # installed already
+    probe = cls(tl.float32, [2, 4])
+    if set(vars(probe)) != {"element_ty", "shape", "numel", "name"} or set(vars(tensor_cls(None, probe))) != {
+        "handle",
+        "shape",
+        "numel",
+        "type",
+        "dtype",
+    }:
+        return False  # a triton whose types hold something else
+    known: dict[
+        tuple[int, ...], tuple
+    ] = {}  # shape → (triton's shape object, its numel, its text); kept alive
+    of_tensors: dict[int, tuple] = {}  # id(a shape object in `known`) → a tensor's (numel, shape) for it
+
+    def init(self, element_ty, shape):
+        if (
+            type(shape) is list or type(shape) is tl_tuple
+        ):  # what triton's assert accepts (not a builtin tuple)
+            key = tuple(shape)
+            seen = known.get(key) if all(type(d) is int for d in key) else None
+            if seen is not None:
+                self.element_ty, self.shape, self.numel = element_ty, seen[0], seen[1]
+                self.name = f"<{seen[2]}, {element_ty}>"
+                return
+        real_init(self, element_ty, shape)
+        # (core.py's `tuple` is triton's own tuple class: the shape is one of those, kept and shared as it is)
+        key = tuple(int(d) for d in self.shape)
+        if key not in known:
+            known[key] = (self.shape, self.numel, str(self.shape))
+            of_tensors[id(self.shape)] = (
+                constexpr(math.prod(self.shape)),
+                tl_tuple([constexpr(d) for d in key]),
+            )
+
+    def tensor_init(self, handle, type):
+        seen = of_tensors.get(id(type.shape)) if type.__class__ is cls else None
+        if seen is None:
+            return real_tensor_init(self, handle, type)
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        self.numel, self.shape = seen
+
+    init.fast = True
+    cls.__init__, tensor_cls.__init__ = init, tensor_init
     return True

@@ -2,6 +2,7 @@
 compute what triton's own path does: one language patch per launch (not one per helper call), no int32 overflow
 re-computation while `debug` is off. (Not in tests/kernels: these run only in the interpreter, on the CPU.)"""
 
+import inspect
 import os
 
 import pytest
@@ -52,3 +53,48 @@ def test_helpers_inside_a_launch_are_not_patched_again_and_compute_the_same(monk
     assert len(calls) == 2, calls
     # both restored after the launch
     assert tl.core.is_builtin(tl.core.reduce) and tl.core.is_builtin(tl.load)
+
+
+def test_numpy_dtype_lookup_is_cached_and_answers_as_triton_does():
+    from triton.runtime import interpreter
+
+    fast = interpreter._get_np_dtype
+    assert getattr(fast, "cached", False)
+    real = inspect.getclosurevars(fast).nonlocals["real"]
+    types = [tl.int1, tl.int8, tl.uint8, tl.int32, tl.uint32, tl.int64, tl.float16, tl.bfloat16, tl.float32]
+    types += [tl.float64, tl.float8e5, tl.pointer_type(tl.float32), tl.pointer_type(tl.bfloat16)]
+    types += [tl.block_type(t, [4, 8]) for t in types]
+    for t in types * 2:  # the second round from the cache
+        assert fast(t) == real(t), t
+
+
+def test_block_types_from_known_shapes_equal_tritons_own():
+    real = tl.core.block_type.__init__
+    assert getattr(real, "fast", False)
+    slow = inspect.getclosurevars(real).nonlocals["real_init"]
+    slow_tensor = inspect.getclosurevars(tl.core.tensor.__init__).nonlocals["real_tensor_init"]
+    for element in (tl.float32, tl.bfloat16, tl.int1, tl.pointer_type(tl.float32)):
+        for shape in ([4, 8], tl.core.tuple([16]), [1, 2, 1], [tl.constexpr(8), 2]):
+            for _ in range(2):  # the second from the remembered shape
+                fast = tl.core.block_type(element, shape)
+                own = tl.core.block_type.__new__(tl.core.block_type)
+                slow(own, element, shape)
+                assert vars(fast) == vars(own) and fast == own and str(fast) == str(own)
+                t, t_own = tl.core.tensor("h", fast), tl.core.tensor.__new__(tl.core.tensor)
+                slow_tensor(t_own, "h", own)
+                assert vars(t).keys() == vars(t_own).keys() and str(t.shape) == str(t_own.shape)
+                assert (
+                    [type(d) for d in t.shape]
+                    == [type(d) for d in t_own.shape]
+                    == [tl.constexpr] * len(t.shape)
+                )
+                assert (t.handle, t.type, t.dtype, t.numel.value) == (
+                    t_own.handle,
+                    own,
+                    own.scalar,
+                    own.numel,
+                )
+    for bad in ([3, 4], [0], [2**21, 2**21], (4, 8)):  # still triton's errors, also on a second try
+        for _ in range(2):
+            with pytest.raises((ValueError, TypeError, AssertionError)):
+                tl.core.block_type(tl.float32, bad)
