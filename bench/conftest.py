@@ -31,6 +31,13 @@ for _p in (_ROOT, _HERE):  # `fastfilm`, `kernels` and `benchlib` importable fro
 
 import benchlib  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the tests' interpreter shortcuts (same results, less overhead): the CPU cases that run Triton kernels
+    # (gpu_step's kernel pick) are shape-checks, and take ~half the time with them
+    from tests import interpreter_speed  # noqa: E402
+
+    interpreter_speed.install()
+
 if not benchlib.CUDA:
     # One intra-op thread on a CPU: with 2 OpenMP threads on a shared 2-core machine, one descheduled thread
     # stalls every parallel region for milliseconds and the shape-check numbers swing 100×.

@@ -23,10 +23,16 @@ import torch
 import workload
 
 CONFIGS = [os.path.basename(p) for p in workload.shipped_configs(benchlib.ROOT)]
+QUICK_CONFIGS = (
+    "clevr.json",
+    "synthetic.json",
+)  # the paper's model and make train's (~3-6 s of counting each)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_flops_per_question(benchmark, request, bench_dataset, config):
+def test_flops_per_question(benchmark, request, settings, bench_dataset, config):
+    if settings.quick and config not in QUICK_CONFIGS:
+        pytest.skip(f"--bench-quick: the FLOP counts of {', '.join(QUICK_CONFIGS)} only")
     from fastfilm.config import load_config
 
     cfg = load_config(os.path.join(benchlib.ROOT, "configs", config))

@@ -12,10 +12,7 @@ if not torch.cuda.is_available():
 if os.environ.get("TRITON_INTERPRET") == "1":
     from tests import interpreter_speed
 
-    interpreter_speed.skip_repatching_in_kernels()
-    interpreter_speed.skip_dead_overflow_checks()
-    interpreter_speed.cache_numpy_dtypes()
-    interpreter_speed.fast_block_types()
+    interpreter_speed.install()
 
 # Under pytest-xdist (make test: one process per core) each process gets its share of the cores' threads: the
 # same total as one process with all of them, without two processes' thread pools fighting over each core.

@@ -187,3 +187,9 @@ def fast_block_types() -> bool:
     init.fast = True
     cls.__init__, tensor_cls.__init__ = init, tensor_init
     return True
+
+
+def install() -> list[str]:
+    """Every shortcut above (tests/conftest.py and bench/conftest.py, in the interpreter); the names installed."""
+    shortcuts = (skip_repatching_in_kernels, skip_dead_overflow_checks, cache_numpy_dtypes, fast_block_types)
+    return [f.__name__ for f in shortcuts if f()]

@@ -1,6 +1,7 @@
 """tests/interpreter_speed.py's shortcuts (installed by tests/conftest.py) are on in the interpreted test runs and
 compute what triton's own path does: one language patch per launch (not one per helper call), no int32 overflow
-re-computation while `debug` is off. (Not in tests/kernels: these run only in the interpreter, on the CPU.)"""
+re-computation while `debug` is off, numpy dtypes and block types of known shapes remembered. (Not in
+tests/kernels: these run only in the interpreter, on the CPU.)"""
 
 import inspect
 import os
@@ -30,12 +31,13 @@ def _row_sums_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
 
-def test_both_shortcuts_are_installed():
+def test_every_shortcut_is_installed():
     from triton.runtime import interpreter
 
     options = interpreter.interpreter_builder.options
     assert not options.debug and not options.sanitize_overflow
     assert interpreter.InterpretedFunction.__call__.__name__ == "call_in_kernel"
+    assert interpreter._get_np_dtype.cached and tl.core.block_type.__init__.fast
 
 
 def test_helpers_inside_a_launch_are_not_patched_again_and_compute_the_same(monkeypatch):
