@@ -419,8 +419,6 @@ def compile_matrix(
     With a manifest (variant id → an earlier full run's result, `--write-manifest`), only the variants it lacks
     and a sample of `sample` it has are compiled; each row says where its result came from ("source": compiled,
     sampled or manifest), and a sampled variant that compiles differently from its manifest entry is a problem."""
-    import multiprocessing
-
     keys, distinct, ids = [], {}, {}
     for launch in launches:
         for arch in archs:
@@ -437,32 +435,41 @@ def compile_matrix(
         f"{len(launches) * len(archs)} launches x archs, {len(distinct)} distinct variants, {len(todo)} to compile"
         + (f" ({len(todo) - len(sampled)} not in the manifest, {len(sampled)} sampled)" if manifest else "")
     )
-    order = sorted(todo, key=lambda k: "conv_coords" not in k)  # the GEMMs take longest: start them first
+    results = _compile_all({k: distinct[k] for k in todo}, jobs, log)
+    return [_row(launch, arch, key, ids[key], results, known) for launch, arch, key in keys]
+
+
+def _compile_all(jobs_by_key: dict[str, tuple], jobs: int, log: Callable[[str], None]) -> dict[str, dict]:
+    """run_job for each variant in a pool of `jobs` spawned processes, the GEMMs first (they take longest)."""
+    import multiprocessing
+
+    order = sorted(jobs_by_key, key=lambda k: "conv_coords" not in k)
     results = {}
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        for i, (key, result) in enumerate(pool.imap_unordered(_run_keyed, [(k, distinct[k]) for k in order])):
+        work = [(k, jobs_by_key[k]) for k in order]
+        for i, (key, result) in enumerate(pool.imap_unordered(_run_keyed, work)):
             results[key] = result
             if (i + 1) % 100 == 0:
                 log(f"  {i + 1}/{len(order)} compiled")
-    rows = []
-    for launch, arch, key in keys:
-        vid = ids[key]
-        if key in results:
-            r = dict(results[key])
-            source = "sampled" if vid in known else "compiled"
-        else:
-            r, source = dict(known[vid]), "manifest"
-        nbytes = launch_bytes(launch, r.get("used_pointers", []))
-        r.update(
-            case=launch.case, kernel=launch.kernel, config=launch.config, arch=arch, grid=list(launch.grid),
-            bytes=nbytes, predicted_us=nbytes / HBM_BYTES_PER_S[arch] * 1e6, variant=key_hash(key), id=vid,
-            source=source,
-        )  # fmt: skip
-        r["problems"] = problems(r)
-        if source == "sampled":
-            r["problems"] += manifest_mismatch(known[vid], results[key])
-        rows.append(r)
-    return rows
+    return results
+
+
+def _row(launch: Launch, arch: int, key: str, vid: str, results: dict, known: dict) -> dict:
+    """One (launch, arch) result: the fresh compile's or the manifest's, its bytes, predicted time and problems."""
+    if key in results:
+        r, source = dict(results[key]), "sampled" if vid in known else "compiled"
+    else:
+        r, source = dict(known[vid]), "manifest"
+    nbytes = launch_bytes(launch, r.get("used_pointers", []))
+    r.update(
+        case=launch.case, kernel=launch.kernel, config=launch.config, arch=arch, grid=list(launch.grid),
+        bytes=nbytes, predicted_us=nbytes / HBM_BYTES_PER_S[arch] * 1e6, variant=key_hash(key), id=vid,
+        source=source,
+    )  # fmt: skip
+    r["problems"] = problems(r)
+    if source == "sampled":
+        r["problems"] += manifest_mismatch(known[vid], results[key])
+    return r
 
 
 def manifest_mismatch(expected: dict, got: dict) -> list[str]:
@@ -586,8 +593,7 @@ def rows_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command: record, compile, print; with --check, exit status 1 when any variant has a problem."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--sizes", choices=("paper", "all"), default="paper", help="all = paper + edge sizes")
@@ -611,6 +617,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write-manifest", help="write every variant's result to this file (a full run only)"
     )
+    return parser
+
+
+def _load_manifest(path: str, parser: argparse.ArgumentParser, log: Callable[[str], None]) -> dict:
+    """--manifest's JSON (a usage error when unreadable); a manifest of another triton matches no variant."""
+    import triton
+
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"--manifest {path}: {e}")
+    if manifest.get("triton") != triton.__version__:  # its variant ids cannot match: all compile
+        log(f"{path} is from triton {manifest.get('triton')}, this is {triton.__version__}")
+    return manifest
+
+
+def _report(rows: list[dict], archs: list[int], one_per_row: bool) -> list[dict]:
+    """Print the table and the verdict line (and the first 50 problems); the rows with problems."""
+    print(rows_table(rows) if one_per_row else summary_table(rows, archs))
+    bad = [r for r in rows if r["problems"]]
+    variants = len({r["variant"] for r in rows})
+    print(
+        f"\n{len(rows)} launches x archs, {variants} distinct variants compiled for "
+        f"{', '.join(f'sm_{a}' for a in archs)}: {len(rows) - len(bad)} fine, {len(bad)} with problems "
+        f"(compile errors {sum(not r['ok'] for r in rows)}, spilling {sum(any('spill' in p for p in r['problems']) for r in rows)}). "
+        "Times are predicted lower bounds (bytes ÷ HBM bandwidth), not measurements."
+    )  # fmt: skip
+    for r in bad[:50]:
+        print(f"  {r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}: {'; '.join(r['problems'])}")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: record, compile, print; with --check, exit status 1 when any variant has a problem."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.write_manifest and (
         args.manifest or args.only or args.sizes != "all" or len(args.archs) < len(ARCHS)
@@ -631,17 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    manifest = None
-    if args.manifest:
-        try:
-            with open(args.manifest) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            parser.error(f"--manifest {args.manifest}: {e}")
-        import triton
-
-        if manifest.get("triton") != triton.__version__:  # its variant ids cannot match: all compile
-            log(f"{args.manifest} is from triton {manifest.get('triton')}, this is {triton.__version__}")
+    manifest = _load_manifest(args.manifest, parser, log) if args.manifest else None
     launches = [
         launch for launch in record_all(args.sizes)
         if args.only in launch.kernel and (not args.case or any(c in launch.case for c in args.case))
@@ -654,17 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
-    print(rows_table(rows) if args.rows else summary_table(rows, args.archs))
-    bad = [r for r in rows if r["problems"]]
-    variants = len({r["variant"] for r in rows})
-    print(
-        f"\n{len(rows)} launches x archs, {variants} distinct variants compiled for "
-        f"{', '.join(f'sm_{a}' for a in args.archs)}: {len(rows) - len(bad)} fine, {len(bad)} with problems "
-        f"(compile errors {sum(not r['ok'] for r in rows)}, spilling {sum(any('spill' in p for p in r['problems']) for r in rows)}). "
-        "Times are predicted lower bounds (bytes ÷ HBM bandwidth), not measurements."
-    )  # fmt: skip
-    for r in bad[:50]:
-        print(f"  {r['kernel']} [{r['case']}] {r['config']} sm_{r['arch']}: {'; '.join(r['problems'])}")
+    bad = _report(rows, args.archs, args.rows)
     return 1 if args.check and bad else 0
 
 
