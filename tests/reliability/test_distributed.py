@@ -48,8 +48,8 @@ def launch_args(script, args, timeout):
 
 def split_runs(stdout: str, n: int) -> list[str]:
     """The launcher's output of train_runs.py cut at rank 0's RUN_MARK lines: one piece per run."""
-    pieces = [stdout.split(RUN_MARK.format(k), 1) for k in range(n)]
-    assert all(len(p) == 2 for p in pieces), "a run's mark is missing"
+    missing = [k for k in range(n) if RUN_MARK.format(k) not in stdout]
+    assert not missing, f"no mark of run(s) {missing} in the launcher's output"
     starts = [stdout.index(RUN_MARK.format(k)) for k in range(n)] + [len(stdout)]
     return [stdout[starts[k] : starts[k + 1]] for k in range(n)]
 
