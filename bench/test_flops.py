@@ -23,10 +23,8 @@ import torch
 import workload
 
 CONFIGS = [os.path.basename(p) for p in workload.shipped_configs(benchlib.ROOT)]
-QUICK_CONFIGS = (
-    "clevr.json",
-    "synthetic.json",
-)  # the paper's model and make train's (~3-6 s of counting each)
+# --bench-quick counts the paper's model and make train's only (~3-6 s of counting each)
+QUICK_CONFIGS = ("clevr.json", "synthetic.json")
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -127,6 +127,10 @@ def cache_numpy_dtypes() -> bool:
     return True
 
 
+BLOCK_TYPE_ATTRS = {"element_ty", "shape", "numel", "name"}  # what triton 3.9's types hold (fast_block_types)
+TENSOR_ATTRS = {"handle", "shape", "numel", "type", "dtype"}
+
+
 def fast_block_types() -> bool:
     """Skip re-unwrapping and re-validating a block shape already validated, and share a known shape's constexpr
     form among the tensors of that shape (see the module docstring)."""
@@ -134,33 +138,22 @@ def fast_block_types() -> bool:
 
     import triton.language as tl
 
-    cls, tensor_cls, tl_tuple, constexpr = (
-        tl.core.block_type,
-        tl.core.tensor,
-        tl.core.tuple,
-        tl.core.constexpr,
-    )
+    core = tl.core
+    cls, tensor_cls, tl_tuple, constexpr = core.block_type, core.tensor, core.tuple, core.constexpr
     real_init, real_tensor_init = cls.__init__, tensor_cls.__init__
     if getattr(real_init, "fast", False):
         return False  # installed already
     probe = cls(tl.float32, [2, 4])
-    if set(vars(probe)) != {"element_ty", "shape", "numel", "name"} or set(vars(tensor_cls(None, probe))) != {
-        "handle",
-        "shape",
-        "numel",
-        "type",
-        "dtype",
-    }:
+    if set(vars(probe)) != BLOCK_TYPE_ATTRS or set(vars(tensor_cls(None, probe))) != TENSOR_ATTRS:
         return False  # a triton whose types hold something else
-    known: dict[
-        tuple[int, ...], tuple
-    ] = {}  # shape → (triton's shape object, its numel, its text); kept alive
-    of_tensors: dict[int, tuple] = {}  # id(a shape object in `known`) → a tensor's (numel, shape) for it
+    # shape → (triton's shape object, its numel, its text); the shape objects stay alive here, so their ids are
+    # stable keys of `of_tensors`: id(shape object) → a tensor's (numel, constexpr shape) for that shape
+    known: dict[tuple[int, ...], tuple] = {}
+    of_tensors: dict[int, tuple] = {}
 
     def init(self, element_ty, shape):
-        if (
-            type(shape) is list or type(shape) is tl_tuple
-        ):  # what triton's assert accepts (not a builtin tuple)
+        # a list or triton's tuple: what triton's own assert accepts (a builtin tuple fails there)
+        if type(shape) is list or type(shape) is tl_tuple:
             key = tuple(shape)
             seen = known.get(key) if all(type(d) is int for d in key) else None
             if seen is not None:
@@ -172,10 +165,7 @@ def fast_block_types() -> bool:
         key = tuple(int(d) for d in self.shape)
         if key not in known:
             known[key] = (self.shape, self.numel, str(self.shape))
-            of_tensors[id(self.shape)] = (
-                constexpr(math.prod(self.shape)),
-                tl_tuple([constexpr(d) for d in key]),
-            )
+            of_tensors[id(self.shape)] = (constexpr(math.prod(key)), tl_tuple([constexpr(d) for d in key]))
 
     def tensor_init(self, handle, type):
         seen = of_tensors.get(id(type.shape)) if type.__class__ is cls else None

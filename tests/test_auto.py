@@ -239,9 +239,8 @@ def test_precision_and_kernels_are_decided_together(monkeypatch, machine, expect
     monkeypatch.setattr(auto, "precision_probe", lambda *a, **k: model_probe or pytest.fail("no model probe"))
     monkeypatch.setattr(auto, "matmul_ratio_probe", lambda: {"fp32": 1.0, "bf16": 24.0, "matmul": 256})
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    precision, kernels = auto.decide(
-        cfg(), CPU
-    )  # make train's 10 minutes: the whole model compiled with AVX-512
+    # make train's 10 minutes: the whole model compiled with AVX-512 only
+    precision, kernels = auto.decide(cfg(), CPU)
     whole = auto.MODEL_COMPILE if capability == "AVX512" else "reference"
     assert (precision.value, kernels.value) == (expect[0], whole)
     precision, kernels = auto.decide(cfg(compile=False), CPU)
