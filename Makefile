@@ -30,7 +30,7 @@ export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.w
 
 STAMP := $(VENV)/.fastfilm-installed
 
-.PHONY: setup train test test-kernels-as-gpu aot-manifest lint format data bench clean help
+.PHONY: setup train test test-kernels-as-gpu aot-manifest gpu-wheels lint format data bench clean help
 help:
 	@echo "make train   set up .venv, generate the synthetic CLEVR-format set, train on it (DeepSpeed launcher)"
 	@echo "make test    set up .venv, lint, run the test suite"
@@ -101,6 +101,19 @@ aot-manifest: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench/ --benchmark-json=bench/results.json
+
+# For a lent GPU machine (no network; torch, triton, pytest there, not DeepSpeed): the venv's DeepSpeed as a wheel
+# plus the dependencies that machine lacks, for its Python (GPU_PYTHON), in .whl/ (~5 MB; the device tool carries
+# it: bench/README.md, "The next GPU session"). Built in a side folder and renamed, so a failed download leaves
+# the old set whole.
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	rm -rf .whl.tmp && mkdir .whl.tmp
+	$(PY) -m pip download -q --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl.tmp 'pydantic>=2,<3' hjson
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl.tmp \
+	  deepspeed==$$($(PY) -c 'import importlib.metadata as m; print(m.version("deepspeed"))')
+	rm -rf .whl && mv .whl.tmp .whl && ls -l .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

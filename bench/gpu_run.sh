@@ -4,10 +4,10 @@
 #   usage: bench/gpu_run.sh OUTDIR
 # Steps (in this order; each one's log in OUTDIR/logs/STEP.log, its exit code in OUTDIR/summary.tsv):
 #   env         nvidia-smi, versions, which packages import
-#   install     deepspeed (+ its missing dependencies) from $WHEELS/ds/*.whl, any $WHEELS/extra/*.whl, and DALI
+#   install     deepspeed (+ its missing dependencies) from $WHEELS/ds/*.whl, any $WHEELS/extra/*.whl and the
+#               repo's .whl/*.whl (`make gpu-wheels` makes that set on a machine with network access), and DALI
 #               from the pieces $WHEELS/dali.tar.part-* (absent pieces: continue without DALI, say so), into
 #               $SITE with `pip install --no-index --no-deps --target`, then PYTHONPATH=$SITE:repo
-#               (the wheel sets are made by scripts/gpu-wheels.sh on a machine with network access)
 #   kernel_tests  pytest tests/kernels -n $XDIST --tb=short (compiled Triton; the AOT test, a CPU compile matrix,
 #               left out): junit XML + the log; every kernel test, not only those marked cuda
 #   gpu_step    bench/gpu_step.py: the train step per case (eager NCHW / channels_last, graph mode, batch 256,
@@ -95,8 +95,8 @@ step_install() {
         if has deepspeed; then
             echo "deepspeed already present: not installing it"
         else
-            for whl in "$WHEELS"/ds/*.whl "$WHEELS"/extra/*.whl; do [ -e "$whl" ] && wheels+=("$whl"); done
-            [ ${#wheels[@]} -gt 0 ] || { note "NO deepspeed wheels in $WHEELS/ds"; rc=1; }
+            for whl in "$WHEELS"/ds/*.whl "$WHEELS"/extra/*.whl "$REPO"/.whl/*.whl; do [ -e "$whl" ] && wheels+=("$whl"); done
+            [ ${#wheels[@]} -gt 0 ] || { note "NO deepspeed wheels in $WHEELS/ds or $REPO/.whl (make gpu-wheels)"; rc=1; }
         fi
         if has nvidia.dali; then
             echo "DALI already present: not installing it"

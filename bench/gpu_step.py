@@ -18,7 +18,7 @@ Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `e
 `fastfilm.kernel_pick`, as `kernels.mode: auto` does on a GPU; its choices are in the row), `graph_cl_compile`
 (+ torch.compile of the whole model; last, it compiles for minutes). Without CUDA the graph cases run uncaptured (labelled so) and times mean nothing.
 The original 2017 code's step is not run here (it needs its checkout: `pytest bench/test_original.py
---original-film PATH`); its H200 figure is printed beside the cases from /work/shared/gpu (2026-12-04).
+--original-film PATH`); its H200 figure is printed beside the cases from bench/RESULTS_GPU.md (2026-12-04).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ ORIGINAL_H200 = {
     "ms": 53.5,
     "batch": 64,
     "dtype": "fp32",
-    "source": "/work/shared/gpu/2026-12-04-h200 (measured)",
+    "source": "bench/gpu/2026-12-04-h200 (measured)",
 }
 
 

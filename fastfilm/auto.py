@@ -18,7 +18,7 @@ where the compiled steps were only ~1.05× faster: MODEL_COMPILE_MIN_MINUTES_AVX
 ops) with bf16 autocast (in float32 it was slower than eager: FP32_REASON), else `reference`. On CUDA: measured
 per op site when the model is built (`per-op`, fastfilm/kernel_pick.py: each fused op runs whichever of
 `kernels.candidates` is fastest at the run's shapes; one mode for the whole model lost on an H200, batch 64,
-bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; /work/shared/gpu). The Triton interpreter is never
+bf16: reference 22.8 ms/step, triton 25.9, compile 28.3; bench/RESULTS_GPU.md). The Triton interpreter is never
 chosen.
 """
 
