@@ -30,7 +30,7 @@ export TRITON_INTERPRET ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.w
 
 STAMP := $(VENV)/.fastfilm-installed
 
-.PHONY: setup train test test-kernels-as-gpu aot-manifest gpu-wheels lint format data bench clean help
+.PHONY: setup train test test-kernels-as-gpu test-low-end aot-manifest gpu-wheels lint format data bench clean help
 help:
 	@echo "make train   set up .venv, generate the synthetic CLEVR-format set, train on it (DeepSpeed launcher)"
 	@echo "make test    set up .venv, lint, run the test suite"
@@ -93,6 +93,29 @@ test: lint
 test-kernels-as-gpu: $(STAMP)
 	TRITON_INTERPRET=1 FASTFILM_KERNELS_AS_GPU=sm_90 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests/kernels \
 	  --ignore tests/kernels/test_aot.py
+
+# The low end of setup.py's range, the versions the GPU image has (torch 2.11.0, which pins triton 3.6.0): the whole
+# suite in a side venv that holds only those (and their dependencies) and borrows every other package from .venv.
+# Where only PyPI is reachable, torch 2.11 comes as its CUDA build (~4.6 GB; it runs on a CPU);
+# LOW_TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build. Then `pytest bench/ --bench-quick` (the
+# GPU run's gpu_step.py and op cases, shape-checked). ~17 min on 2 AVX2 cores.
+LOW_VENV ?= .venv-low
+LOW_TORCH ?= torch==2.11.0
+LOW_TORCH_INDEX ?=
+test-low-end: $(STAMP)
+	@test -x $(LOW_VENV)/bin/python || { $(PY) -m venv --without-pip $(LOW_VENV) && \
+	  $(PY) -m pip --python $(LOW_VENV)/bin/python install -q $(LOW_TORCH) \
+	    $(if $(LOW_TORCH_INDEX),--index-url $(LOW_TORCH_INDEX)); } || { rm -rf $(LOW_VENV); exit 1; }
+	@# .venv's packages after the side venv's own; its scripts (deepspeed, lint-imports) run with the side python
+	@$(LOW_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(LOW_VENV)/.purelib
+	@echo "import site; site.addsitedir('$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
+	  > $$(cat $(LOW_VENV)/.purelib)/zz_fastfilm_venv.pth
+	@for s in deepspeed lint-imports; do \
+	  sed "1s|.*|#!$(CURDIR)/$(LOW_VENV)/bin/python|" $(VENV)/bin/$$s > $(LOW_VENV)/bin/$$s && chmod +x $(LOW_VENV)/bin/$$s; done
+	$(LOW_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+	PATH=$(CURDIR)/$(LOW_VENV)/bin:$$PATH $(LOW_VENV)/bin/python -m pytest -q -n $(TEST_JOBS) --dist loadfile \
+	  --no-loadscope-reorder $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(LOW_VENV)/bin:$$PATH $(LOW_VENV)/bin/python -m pytest -q -p no:cacheprovider bench/ --bench-quick
 
 # After changing a kernel: compile the whole AOT matrix (~950 variants, ~7 min on 2 AVX2 cores) and record it in
 # the manifest that make test checks against (kernels/README.md, "The manifest"); commit it with the change.

@@ -17,6 +17,11 @@ import triton
 import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    # triton 3.6's interpreter behaves as 3.9's where 3.6's fails correct kernels (interpreter_compat.py)
+    from kernels import interpreter_compat
+
+    interpreter_compat.install()
 
 # FASTFILM_KERNELS_AS_GPU=sm_90 (or sm_80): the launchers choose as on that GPU, also under the interpreter: the
 # GPU's BN tiles and batch splits, its autotune candidates (the pick fixed by GEMM_AS_GPU_PICK, the winner a GPU
