@@ -17,11 +17,6 @@ import triton
 import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    # triton 3.6's interpreter behaves as 3.9's where 3.6's fails correct kernels (interpreter_compat.py)
-    from kernels import interpreter_compat
-
-    interpreter_compat.install()
 
 # FASTFILM_KERNELS_AS_GPU=sm_90 (or sm_80): the launchers choose as on that GPU, also under the interpreter: the
 # GPU's BN tiles and batch splits, its autotune candidates (the pick fixed by GEMM_AS_GPU_PICK, the winner a GPU
@@ -287,3 +282,12 @@ def empty_like_layout(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.d
     """An empty 4-D tensor in the memory layout of `like` (channels_last or contiguous NCHW)."""
     fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return torch.empty(shape, device=like.device, dtype=dtype, memory_format=fmt)
+
+
+# Last in this file: code above it keeps its line numbers, which are part of each @triton.jit function's cache key
+# and so of the AOT manifest's variant ids (kernels/README.md, "The manifest").
+if INTERPRET:
+    # triton 3.6's interpreter behaves as 3.9's where 3.6's fails correct kernels (interpreter_compat.py)
+    from kernels import interpreter_compat
+
+    interpreter_compat.install()
