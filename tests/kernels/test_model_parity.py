@@ -157,11 +157,12 @@ def test_compile_model_equals_reference(device):
     cfg = cfg_for("pixels")
     ref, comp = make_pair(cfg, "compile", device)
     x, q = inputs(cfg, device)
-    lr, gr, _ = run(ref, x, q)
-    lc, gc, _ = run(comp, x, q)
-    torch.testing.assert_close(lc, lr, rtol=1e-4, atol=1e-5)
-    for k in gr:
-        torch.testing.assert_close(gc[k], gr[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"grad {k}: {m}")
+    r, c = run(ref, x, q), run(comp, x, q)
+    torch.testing.assert_close(c[0], r[0], rtol=1e-4, atol=1e-5)
+    # Gradients and BN buffers within 1e-3 of each tensor's scale; the stem conv's bias (before a train-mode BN,
+    # an exactly zero gradient) against the model's largest gradient: an absolute 1e-5 there compared rounding
+    # noise with rounding noise (torch 2.11 on an avx512 EPYC: 1.1e-5 against 4.5e-6).
+    assert_float32_model_close(r, c)
 
 
 def test_unfused_ablations_fall_back_to_reference_with_a_warning(device):
