@@ -98,7 +98,7 @@ test-kernels-as-gpu: $(STAMP)
 # suite in a side venv that holds only those (and their dependencies) and borrows every other package from .venv.
 # Where only PyPI is reachable, torch 2.11 comes as its CUDA build (~4.6 GB; it runs on a CPU);
 # LOW_TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build. Then `pytest bench/ --bench-quick` (the
-# GPU run's gpu_step.py and op cases, shape-checked). ~17 min on 2 AVX2 cores.
+# GPU run's gpu_step.py and op cases, shape-checked). ~19 min on 2 AVX2-only cores, ~7 on 2 avx512 ones.
 LOW_VENV ?= .venv-low
 LOW_TORCH ?= torch==2.11.0
 LOW_TORCH_INDEX ?=
