@@ -9,7 +9,8 @@ median) and its share of this device's own measured bf16 matmul ceiling, kernel 
 launch calls + graph launches + async copies, from torch.profiler), GPU kernels executed per step, GPU-busy share
 (kernel time ÷ the unprofiled median), ATen ops dispatched on the host per step (the CPU-side launch proxy), host
 synchronisations per step (`torch.cuda.set_sync_debug_mode` warnings), peak memory. Each case runs in its own
-try/except: one failure prints its traceback and the rest go on; the JSON (`--out`) is rewritten after each case.
+try/except: one failure prints its traceback and the rest go on; the JSON (`--out`) is rewritten after each case;
+the exit status is 1 when any case failed.
 
 Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `eager_cl` (the same, channels_last),
 `static_eager_cl` (graph mode's static-shape step, not captured), `graph_cl` (captured and replayed),
@@ -35,6 +36,9 @@ from typing import Any
 
 import torch
 
+# Without a GPU the Triton cases run in the interpreter, switched on before anything imports triton (benchlib does)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 for _p in (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     os.path.dirname(os.path.abspath(__file__)),
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     step = None
+    failed: list[str] = []
     for case in cases:
         t_case = time.perf_counter()
         if args.budget_s and t_case - t_start > args.budget_s:
@@ -393,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
             partial = result["cases"].get(case) if result["cases"].get(case, {}).get("ms") else {}
             result["cases"][case] = {**partial, "error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"{case}: FAILED {type(e).__name__}: {e}", flush=True)
+            failed.append(case)
         save()
     text = table(result)
     print("\n" + text)
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:
             f.write(text)
-    return 0
+    if failed:  # after every case and the files: gpu_run.sh's summary then shows this step as failed
+        print(f"failed cases: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 def table(result: dict[str, Any]) -> str:

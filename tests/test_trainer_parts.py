@@ -78,6 +78,40 @@ def test_triton_kernels_on_cpu_without_the_interpreter_variable(dataset, tmp_pat
     assert "kernels=triton" in proc.stdout
 
 
+@pytest.mark.parametrize("first", ["", "import triton", "import kernels"], ids=["fresh", "triton", "kernels"])
+def test_triton_mode_on_cpu_needs_the_interpreter_before_triton(first):
+    """Without a GPU, kernels.mode=triton switches the interpreter on only while triton is not imported: triton's own
+    jit functions (tl.zeros, ...) are made for the compiler at its import and fail inside an interpreted kernel
+    (bench/gpu_step.py's CPU shape-check did that: benchlib imported triton for its version). Afterwards: one line."""
+    code = f"""
+import torch
+{first}
+from fastfilm.config import config_from_dict
+from fastfilm.core.config import ConfigError
+from fastfilm.core.kernel_mode import check_kernels_mode
+try:
+    check_kernels_mode(config_from_dict({{"kernels": {{"mode": "triton"}}}}))
+except ConfigError as e:
+    print("REFUSED", e)
+    raise SystemExit(0)
+from kernels.bn_film_relu import bn_film_relu
+z = torch.randn(2, 3, 4, 4)
+y = bn_film_relu(z, torch.ones(2, 3), torch.zeros(2, 3), None, None, None, training=True)
+print("RAN", torch.allclose(y, torch.relu(torch.nn.functional.batch_norm(z, None, None, training=True))))
+"""
+    env = {k: v for k, v in clean_env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if first:
+        assert proc.stdout.startswith("REFUSED"), proc.stdout
+        assert "TRITON_INTERPRET=1 set before triton is imported" in proc.stdout
+    else:
+        assert proc.stdout.strip() == "RAN True", (proc.stdout, proc.stderr[-2000:])
+        assert "fastfilm: warning: kernels=triton without a GPU" in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["eval", "export", "predict"])
 def test_missing_model_file_is_one_line_and_exit_2(dataset, tmp_path, command):
     from fastfilm.cli import main as cli
