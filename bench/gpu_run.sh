@@ -32,6 +32,8 @@
 #   TRAIN_STEPS [200]  BENCH_ARGS [""] (e.g. "--bench-quick" or "-k op")  PROFILE_STEPS [5]
 #   SYNTH_TRAIN_IMAGES [400]  SYNTH_VAL_IMAGES [80] (10 questions each)  IMAGE_SIZE [224]
 #   TRAIN_SET [""]  extra `--set SECTION.KEY=VALUE` overrides for training, space-separated (for dry runs)
+#   GPU_STEP_BUDGET [200]  GPU_STEP_ARGS [""]  gpu_step.py's --budget-s and extra arguments ("--tiny" for a CPU
+#                dry run)  XDIST [8]  kernel_tests' pytest processes
 #   T_<STEP>     time limit of one step in seconds (e.g. T_bench=900); see the defaults below
 # The device tool allows 10 minutes per command: if everything does not fit, run it in parts, each with a
 # fresh OUTDIR, e.g.  STEPS="env install cuda_tests bench report" bench/gpu_run.sh $OUT
@@ -154,7 +156,9 @@ step_kernel_tests() {
 }
 
 step_gpu_step() {
-    "$PY" bench/gpu_step.py --out "$OUT/gpu_step.json" --md "$OUT/gpu_step.md" --budget-s "${GPU_STEP_BUDGET:-200}"
+    # shellcheck disable=SC2086  # GPU_STEP_ARGS is a list of arguments (a CPU dry run: "--tiny")
+    "$PY" bench/gpu_step.py --out "$OUT/gpu_step.json" --md "$OUT/gpu_step.md" --budget-s "${GPU_STEP_BUDGET:-200}" \
+        ${GPU_STEP_ARGS:-}
 }
 
 step_ops() {
