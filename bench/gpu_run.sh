@@ -151,7 +151,8 @@ EOF
 }
 
 step_kernel_tests() {
-    "$PY" -m pytest tests/kernels -n "${XDIST:-8}" --tb=short -q -p no:cacheprovider -rfE \
+    # -v: a line per test as it ends, so a run cut off by its time limit still says what passed and failed
+    "$PY" -m pytest tests/kernels -n "${XDIST:-8}" --tb=short -v -p no:cacheprovider -rfE \
         --ignore tests/kernels/test_aot.py --junitxml="$OUT/kernel_tests.xml"
 }
 
