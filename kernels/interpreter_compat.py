@@ -22,20 +22,34 @@ from fractions import Fraction
 import numpy as np
 
 
-def index_squeezes_scalars() -> bool:
-    """Make the interpreter's `tensor.__index__` squeeze a 1-element array before `int()` (triton 3.9's line)
-    where this triton's does not; True if that fix is in effect (installed now or before)."""
+def _interpreter():
+    """triton's interpreter module, or None where this triton has none."""
     try:
         from triton.runtime import interpreter
     except ImportError:
-        return False
+        return None
+    return interpreter
+
+
+def _state(fn, flag: str, needle: str) -> str:
+    """Whether triton's `fn` needs a fix: "absent" (no such function), "installed" (ours, marked with `flag`),
+    "upstream" (its source no longer has the faulty `needle`: this triton is right) or "needed"."""
+    if fn is None:
+        return "absent"
+    if getattr(fn, flag, False):
+        return "installed"
+    return "needed" if needle in inspect.getsource(fn) else "upstream"
+
+
+def index_squeezes_scalars() -> bool:
+    """Make the interpreter's `tensor.__index__` squeeze a 1-element array before `int()` (triton 3.9's line)
+    where this triton's does not; True if that fix is in effect (installed now or before)."""
+    interpreter = _interpreter()
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is None:
-        return False
-    if getattr(patch_tensor, "_fastfilm_squeezes", False):
-        return True  # installed already
-    if "int(self.handle.data)" not in inspect.getsource(patch_tensor):
-        return False  # triton's own __index__ already copes (3.9: `int(self.handle.data.squeeze())`)
+    # (3.9's own __index__ copes: `int(self.handle.data.squeeze())`)
+    state = _state(patch_tensor, "_fastfilm_squeezes", "int(self.handle.data)")
+    if state != "needed":
+        return state == "installed"
 
     def patch_lang_tensor(tensor, scope) -> None:
         patch_tensor(tensor, scope)
@@ -84,18 +98,13 @@ def _fma_once(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
 def fma_rounds_once() -> bool:
     """Make the interpreter's float32/float64 `tl.fma` round once, as a GPU's fma does, where this triton's
     multiplies and then adds; True if that fix is in effect (installed now or before)."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
+    interpreter = _interpreter()
     builder = getattr(interpreter, "InterpreterBuilder", None)
     create_fma = getattr(builder, "create_fma", None)
-    if create_fma is None:
-        return False
-    if getattr(create_fma, "_fastfilm_once", False):
-        return True  # installed already
-    if "x.data * y.data + z.data" not in inspect.getsource(create_fma):
-        return False  # triton's own fma rounds once (3.9: `_interpreter.fma_fp32` / `fma_fp64`)
+    # (3.9's own fma rounds once: `_interpreter.fma_fp32` / `fma_fp64`)
+    state = _state(create_fma, "_fastfilm_once", "x.data * y.data + z.data")
+    if state != "needed":
+        return state == "installed"
 
     def fma(self, x, y, z):
         if z.data.dtype not in (np.float32, np.float64):
