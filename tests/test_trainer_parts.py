@@ -78,7 +78,7 @@ def test_triton_kernels_on_cpu_without_the_interpreter_variable(dataset, tmp_pat
     assert "kernels=triton" in proc.stdout
 
 
-@pytest.mark.parametrize("first", ["", "import triton", "import kernels"], ids=["fresh", "triton", "kernels"])
+@pytest.mark.parametrize("first", ["", "import triton"], ids=["fresh", "triton-imported"])
 def test_triton_mode_on_cpu_needs_the_interpreter_before_triton(first):
     """Without a GPU, kernels.mode=triton switches the interpreter on only while triton is not imported: triton's own
     jit functions (tl.zeros, ...) are made for the compiler at its import and fail inside an interpreted kernel
