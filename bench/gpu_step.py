@@ -154,7 +154,8 @@ def check_graph(dtype) -> dict[str, Any]:
                     torch.cuda.set_sync_debug_mode("default")
         b = host_batch(cfg, 8, 12)
         with torch.no_grad():
-            logits = engine.module(b["image"].to(benchlib.device()), b["question"], b["length"]).float()
+            dev = benchlib.device()  # host_batch keeps questions and answers on the host, as the loader does
+            logits = engine.module(b["image"].to(dev), b["question"].to(dev), b["length"].to(dev)).float()
         runs[capture] = (torch.stack(losses).float().cpu(), logits.cpu(), step.graphed.captures)
     (la, ga, _), (lb, gb, captures) = runs[False], runs[CUDA]
     loss_diff = float((la - lb).abs().max())

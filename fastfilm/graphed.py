@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastfilm.core.cuda_graph import capture
 from fastfilm.model import NULL
 
 
@@ -329,14 +330,16 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             # on the warm-up stream (its cuBLAS/cuDNN workspaces exist), DALI's threads free to use the GPU
-            with torch.cuda.graph(
-                graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
-            ):
-                self.outputs[key] = self.compute(bufs, key[2])
+            self.outputs[key] = capture(
+                graph,
+                lambda: self.compute(bufs, key[2]),
+                pool=self.pool,
+                stream=self.stream,
+                capture_error_mode="thread_local",
+            )
         except Exception as e:  # noqa: BLE001 (reported, then the uncaptured step)
             print(
-                f"fastfilm: graph mode: capturing the step failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "it runs uncaptured from here on",
+                f"fastfilm: graph mode: capturing the step failed ({e}); it runs uncaptured from here on",
                 flush=True,
             )
             self.capture, self.graphs, self.outputs = False, {}, {}

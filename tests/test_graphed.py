@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastfilm.config import ModelConfig, config_from_dict
 from fastfilm.graphed import GraphedTrainStep, bucket_for, length_buckets, pad_questions
 from fastfilm.model import FiLMModel
+from tests.test_cuda_graph import FakeGraph, FakeStream, fake_streams
 from tests.test_train import tiny_config
 
 VOCAB, ANSWERS = 12, 5
@@ -411,28 +412,35 @@ def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tm
 
 
 def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):
-    """Without a GPU the capture itself is simulated: torch.cuda.graph raises as an uncapturable op would."""
+    """Without a GPU the capture is simulated (tests/test_cuda_graph.py: torch's own torch.cuda.graph context, a graph
+    whose capture_end fails once an op inside broke the capture): the line names the op's error, the stream is the
+    one before the capture, and the step goes on uncaptured."""
     torch.manual_seed(0)
     model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     step = GraphedTrainStep(model, opt, device=torch.device("cpu"), capture=False, max_len=9)
     b = batch()
     bufs = step._load(step.key(b, True), b)
+    streams = fake_streams(monkeypatch)
+    graphs, real_compute, default = [], step.compute, streams["current"]
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
 
-    def uncapturable(*a, **kw):
+    def uncapturable(bufs, boundary):
+        graphs[-1].broken = True
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
-    monkeypatch.setattr(torch.cuda, "graph", uncapturable)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    step.capture, step.stream = True, None
+    step.compute = uncapturable
+    step.capture, step.stream = True, FakeStream("side")
     assert step._capture(step.key(b, True), bufs) is None
-    assert not step.capture and step.captures == 0
+    assert not step.capture and step.captures == 0 and graphs[0].began_on is step.stream
+    assert streams["current"] is default
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [
         "fastfilm: graph mode: capturing the step failed (RuntimeError: operation not permitted when stream is "
-        "capturing); it runs uncaptured from here on"
+        "capturing (then at the capture's end: RuntimeError: CUDA error: operation failed due to a previous error "
+        "during capture)); it runs uncaptured from here on"
     ]
+    step.compute = real_compute
     loss, *_ = step(b, True)  # and the step goes on, uncaptured
     assert torch.isfinite(loss)
 
