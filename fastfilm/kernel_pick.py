@@ -93,19 +93,28 @@ def site_key(module: nn.Module, args: Sequence[Any]) -> str:
 def record_inputs(
     model: FiLMModel, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Each op site's positional inputs (detached) in one training-mode forward of a copy of `model`."""
+    """Each op site's positional inputs (detached copies that require grad where the input did) in one
+    training-mode forward of a copy of `model`."""
     probe = copy.deepcopy(model).train()
     seen: dict[str, tuple[torch.Tensor, ...]] = {}
     hooks = []
     for name, m in op_sites(probe):
 
         def hook(mod, args, name=name):
-            seen.setdefault(name, tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args))
+            seen.setdefault(
+                name,
+                tuple(
+                    a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                    for a in args
+                ),
+            )
 
         hooks.append(m.register_forward_pre_hook(hook))
     device = next(probe.parameters()).device
     try:
-        with torch.no_grad(), _autocast(device, amp_dtype):
+        # with autograd on, as in training: an input that needs no gradient there (the raw images or features at
+        # the first site) is recorded as such, and the timed backward computes only the gradients the step does
+        with torch.enable_grad(), _autocast(device, amp_dtype):
             probe(batch["image"], batch["question"], batch["length"])
     finally:
         for h in hooks:
@@ -130,12 +139,10 @@ def make_fwd_bwd(
     module: nn.Module, args: Sequence[Any], impl: str, amp_dtype: torch.dtype | None, seed: int = 0
 ) -> Callable[[], None]:
     """A closure running forward + backward of a training-mode copy of `module` with implementation `impl` on
-    copies of `args` (floating-point tensors require grad), against a fixed random upstream gradient."""
+    copies of `args` (requiring grad where the recorded input did), against a fixed random upstream gradient."""
     m = copy.deepcopy(module).train()
     _set_impl(m, impl)
-    inputs = [
-        a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args
-    ]
+    inputs = [a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
     device = next(m.parameters()).device
     with _autocast(device, amp_dtype):
         out = m(*inputs)

@@ -226,3 +226,21 @@ def test_training_with_kernels_auto_on_a_gpu_measures_applies_and_logs(
     saved = json.loads((run / "kernel_picks.json").read_text())
     assert saved["picks"] and all(p["choice"] == "reference" for p in saved["picks"])
     assert json.loads((run / "config.json").read_text())["kernels"]["mode"] == "auto"
+
+
+@pytest.mark.parametrize("stem", ["pixels", "features"])
+def test_recorded_inputs_require_grad_where_the_step_computes_it(stem):
+    """The timed forward+backward computes the gradients the training step does: every site input that comes out of
+    the model's parameters requires grad, the raw input (the features stem's first CoordConv) does not."""
+    m = model(stem=stem, feature_channels=5, feature_size=6)
+    batch = kernel_pick.synthetic_batch(m, 2, torch.device("cpu"))
+    raw_seen = 0
+    for name, args in kernel_pick.record_inputs(m, batch, None).items():
+        for a in args:
+            if torch.is_tensor(a) and a.is_floating_point():
+                raw = a.shape == batch["image"].shape and torch.equal(a, batch["image"])
+                raw_seen += raw
+                assert a.requires_grad != raw, (name, a.shape)
+    assert raw_seen == (stem == "features")
+    fn = kernel_pick.make_fwd_bwd(dict(kernel_pick.op_sites(m))[name], args, "reference", None)
+    fn()  # runs, with the recorded flags
