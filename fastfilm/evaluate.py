@@ -39,6 +39,7 @@ def evaluate(
     """
     import torch.distributed as dist
 
+    from fastfilm.core.collectives import collective_device
     from fastfilm.core.errors import DataError
 
     model.eval()
@@ -63,9 +64,9 @@ def evaluate(
             _tally(correct, total, logits.argmax(1).cpu(), answers, batch["family"], loader.split)
             seen += answers.numel()
     if dist.is_available() and dist.is_initialized():
-        both = torch.stack([correct, total])
+        both = torch.stack([correct, total]).to(collective_device())  # NCCL takes no host tensor
         dist.all_reduce(both)
-        correct, total = both[0], both[1]
+        correct, total = both.cpu()
     return _summary(correct, total, family_names)
 
 

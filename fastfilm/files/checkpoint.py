@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastfilm.core.collectives import collective_device
 from fastfilm.core.errors import FastfilmError
 
 MANIFEST = "manifest.json"
@@ -279,7 +280,7 @@ def save(engine, ckpt_dir: str, tag: str, state: dict, cfg, vocab: dict) -> str:
         shutil.rmtree(partial, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    ok = torch.tensor([1.0])
+    ok = torch.tensor([1.0], device=collective_device())  # all ranks wrote their part (NCCL: on the GPU)
     try:
         engine.save_checkpoint(ckpt_dir, tag=partial_tag, save_latest=False)
         if rank == 0:
