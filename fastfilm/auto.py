@@ -329,7 +329,8 @@ def choose_precision(
         )
         return Choice("precision", name, why)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # native bf16 only (compute capability ≥ 8): torch's default also says yes where bf16 is emulated (a T4)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return Choice("precision", "bf16", f"{torch.cuda.get_device_name(device)} supports bf16")
         if cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) != 0:
             return Choice(

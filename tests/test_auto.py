@@ -262,3 +262,20 @@ def test_demo_is_sized_by_the_probed_speed():
     crawl = {s: 30 * t for s, t in fast.items()}
     ch = auto.plan_demo(cfg(), [64, 48, 32], 10, crawl.__getitem__)
     assert ch.value == 32 and "the smallest" in ch.reason
+
+
+@pytest.mark.parametrize("native, zero, expect", [(True, 0, "bf16"), (False, 0, "fp16"), (False, 1, "fp32")])
+def test_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, native, zero, expect):
+    """A GPU without native bf16 (compute capability < 8: torch.cuda.is_bf16_supported() alone says yes there,
+    emulated) gets fp16 with the loss scaler, or fp32 under ZeRO."""
+    seen = []
+
+    def is_bf16_supported(including_emulation=True):
+        seen.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    c = cfg()
+    c.deepspeed["zero_optimization"] = {"stage": zero}
+    assert auto.choose_precision(c, torch.device("cuda", 0)).value == expect and seen == [False]
