@@ -91,14 +91,16 @@ def site_key(module: nn.Module, args: Sequence[Any]) -> str:
 
 
 def record_inputs(
-    model: FiLMModel, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None
+    model: FiLMModel, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None, reference: bool = False
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Each op site's positional inputs (detached copies that require grad where the input did) in one
-    training-mode forward of a copy of `model`."""
+    training-mode forward of a copy of `model` (`reference`: every site on its reference implementation)."""
     probe = copy.deepcopy(model).train()
     seen: dict[str, tuple[torch.Tensor, ...]] = {}
     hooks = []
     for name, m in op_sites(probe):
+        if reference:
+            _set_impl(m, "reference")
 
         def hook(mod, args, name=name):
             seen.setdefault(
@@ -223,7 +225,10 @@ def measure(
     candidates = list(dict.fromkeys(["reference", *candidates]))
     device = next(model.parameters()).device
     sites = dict(op_sites(model))
-    inputs = record_inputs(model, batch, amp_dtype)
+    try:  # the inputs as the model's own implementations produce them (their layouts included)
+        inputs = record_inputs(model, batch, amp_dtype)
+    except Exception:  # noqa: BLE001 (a candidate failing at this run's shapes: measured below, and left out)
+        inputs = record_inputs(model, batch, amp_dtype, reference=True)
     groups: dict[str, Pick] = {}
     for name, args in inputs.items():
         key = site_key(sites[name], args)

@@ -244,3 +244,29 @@ def test_recorded_inputs_require_grad_where_the_step_computes_it(stem):
     assert raw_seen == (stem == "features")
     fn = kernel_pick.make_fwd_bwd(dict(kernel_pick.op_sites(m))[name], args, "reference", None)
     fn()  # runs, with the recorded flags
+
+
+def test_a_kernel_that_fails_at_the_runs_shapes_is_left_out_not_fatal(monkeypatch):
+    """When the model's own forward fails while the inputs are recorded, they are recorded on the reference
+    implementation: a Triton op that raises (on a GPU: a compile error at this run's shapes) loses its sites to the
+    reference instead of stopping the run (`kernels.mode: auto` on a GPU)."""
+    import kernels
+
+    real = kernels.bn_film_relu
+
+    def failing(*args, impl="triton", **kwargs):
+        if impl == "triton":
+            raise RuntimeError("triton: out of resources (simulated)")
+        return real(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(kernels, "bn_film_relu", failing)
+    m = model()
+    batch = kernel_pick.synthetic_batch(m, 2, torch.device("cpu"))
+    picks = kernel_pick.measure(
+        m, batch, ["triton"], None, timer=fake_timer({"reference": 2.0, "triton": 1.0})
+    )
+    failed = [p for p in picks if "triton" in p.errors]
+    assert failed and all(
+        p.choice == "reference" and "out of resources" in p.errors["triton"] for p in failed
+    )
+    assert any(p.choice == "triton" for p in picks)  # the CoordConv sites, which do not call it
