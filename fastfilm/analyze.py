@@ -233,7 +233,8 @@ def activation_maps(
     handle = pool.register_forward_hook(lambda mod, inp, outp: captured.__setitem__("x", inp[0].detach()))
     try:
         with torch.no_grad():
-            model(images, questions, None)
+            device = next(model.parameters()).device  # (analyze runs on the CPU today; any device works)
+            model(images.to(device), questions.to(device), None)
     finally:
         handle.remove()
     feats = captured["x"].float().cpu()  # [N, C, H, W]

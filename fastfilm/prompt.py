@@ -62,10 +62,13 @@ class Answerer:
         from fastfilm.core.precision import autocast, autocast_dtype
         from fastfilm.data.tokenize import encode_question
 
-        ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long)
-        dtype = autocast_dtype(self.cfg.deepspeed)  # the model's precision, as eval uses
-        with autocast(self.image.device, dtype):
-            logits = self.model(self.image, ids, torch.tensor([ids.shape[1]]))
+        # on the model's device (the Python API may hand over a model on a GPU; the trunk and the image loader
+        # work on the CPU), under the model's precision, as eval runs it
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long, device=device)
+        dtype = autocast_dtype(self.cfg.deepspeed)
+        with autocast(device, dtype):
+            logits = self.model(self.image.to(device), ids, torch.tensor([ids.shape[1]]))
         probs = torch.softmax(logits.float(), dim=1)[0]
         p, i = probs.topk(min(top, probs.numel()))
         return [(self.idx_to_answer.get(int(j), str(int(j))), float(q)) for q, j in zip(p, i)]

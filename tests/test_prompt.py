@@ -224,3 +224,28 @@ def test_python_predict_is_the_models_softmax(tmp_path):
     p, i = probs.topk(3)
     assert [a for a, _ in top] == [names[int(j)] for j in i]
     torch.testing.assert_close(torch.tensor([q for _, q in top]), p)
+
+
+def test_the_answerer_feeds_the_model_on_the_models_device(tmp_path):
+    """The Python API may hand over a model on a GPU: the image (loaded on the CPU) and the question go to the
+    model's device, and autocast is entered for that device. A CPU stand-in reports a device it is not on."""
+    folder = pixel_model_folder(tmp_path)
+    model, cfg, vocab = load_model_folder(folder)
+    seen = []
+
+    class Elsewhere(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def parameters(self, recurse=True):
+            yield torch.empty(0, device="meta")
+
+        def forward(self, image, ids, lengths):
+            seen.append((image.device.type, ids.device.type, lengths.device.type))
+            return torch.zeros(1, 3)
+
+    answerer = Answerer(Elsewhere(), cfg, vocab)
+    answerer.load(png(tmp_path, "a.png", (200, 30, 30)))
+    answerer.ask("How many things are there?", top=2)
+    assert seen == [("meta", "meta", "cpu")]  # lengths stay on the host, as the model reads them there
