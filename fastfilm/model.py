@@ -59,15 +59,23 @@ class CoordConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels == "reference":
-            n, _, h, w = x.shape
-            coords = coord_map(h, w, x.device, x.dtype).unsqueeze(0).expand(n, 2, h, w)
-            out = F.conv2d(torch.cat([x, coords], 1), self.weight, self.bias, padding=self.padding)
+            out = F.conv2d(cat_coords(x), self.weight, self.bias, padding=self.padding)
             return F.relu(out) if self.relu else out
         import kernels
 
         return kernels.conv_coords(
             x, self.weight, self.bias, padding=self.padding, relu=self.relu, impl=self.kernels
         )
+
+
+def cat_coords(x: torch.Tensor) -> torch.Tensor:
+    """`x` [N, C, H, W] with the two coordinate maps appended as channels, in `x`'s memory layout (a cat with the
+    expanded maps alone comes out NCHW, and cuDNN would transpose a channels_last model's input back)."""
+    n, _, h, w = x.shape
+    coords = coord_map(h, w, x.device, x.dtype).unsqueeze(0).expand(n, 2, h, w)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        coords = coords.contiguous(memory_format=torch.channels_last)
+    return torch.cat([x, coords], 1)
 
 
 def real_lengths(questions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -443,8 +451,7 @@ class FiLMedNet(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, gammas[:, i], betas[:, i])
         if cfg.use_coords and cfg.classifier_proj_dim <= 0:
-            n, _, h, w = x.shape
-            x = torch.cat([x, coord_map(h, w, x.device, x.dtype).expand(n, 2, h, w)], 1)
+            x = cat_coords(x)
         return self.classifier(x)
 
 

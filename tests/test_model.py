@@ -193,3 +193,15 @@ def test_config_dataclass_defaults_are_the_paper():
     assert cfg.condition_method == "bn-film" and cfg.gamma_baseline == 1.0 and not cfg.module_batchnorm_affine
     f = dataclasses.replace(ModelConfig(stem="features"))
     assert (f.stem_num_layers, f.stem_kernel_size, f.stem_stride, f.stem_padding) == (1, 3, 1, 1)
+
+
+def test_coordinate_maps_are_appended_in_the_inputs_layout():
+    """cat_coords keeps channels_last (a plain cat with the expanded maps comes out NCHW: the reference CoordConv's
+    conv and the classifier's then ran on an NCHW input in a channels_last model); same values either way."""
+    from fastfilm.model import cat_coords
+
+    x = torch.randn(3, 5, 4, 6)
+    expect = torch.cat([x, coord_map(4, 6).expand(3, 2, 4, 6)], 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out = cat_coords(x.contiguous(memory_format=fmt))
+        assert torch.equal(out, expect) and out.is_contiguous(memory_format=fmt), fmt
