@@ -14,7 +14,8 @@ the exit status is 1 when any case failed.
 
 Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `eager_cl` (the same, channels_last),
 `static_eager_cl` (graph mode's static-shape step, not captured), `graph_cl` (captured and replayed),
-`graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with every fused op site on the Triton kernels),
+`graph_cl_gru_fp32` (graph_cl with the question encoder's GRU outside autocast, float32: its cost against cuDNN's
+float16 RNN that autocast picks even under bf16), `graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with every fused op site on the Triton kernels),
 `graph_cl_picked` (graph mode with each site's implementation measured inside a CUDA graph by
 `fastfilm.kernel_pick`, as `kernels.mode: auto` does on a GPU; its choices are in the row), `graph_cl_compile`
 (+ torch.compile of the whole model; last, it compiles for minutes). Without CUDA the graph cases run uncaptured (labelled so) and times mean nothing.
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cases",
-        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_triton,graph_cl_picked,"
-        "graph_cl_b256,graph_cl_compile",
+        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_gru_fp32,graph_cl_triton,"
+        "graph_cl_picked,graph_cl_b256,graph_cl_compile",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 GPU, 3 tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 tiny)")
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             bs = b256 if case.endswith("_b256") else b64
             kernels = "triton" if case in ("graph_cl_triton", "graph_cl_picked") else "reference"
             cfg, engine, batch, gflop = engine_for(bs, kernels)
+            # graph_cl_gru_fp32: the question encoder outside autocast, float32 (on a GPU autocast runs cuDNN's RNN
+            # in float16 whatever its dtype: README, "Precision"); every other case as the trainer runs it
+            engine.module.generator.rnn_autocast = case != "graph_cl_gru_fp32"
             picks = None
             if case == "eager_nchw":
                 step = engine_step(engine, batch)
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     step = engine_step(engine, batch)
                 elif case == "static_eager_cl":
                     step = graphed_step(engine, batch, dtype, capture=False)
-                elif case in ("graph_cl", "graph_cl_b256", "graph_cl_triton"):
+                elif case in ("graph_cl", "graph_cl_gru_fp32", "graph_cl_b256", "graph_cl_triton"):
                     step = graphed_step(engine, batch, dtype, capture=CUDA)
                 elif case == "graph_cl_picked":
                     from fastfilm import kernel_pick

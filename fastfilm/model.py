@@ -14,6 +14,7 @@ All three modes share one state-dict: a checkpoint trained with one runs with th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -130,6 +131,15 @@ class FiLMGen(nn.Module):
     # On the CPU a one-layer unidirectional GRU runs `fastfilm.gru` (same maths, its weight gradients as one
     # GEMM each instead of one per time step); False: always `nn.GRU` (for comparisons).
     cpu_gru: bool = True
+    # False: the RNN runs outside autocast, in float32 (a comparison for the GPU: there PyTorch's autocast runs
+    # cuDNN's RNN in float16 whatever the autocast dtype, unscaled under bf16; README, "Precision").
+    rnn_autocast: bool = True
+
+    def _rnn_precision(self, embed: torch.Tensor):
+        """(the RNN's input, the context to run the RNN in): as it is under autocast, or float32 outside it."""
+        if self.rnn_autocast or not torch.is_autocast_enabled(embed.device.type):
+            return embed, contextlib.nullcontext()
+        return embed.float(), torch.autocast(embed.device.type, enabled=False)
 
     def _plain_gru(self) -> bool:
         rnn = self.encoder_rnn
@@ -148,7 +158,9 @@ class FiLMGen(nn.Module):
         if self.num_dir != 1:
             raise ValueError("static_encode: a bidirectional encoder must read each question's own length")
         n, t = questions.shape
-        out, _ = self.encoder_rnn(self.encoder_embed(questions))  # [N, T, H]
+        embed, precision = self._rnn_precision(self.encoder_embed(questions))
+        with precision:
+            out, _ = self.encoder_rnn(embed)  # [N, T, H]
         idx = (lengths.to(device=out.device, dtype=torch.int64) - 1).clamp(0, t - 1)
         return out.gather(1, idx.view(n, 1, 1).expand(n, 1, out.shape[2])).view(n, out.shape[2])
 
@@ -169,17 +181,24 @@ class FiLMGen(nn.Module):
         if n == 0:
             return self.encoder_embed.weight.new_zeros(0, width)
         lengths = real_lengths(questions, lengths)
-        embed = self.encoder_embed(questions)
-        if self.cpu_gru and embed.device.type in ("cpu", "meta") and self._plain_gru():  # meta: FLOP counts
-            from fastfilm.gru import packed_gru_last
+        embed, precision = self._rnn_precision(self.encoder_embed(questions))
+        with precision:
+            if (
+                self.cpu_gru and embed.device.type in ("cpu", "meta") and self._plain_gru()
+            ):  # meta: FLOP counts
+                from fastfilm.gru import packed_gru_last
 
-            packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
-            return packed_gru_last(rnn, packed)
-        if int(lengths.min()) == t:  # no padding in this batch: the same computation without the packing
-            _, h = rnn(embed)
-        else:
-            packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
-            _, h = rnn(packed)  # h_n comes back in the batch's order
+                packed = nn.utils.rnn.pack_padded_sequence(
+                    embed, lengths, batch_first=True, enforce_sorted=False
+                )
+                return packed_gru_last(rnn, packed)
+            if int(lengths.min()) == t:  # no padding in this batch: the same computation without the packing
+                _, h = rnn(embed)
+            else:
+                packed = nn.utils.rnn.pack_padded_sequence(
+                    embed, lengths, batch_first=True, enforce_sorted=False
+                )
+                _, h = rnn(packed)  # h_n comes back in the batch's order
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         last = h.view(rnn.num_layers, self.num_dir, n, rnn.hidden_size)[-1]  # the last layer's directions

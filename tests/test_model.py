@@ -205,3 +205,22 @@ def test_coordinate_maps_are_appended_in_the_inputs_layout():
     for fmt in (torch.contiguous_format, torch.channels_last):
         out = cat_coords(x.contiguous(memory_format=fmt))
         assert torch.equal(out, expect) and out.is_contiguous(memory_format=fmt), fmt
+
+
+@pytest.mark.parametrize("cpu_gru", [True, False], ids=["fastfilm.gru", "nn.GRU"])
+def test_rnn_autocast_off_runs_the_encoder_in_float32(cpu_gru):
+    """`rnn_autocast = False` (the GPU comparison for cuDNN's float16 RNN under bf16 autocast): under autocast the
+    question feature is the float32 one, bit for bit, on the packed and the static path."""
+    torch.manual_seed(0)
+    gen = FiLMModel(tiny(), V, A).generator
+    gen.cpu_gru = cpu_gru
+    q = questions(4)
+    lengths = (q != 0).sum(1)
+    exact = gen.encode(q), gen.static_encode(q, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gen.encode(q), gen.static_encode(q, lengths)
+        gen.rnn_autocast = False
+        fp32 = gen.encode(q), gen.static_encode(q, lengths)
+    assert not any(torch.equal(m.float(), w) for m, w in zip(mixed, exact))  # autocast reaches the RNN
+    for got, want in zip(fp32, exact):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
