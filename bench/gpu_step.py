@@ -15,7 +15,8 @@ the exit status is 1 when any case failed.
 Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `eager_cl` (the same, channels_last),
 `static_eager_cl` (graph mode's static-shape step, not captured), `graph_cl` (captured and replayed),
 `graph_cl_gru_fp32` (graph_cl with the question encoder's GRU outside autocast, float32: its cost against cuDNN's
-float16 RNN that autocast picks even under bf16), `graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with every fused op site on the Triton kernels),
+float16 RNN that autocast picks even under bf16), `graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with
+every fused op site on the Triton kernels),
 `graph_cl_picked` (graph mode with each site's implementation measured inside a CUDA graph by
 `fastfilm.kernel_pick`, as `kernels.mode: auto` does on a GPU; its choices are in the row), `graph_cl_compile`
 (+ torch.compile of the whole model; last, it compiles for minutes). Without CUDA the graph cases run uncaptured (labelled so) and times mean nothing.

@@ -191,9 +191,8 @@ def time_call(
             fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        capture(
-            graph, lambda: [fn() for _ in range(reps)]
-        )  # a failure names the op (fastfilm/core/cuda_graph.py)
+        # through fastfilm/core/cuda_graph.py: a failed capture names the op that broke it
+        capture(graph, lambda: [fn() for _ in range(reps)])
         replay = graph.replay
     best = float("inf")
     for _ in range(groups):

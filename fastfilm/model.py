@@ -182,23 +182,17 @@ class FiLMGen(nn.Module):
             return self.encoder_embed.weight.new_zeros(0, width)
         lengths = real_lengths(questions, lengths)
         embed, precision = self._rnn_precision(self.encoder_embed(questions))
+        # on the CPU (and meta, for FLOP counts) a plain GRU runs fastfilm.gru
+        cpu_gru = self.cpu_gru and embed.device.type in ("cpu", "meta") and self._plain_gru()
+        packed = None  # a batch without padding reads the same without the packing (nn.GRU)
+        if cpu_gru or int(lengths.min()) < t:
+            packed = nn.utils.rnn.pack_padded_sequence(embed, lengths, batch_first=True, enforce_sorted=False)
         with precision:
-            if (
-                self.cpu_gru and embed.device.type in ("cpu", "meta") and self._plain_gru()
-            ):  # meta: FLOP counts
+            if cpu_gru:
                 from fastfilm.gru import packed_gru_last
 
-                packed = nn.utils.rnn.pack_padded_sequence(
-                    embed, lengths, batch_first=True, enforce_sorted=False
-                )
                 return packed_gru_last(rnn, packed)
-            if int(lengths.min()) == t:  # no padding in this batch: the same computation without the packing
-                _, h = rnn(embed)
-            else:
-                packed = nn.utils.rnn.pack_padded_sequence(
-                    embed, lengths, batch_first=True, enforce_sorted=False
-                )
-                _, h = rnn(packed)  # h_n comes back in the batch's order
+            _, h = rnn(embed if packed is None else packed)  # h_n comes back in the batch's order
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         last = h.view(rnn.num_layers, self.num_dir, n, rnn.hidden_size)[-1]  # the last layer's directions
