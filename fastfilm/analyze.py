@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfilm.core.precision import autocast, autocast_dtype
+from fastfilm.core.precision import autocast
 
 NOISE_SIGMAS = (0.1, 0.5, 1.0)
 
@@ -233,7 +233,7 @@ def activation_maps(
     handle = pool.register_forward_hook(lambda mod, inp, outp: captured.__setitem__("x", inp[0].detach()))
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device  # (analyze runs on the CPU today; any device works)
+            device = next(model.parameters()).device
             model(images.to(device), questions.to(device), None)
     finally:
         handle.remove()
@@ -257,9 +257,17 @@ def activation_maps(
 
 
 def analyze(
-    model_dir: str, split: str, out: str, cache: str | None = None, max_questions: int = 2000
+    model_dir: str,
+    split: str,
+    out: str,
+    cache: str | None = None,
+    max_questions: int = 2000,
+    precision: str = "auto",
 ) -> dict:
-    """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`."""
+    """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`: on this
+    process's GPU when there is one, under `precision` (`fastfilm.auto.inference_precision`)."""
+    from fastfilm.auto import PRECISION_DTYPES, announce_precision, inference_precision
+    from fastfilm.core.devices import compute_device
     from fastfilm.core.errors import UsageError, check_model_cache, check_output_folder
     from fastfilm.data import loader_for
     from fastfilm.files.export import load_model_folder
@@ -273,14 +281,17 @@ def analyze(
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")
     if cache is None:
         check_model_cache(cfg.data.cache, model_dir)
-    device = torch.device("cpu")
+    device = compute_device()
+    model.to(device)
+    choice = inference_precision(cfg, device, precision)
+    announce_precision(choice, cfg)
     names = {int(k): v for k, v in (vocab.get("question_family_names") or {}).items()}
     bs = min(cfg.batch_size, 64)
     val = loader_for(cfg, split, train=False, batch_size=bs, cache_dir=cache)
     train = loader_for(cfg, cfg.data.train_split, train=False, batch_size=bs, cache_dir=cache)
-    with autocast(device, autocast_dtype(cfg.deepspeed)):
+    with autocast(device, PRECISION_DTYPES[choice.value]):
         summary = _analyses(model, cfg, vocab, val, train, names, split, out, cache, max_questions, device)
-    summary = {"model": model_dir, **summary}
+    summary = {"model": model_dir, "device": device.type, "precision": choice.value, **summary}
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
@@ -380,6 +391,13 @@ def to_markdown(s: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm analyze`."""
-    s = analyze(args.model, args.split, args.out, cache=args.cache, max_questions=args.max_questions)
+    s = analyze(
+        args.model,
+        args.split,
+        args.out,
+        cache=args.cache,
+        max_questions=args.max_questions,
+        precision=getattr(args, "precision", "auto"),
+    )
     print(to_markdown(s))
     return 0

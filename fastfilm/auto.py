@@ -135,24 +135,51 @@ def choose_threads(local_world: int, env: Mapping[str, str] | None = None) -> Ch
     return Choice("threads", n, f"{why}, {local_world} rank(s) on this machine")
 
 
-def extensions_dir(base: str | None = None) -> str:
-    """A torch-extensions folder per CPU kind for DeepSpeed's JIT-built CPU op (built with -march=native: a build
-    cached on an avx512 machine dies with an illegal instruction on an AVX2 one sharing the home folder)."""
+def cpu_kind(capability: bool = False) -> str:
+    """A short hash of this CPU's model and vector flags (and, with `capability`, torch's ATen CPU capability): the
+    key of the per-CPU build and code caches below."""
     info = cpu_info()
     key = (
         info["model"]
         + " "
         + " ".join(sorted(f for f in info["flags"] if f.startswith(("avx", "amx", "fma"))))
     )
-    tag = hashlib.sha1(key.encode()).hexdigest()[:10]
+    if capability:
+        key += " " + cpu_capability()
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def extensions_dir(base: str | None = None) -> str:
+    """A torch-extensions folder per CPU kind for DeepSpeed's JIT-built CPU op (built with -march=native: a build
+    cached on an avx512 machine dies with an illegal instruction on an AVX2 one sharing the home folder)."""
     base = base or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    return os.path.join(base, f"cpu-{tag}")
+    return os.path.join(base, f"cpu-{cpu_kind()}")
 
 
-def use_per_cpu_extensions_dir() -> None:
-    """Set TORCH_EXTENSIONS_DIR to `extensions_dir()` unless the user set it (CPU only)."""
+def inductor_cache_dir(base: str | None = None) -> str:
+    """torch.compile's cache folder per CPU kind and ATen CPU capability. Inductor's cache key leaves the
+    capability out: kernels cached under AVX512 and replayed with ATEN_CPU_CAPABILITY=avx2 on the same machine
+    gave NaN logits (torch 2.13, an avx512_bf16 EPYC, test_compile_model_equals_reference; a fresh cache passed),
+    and a cache in a folder shared by two kinds of CPU would replay one's code on the other."""
+    if base is None:
+        import getpass
+        import tempfile
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}"
+        base = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return os.path.join(base, f"cpu-{cpu_kind(capability=True)}")
+
+
+def use_per_cpu_build_dirs() -> None:
+    """Set TORCH_EXTENSIONS_DIR to `extensions_dir()` (CPU only) and TORCHINDUCTOR_CACHE_DIR to
+    `inductor_cache_dir()`, each unless set already (by the user, or by an earlier compile in this process)."""
     if not torch.cuda.is_available() and "TORCH_EXTENSIONS_DIR" not in os.environ:
         os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
 
 
 # ------------------------------------------------------------------------------------------------- probes
@@ -368,6 +395,66 @@ def apply_precision(cfg: Any, choice: Choice) -> None:
     ds.pop("torch_autocast", None)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": choice.value == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": choice.value == "fp16"}
+
+
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+def inference_precision(
+    cfg: Any,
+    device: torch.device,
+    requested: str = "auto",
+    *,
+    flags: frozenset[str] | set[str] | None = None,
+    capability: str | None = None,
+    onednn_isa: str | None = None,
+) -> Choice:
+    """The autocast precision of `eval`, `predict` and `analyze` (value "fp32", "bf16" or "fp16"; the dtype is
+    `PRECISION_DTYPES[value]`). `requested`: one of those three as asked; "model": the model's own (its config's
+    DeepSpeed section, as its training evaluated); "auto" (the default): the model's, unless `device` only
+    emulates it — bf16 on a CPU without bf16 instructions torch may use (20-50× slower than float32 on an AVX2
+    EPYC), fp16 on a CPU without fp16 instructions (73× slower on an avx512_bf16 EPYC without avx512_fp16: a 3×3
+    conv at 64×128×14² and a 1024² matmul took 2,682 ms against 36.8 in float32, 16.5 in bf16), bf16 on a GPU
+    without native bf16 — then float32, which scores the same model, only without the rounding. `flags`, `capability`, `onednn_isa` can be given (tests)."""
+    from fastfilm.core.config import INFERENCE_PRECISIONS
+    from fastfilm.core.precision import autocast_dtype
+
+    if requested not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision {requested!r}: expected one of {', '.join(INFERENCE_PRECISIONS)}")
+    if requested in PRECISION_DTYPES:
+        return Choice("precision", requested, "as asked")
+    own = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(cfg.deepspeed)]
+    if requested == "model" or own == "fp32":
+        return Choice("precision", own, "the model's")
+    if device.type == "cuda":
+        if own == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(device)
+            return Choice("precision", "fp32", f"the model's bf16, but {name} only emulates bf16")
+        return Choice("precision", own, "the model's")
+    if device.type != "cpu":
+        return Choice("precision", own, "the model's")
+    flags = cpu_info()["flags"] if flags is None else flags
+    if own == "bf16":
+        ok, why = usable_bf16(flags, capability or cpu_capability(), onednn_isa)
+    else:
+        ok = any(f in flags for f in FP16_FLAGS)
+        why = "this CPU has no fp16 instructions (no avx512_fp16, no amx_fp16)"
+    if ok:
+        return Choice("precision", own, "the model's")
+    return Choice("precision", "fp32", f"the model's {own}, but {why}")
+
+
+def announce_precision(choice: Choice, cfg: Any, file: Any = None) -> None:
+    """One stderr line when `choice` (from `inference_precision`) is not the model's own precision unasked."""
+    from fastfilm.core.precision import autocast_dtype
+
+    if choice.reason != "as asked" and PRECISION_DTYPES[choice.value] != autocast_dtype(cfg.deepspeed):
+        print(f"fastfilm: {choice.line()}; --precision model keeps it", file=file or sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------- kernels

@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fastfilm.core.config import add_config_args, add_set_arg
+from fastfilm.core.config import INFERENCE_PRECISIONS, add_config_args, add_set_arg
 from fastfilm.core.errors import OneLineParser, with_one_line_errors
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """`--precision` of the jobs that run an exported model (eval, predict, analyze)."""
+    p.add_argument(
+        "--precision",
+        choices=INFERENCE_PRECISIONS,
+        default="auto",
+        help="autocast of the forward: the model's own unless this machine only emulates it (bf16 on a CPU "
+        "without bf16 instructions: then fp32, said on stderr) (auto); exactly the model's (model); or fp32, "
+        "bf16, fp16",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write question index, image, question, answer and top-5 probabilities per question (JSON lines)",
     )
+    add_precision_option(p)
 
     p = sub.add_parser(
         "export", help="export weights as safetensors + config.json + vocab.json + a sha256 manifest"
@@ -158,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="for a feature-stem model: the ResNet-101 weights that turn the image into features (see `features`)",
     )
+    add_precision_option(p)
 
     p = sub.add_parser(
         "import-original", help="an original FiLM checkpoint (ethanjperez/film) → an exported model"
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-questions", type=int, default=2000, help="questions per pass of the model, at least 3 (2000)"
     )
+    add_precision_option(p)
     return parser
 
 

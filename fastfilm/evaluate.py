@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastfilm.core.precision import autocast, autocast_dtype
+from fastfilm.core.precision import autocast
 from fastfilm.core.progress import progress_bar
 from fastfilm.data.tokenize import SPECIAL_TOKENS, UNK
 
@@ -149,6 +149,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
+    from fastfilm.auto import (
+        PRECISION_DTYPES,
+        announce_precision,
+        inference_precision,
+        use_per_cpu_build_dirs,
+    )
+    from fastfilm.core.devices import compute_device
     from fastfilm.core.errors import check_output_file
     from fastfilm.data import loader_for
     from fastfilm.files.checkpoint import atomic_write_json, find_checkpoint
@@ -158,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, option, None):
             check_output_file(getattr(args, option), "--" + option.replace("_", "-"))
     folder = find_checkpoint(args.checkpoint, args.tag, tag_option="--tag")
+    use_per_cpu_build_dirs()  # --kernels compile: inductor's cache per CPU kind
     model, cfg, vocab = load_model_folder(folder, kernels=args.kernels)
     if getattr(args, "cache", None):  # eval --cache: another prepared cache (e.g. a zero-shot question set)
         from fastfilm.predictions import check_same_vocab
@@ -168,17 +176,16 @@ def run(args: argparse.Namespace) -> int:
         from fastfilm.core.errors import check_model_cache
 
         check_model_cache(cfg.data.cache, folder)
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = compute_device()
     model.to(device)
+    precision = inference_precision(cfg, device, getattr(args, "precision", "auto"))
+    announce_precision(precision, cfg)
+    amp_dtype = PRECISION_DTYPES[precision.value]
     loader = loader_for(cfg, args.split, train=False, device=device)
     if getattr(args, "predictions", None) or getattr(args, "predictions_json", None):
         from fastfilm.predictions import write_for_eval  # issue 17: answer files in CLEVR's format
 
-        predicted = write_for_eval(args, model, cfg, vocab, loader, device)
+        predicted = write_for_eval(args, model, cfg, vocab, loader, device, amp_dtype)
         if predicted is None:
             if args.json:  # a split without answers (CLEVR's test): predictions only, no accuracy
                 print(
@@ -193,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             loader,
             device,
-            autocast_dtype(cfg.deepspeed),
+            amp_dtype,
             vocab.get("question_family_names"),
             progress=True,
         )

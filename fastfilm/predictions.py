@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fastfilm.core.errors import DataError
-from fastfilm.core.precision import autocast, autocast_dtype
+from fastfilm.core.precision import autocast
 from fastfilm.core.progress import progress_bar
 
 
@@ -99,10 +99,16 @@ def check_lines_up(cache_dir: str, split: str, model_vocab: dict) -> None:
 
 
 def write_for_eval(
-    args: argparse.Namespace, model: torch.nn.Module, cfg: Any, vocab: dict, loader, device: torch.device
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    cfg: Any,
+    vocab: dict,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """`fastfilm eval --predictions/--predictions-json`: write the files; return (predicted answer ids, answers,
-    families) of the split's questions, for `fastfilm.evaluate.score_predictions` to score (one pass of the model,
+    families) of the split's questions (the model under `amp_dtype` autocast), for `fastfilm.evaluate.score_predictions` to score (one pass of the model,
     not two), or None for a split without answers."""
     from fastfilm.data import load_split
     from fastfilm.data.prep import questions_path, read_questions
@@ -110,7 +116,7 @@ def write_for_eval(
     dc = cfg.data
     check_lines_up(dc.cache, args.split, vocab)
     arrays = load_split(dc.cache, args.split)
-    out = predict_split(model, loader, device, autocast_dtype(cfg.deepspeed), progress=True)
+    out = predict_split(model, loader, device, amp_dtype, progress=True)
     names = {v: k for k, v in vocab["answer_token_to_idx"].items()}
     answers = [names.get(int(i), str(int(i))) for i in out["pred"]]
     if args.predictions:

@@ -21,10 +21,20 @@ HELP = "type a question; ':image PATH' for another image; ':quit' or end of inpu
 
 
 class Answerer:
-    """A loaded model and one image's input: `ask(question)` → top (answer, probability) pairs."""
+    """A loaded model and one image's input: `ask(question)` → top (answer, probability) pairs, the model under
+    `precision` (`fastfilm.auto.inference_precision`, decided for the device the model is on when asked)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, vocab: dict, resnet_weights: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Any,
+        vocab: dict,
+        resnet_weights: str | None = None,
+        precision: str = "auto",
+    ):
         self.model, self.cfg, self.vocab = model.eval(), cfg, vocab
+        self.precision = precision
+        self._choices: dict[torch.device, Any] = {}
         self.q2i = vocab["question_token_to_idx"]
         self.idx_to_answer = {v: k for k, v in vocab["answer_token_to_idx"].items()}
         self.trunk = None
@@ -50,6 +60,14 @@ class Answerer:
 
             self.image = load_image(path, self.cfg.model.image_size)
 
+    def choice(self, device: torch.device) -> Any:
+        """The precision `Choice` on `device` (decided once per device)."""
+        if device not in self._choices:
+            from fastfilm.auto import inference_precision
+
+            self._choices[device] = inference_precision(self.cfg, device, self.precision)
+        return self._choices[device]
+
     def unknown_words(self, question: str) -> list[str]:
         """The question's words that the training vocabulary lacks."""
         from fastfilm.data.tokenize import tokenize
@@ -59,15 +77,15 @@ class Answerer:
     @torch.no_grad()
     def ask(self, question: str, top: int = 5) -> list[tuple[str, float]]:
         """The top answers to `question` about the current image."""
-        from fastfilm.core.precision import autocast, autocast_dtype
+        from fastfilm.auto import PRECISION_DTYPES
+        from fastfilm.core.precision import autocast
         from fastfilm.data.tokenize import encode_question
 
         # on the model's device (the Python API may hand over a model on a GPU; the trunk and the image loader
-        # work on the CPU), under the model's precision, as eval runs it
+        # work on the CPU), under the precision eval would choose there
         device = next(self.model.parameters()).device
         ids = torch.tensor([encode_question(question, self.vocab)], dtype=torch.long, device=device)
-        dtype = autocast_dtype(self.cfg.deepspeed)
-        with autocast(device, dtype):
+        with autocast(device, PRECISION_DTYPES[self.choice(device).value]):
             logits = self.model(self.image.to(device), ids, torch.tensor([ids.shape[1]]))
         probs = torch.softmax(logits.float(), dim=1)[0]
         p, i = probs.topk(min(top, probs.numel()))
@@ -142,7 +160,11 @@ def run_interactive(args: argparse.Namespace) -> int:
             "fastfilm: note: --resnet-weights is not used: this model reads the image's pixels",
             file=sys.stderr,
         )
-    answerer = Answerer(model, cfg, vocab, getattr(args, "resnet_weights", None))
+    from fastfilm.auto import announce_precision
+
+    weights, precision = getattr(args, "resnet_weights", None), getattr(args, "precision", "auto")
+    answerer = Answerer(model, cfg, vocab, weights, precision)
+    announce_precision(answerer.choice(next(model.parameters()).device), cfg)
     allow = getattr(args, "allow_unknown", False)
     if not getattr(args, "interactive", False):
         answerer.load(args.image)
@@ -166,10 +188,11 @@ def predict(
     question: str,
     top: int = 5,
     resnet_weights: str | None = None,
+    precision: str = "auto",
 ) -> list[tuple[str, float]]:
     """The top-k (answer, probability) pairs for one image and one question (Python API of `fastfilm predict`;
-    a features model needs the ResNet-101 weights its features came from)."""
-    answerer = Answerer(model, cfg, vocab, resnet_weights)
+    a features model needs the ResNet-101 weights its features came from; `precision` as `--precision`)."""
+    answerer = Answerer(model, cfg, vocab, resnet_weights, precision)
     answerer.load(image)
     return answerer.ask(question, top)
 

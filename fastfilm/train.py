@@ -122,9 +122,9 @@ def use_this_venvs_ninja() -> None:
     two ninja versions on a machine (the venv's, from pip, and the system's), each switch between them rebuilds the
     op (about 45 s on 2 cores): a launcher run and a plain run would take turns paying for it.
     """
-    from fastfilm.auto import use_per_cpu_extensions_dir
+    from fastfilm.auto import use_per_cpu_build_dirs
 
-    use_per_cpu_extensions_dir()  # and a build folder per CPU kind (the op is built with -march=native)
+    use_per_cpu_build_dirs()  # and build/code caches per CPU kind (the op is built with -march=native)
     bindir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:

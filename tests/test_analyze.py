@@ -42,6 +42,9 @@ def test_analyze_produces_every_artefact(dataset, tmp_path, capsys):
     assert "analyze val" in capsys.readouterr().err  # a progress bar over the model's passes
     s = json.loads((out / "summary.json").read_text())
     assert s["questions"] == 18
+    assert (
+        s["device"] == "cpu" and s["precision"] == "fp32"
+    )  # fastfilm.core.devices.compute_device; the model's
     for p in s["histograms"] + s["tsne"] + s["activation_maps"]:
         assert os.path.getsize(p) > 1000 and p.endswith(".png")
     assert len(s["tsne"]) == 2 and len(s["layer_stats"]) == 2  # one per ResBlock

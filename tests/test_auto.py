@@ -3,6 +3,8 @@ avx512_bf16 (mocked flags and probe results), an explicit config winning, thread
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -279,3 +281,78 @@ def test_precision_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, nati
     c = cfg()
     c.deepspeed["zero_optimization"] = {"stage": zero}
     assert auto.choose_precision(c, torch.device("cuda", 0)).value == expect and seen == [False]
+
+
+def model_cfg(dtype):
+    """An exported model's config trained in `dtype` ("fp32", "bf16", "fp16")."""
+    ds = {"bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+    return cfg(precision="deepspeed", ds=ds)
+
+
+@pytest.mark.parametrize(
+    "own, flags, capability, expect",
+    [
+        ("bf16", AVX2_FLAGS, "AVX2", "fp32"),  # emulated bf16: 20-50× slower than float32
+        ("bf16", BF16_FLAGS, "AVX2", "fp32"),  # the instructions are there, torch is capped below them
+        ("bf16", BF16_FLAGS, "AVX512", "bf16"),
+        ("fp16", BF16_FLAGS, "AVX512", "fp32"),  # no avx512_fp16 / amx_fp16
+        ("fp16", BF16_FLAGS | {"avx512_fp16"}, "AVX512", "fp16"),
+        ("fp32", AVX2_FLAGS, "AVX2", "fp32"),
+    ],
+)
+def test_inference_on_a_cpu_keeps_the_models_precision_unless_emulated(
+    own, flags, capability, expect, capsys
+):
+    c = model_cfg(own)
+    ch = auto.inference_precision(c, CPU, flags=flags, capability=capability, onednn_isa="")
+    assert ch.value == expect
+    auto.announce_precision(ch, c)
+    said = capsys.readouterr().err
+    if expect == own:
+        assert ch.reason == "the model's" and said == ""
+    else:  # one line, naming the model's precision, why, and how to keep it
+        assert said.count("\n") == 1 and f"the model's {own}, but " in said and "--precision model" in said
+    # "model" always runs the model's own precision; an explicit dtype always wins, and nothing is said
+    assert auto.inference_precision(c, CPU, "model", flags=flags, capability=capability).value == own
+    for asked in ("fp32", "bf16", "fp16"):
+        ch = auto.inference_precision(c, CPU, asked, flags=flags, capability=capability)
+        assert ch.value == asked
+        auto.announce_precision(ch, c)
+        assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("native, expect", [(True, "bf16"), (False, "fp32")])
+def test_inference_on_a_gpu_without_native_bf16_runs_fp32(monkeypatch, native, expect):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    ch = auto.inference_precision(model_cfg("bf16"), torch.device("cuda", 0))
+    assert ch.value == expect and (native or "GPU X only emulates bf16" in ch.reason)
+    assert auto.inference_precision(model_cfg("fp16"), torch.device("cuda", 0)).value == "fp16"
+
+
+def test_inference_precision_names_are_the_clis():
+    from fastfilm.core.config import INFERENCE_PRECISIONS
+
+    assert set(INFERENCE_PRECISIONS) == {"auto", "model", *auto.PRECISION_DTYPES}
+    with pytest.raises(ValueError, match="precision 'half': expected one of auto, model, fp32"):
+        auto.inference_precision(model_cfg("bf16"), CPU, "half")
+
+
+def test_compile_caches_are_kept_per_cpu_kind_and_capability(monkeypatch, tmp_path):
+    """Inductor's own cache key leaves ATEN_CPU_CAPABILITY out (AVX512 kernels replayed under avx2 gave NaN
+    logits): one folder per CPU kind and capability, unless the user set one."""
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "EPYC", "flags": frozenset({"avx2", "avx512f"})})
+    dirs = {}
+    for cap in ("AVX512", "AVX2"):
+        monkeypatch.setattr(auto, "cpu_capability", lambda cap=cap: cap)
+        dirs[cap] = (auto.inductor_cache_dir(str(tmp_path)), auto.extensions_dir(str(tmp_path)))
+    assert (
+        dirs["AVX512"][0] != dirs["AVX2"][0] and dirs["AVX512"][1] == dirs["AVX2"][1]
+    )  # the op: -march=native
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # (restored after the test, as the next)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    auto.use_per_cpu_build_dirs()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == auto.inductor_cache_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    auto.use_per_cpu_build_dirs()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -49,3 +49,13 @@ def test_evaluation_and_checkpoints_reduce_on_the_collective_device(dataset, tmp
     train(config_from_dict(tiny_config(dataset, tmp_path / "run", max_steps=2, eval_every=2)))
     assert {"fastfilm.evaluate", "fastfilm.files.checkpoint"} <= set(callers)
     assert len(reduced) >= len(callers) and all(d == torch.device("cpu") for d in reduced)
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "cuda:3"), (False, "cpu")])
+def test_one_process_jobs_run_on_the_current_gpu_when_there_is_one(monkeypatch, cuda, expected):
+    """`eval`, `analyze` and `features` share `compute_device`."""
+    from fastfilm.core.devices import compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert compute_device() == torch.device(expected)

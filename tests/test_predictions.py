@@ -94,3 +94,45 @@ def test_cogent_style_set_prep_train_eval(tmp_path):
         )
         r = json.loads(res.read_text())
         assert r["split"] == split and r["total"] == 18
+
+
+def test_eval_runs_a_bf16_model_in_fp32_on_a_cpu_without_bf16(trained, tmp_path, monkeypatch, capsys):
+    """`--precision auto` (the default) on a CPU that only emulates bf16: float32, said in one line; `model`
+    keeps the model's bf16. Both the accuracy pass and the predictions pass get the choice."""
+    import torch
+
+    import fastfilm.evaluate
+    import fastfilm.files.export as export
+    import fastfilm.predictions
+    from tests.test_prompt import as_avx2_cpu
+
+    load = export.load_model_folder
+
+    def bf16_model(*a, **k):
+        model, cfg, vocab = load(*a, **k)
+        cfg.deepspeed["bf16"] = {"enabled": True}
+        return model, cfg, vocab
+
+    seen = []
+
+    def spy(module, name):  # record the autocast dtype (4th argument) each pass is given
+        real = getattr(module, name)
+
+        def call(*a, **k):
+            seen.append(a[3])
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, call)
+
+    monkeypatch.setattr(export, "load_model_folder", bf16_model)
+    spy(fastfilm.evaluate, "evaluate")
+    spy(fastfilm.predictions, "predict_split")
+    as_avx2_cpu(monkeypatch)
+    args = ["eval", "--checkpoint", str(trained), "--split", "val"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert (
+        seen == [None] and "precision: fp32 (the model's bf16, but this CPU has no bf16 instructions" in err
+    )
+    assert main([*args, "--precision", "model", "--predictions", str(tmp_path / "p.txt")]) == 0
+    assert seen == [None, torch.bfloat16] and "precision:" not in capsys.readouterr().err

@@ -193,10 +193,58 @@ def test_prompt_answers_under_the_models_autocast(tmp_path):
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_autocast_dtype("cpu")))
     model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
-    answerer = Answerer(model, cfg, vocab)
+    answerer = Answerer(model, cfg, vocab, precision="model")  # "auto" would run fp32 on a CPU without bf16
     answerer.load(png(tmp_path, "a.png", (200, 30, 30)))
     answerer.ask("How many things are there?")
     assert seen == [torch.bfloat16, True]
+
+
+def autocast_spy(monkeypatch) -> list:
+    """Record (autocast on, dtype) at each FiLMModel forward on the CPU."""
+    from fastfilm.model import FiLMModel as Model
+
+    seen, forward = [], Model.forward
+
+    def spy(self, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(Model, "forward", spy)
+    return seen
+
+
+def as_avx2_cpu(monkeypatch) -> None:
+    from fastfilm import auto
+
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "AVX2 CPU", "flags": frozenset({"avx2", "fma"})})
+    monkeypatch.setattr(auto, "cpu_capability", lambda: "AVX2")
+
+
+def test_predict_runs_a_bf16_model_in_fp32_on_a_cpu_without_bf16_and_says_so(tmp_path, capsys, monkeypatch):
+    from fastfilm.cli import main as cli
+
+    model, cfg, vocab = load_model_folder(pixel_model_folder(tmp_path))
+    cfg.deepspeed["bf16"] = {"enabled": True}
+    folder = write_model_folder(model, cfg, vocab, str(tmp_path / "bf16"))
+    as_avx2_cpu(monkeypatch)
+    seen = autocast_spy(monkeypatch)
+    argv = [
+        "predict",
+        "--model",
+        folder,
+        "--image",
+        png(tmp_path, "a.png", (9, 9, 9)),
+        "--question",
+        "How many",
+    ]
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    assert [on for on, _ in seen] == [False]  # no autocast: float32
+    assert "precision: fp32 (the model's bf16, but this CPU has no bf16 instructions" in err
+    assert "--precision model keeps it" in err
+    del seen[:]
+    assert cli([*argv, "--precision", "model"]) == 0
+    assert seen == [(True, torch.bfloat16)] and "precision" not in capsys.readouterr().err
 
 
 def test_resnet_weights_given_to_a_pixel_model_are_named_as_unused(tmp_path, capsys):

@@ -35,7 +35,8 @@ def test_fp16_model_is_evaluated_under_fp16_autocast(dataset, tmp_path, monkeypa
         return model, cfg, vocab
 
     monkeypatch.setattr(export, "load_model_folder", load_and_watch)
-    assert cli(["eval", "--checkpoint", str(tmp_path / "fp16"), "--tag", "last"]) == 0
+    # "model": on a CPU without fp16 instructions "auto" would run float32 (test_auto)
+    assert cli(["eval", "--checkpoint", str(tmp_path / "fp16"), "--tag", "last", "--precision", "model"]) == 0
     assert seen and all(s == (True, torch.float16) for s in seen), seen
 
 

@@ -24,6 +24,9 @@ from fastfilm.core.errors import FastfilmError
 KERNEL_MODES = ("reference", "triton", "compile")
 CONDITION_METHODS = ("bn-film", "conv-film", "relu-film", "block-input-film", "block-output-film")
 GAMMA_OPTIONS = ("linear", "sigmoid", "tanh", "exp")
+# `eval`, `predict`, `analyze --precision` (fastfilm.auto.inference_precision): the model's unless emulated here, the
+# model's, or one dtype
+INFERENCE_PRECISIONS = ("auto", "model", "fp32", "bf16", "fp16")
 
 
 class ConfigError(FastfilmError, ValueError):

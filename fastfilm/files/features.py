@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fastfilm.core.devices import compute_device
 from fastfilm.core.errors import DataError
 from fastfilm.data.feature_files import features_file
 
@@ -177,7 +178,7 @@ def extract(
     rows = image_rows(folder)
     if not rows:
         raise DataError(f"{folder}: no PNG images")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or compute_device()
     trunk = trunk.to(device).eval()
     probe = trunk(torch.from_numpy(preprocess(rows[0][1], size))[None].to(device))
     shape = (rows[-1][0] + 1, *probe.shape[1:])
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, "features --out")
     trunk = load_trunk(args.weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     os.makedirs(args.out, exist_ok=True)
     for split in splits:
         folder = os.path.join(images, split)
