@@ -349,7 +349,9 @@ def test_compile_caches_are_kept_per_cpu_kind_and_capability(monkeypatch, tmp_pa
     assert (
         dirs["AVX512"][0] != dirs["AVX2"][0] and dirs["AVX512"][1] == dirs["AVX2"][1]
     )  # the op: -march=native
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # (restored after the test, as the next)
+    monkeypatch.setenv(
+        "TORCH_EXTENSIONS_DIR", str(tmp_path / "ext")
+    )  # (restored after the test, as the next)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     auto.use_per_cpu_build_dirs()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == auto.inductor_cache_dir()
