@@ -24,7 +24,11 @@ What graph mode needs, and how it gets it:
   draws from the CUDA generator's graph-safe Philox state (a new offset per replay).
 - Warm-up: the first `warmup` steps of each shape run eagerly on a side stream (real training steps: lazy state,
   cuDNN/cuBLAS plans and `torch.compile`'s compilation happen there); the next one is captured and replayed.
-  Capture uses `capture_error_mode="thread_local"`, so DALI's threads may keep using the GPU meanwhile.
+  Capture uses `capture_error_mode="thread_local"`, so DALI's threads may keep using the GPU meanwhile. One DALI
+  thread may not: the one that releases freed output buffers calls cudaDeviceSynchronize, which CUDA refuses
+  while any stream captures; DALI 2.4 handles that refusal (error 900) and retries, but whether the refused call
+  also invalidates our capture has not been seen on a GPU — if it does, the capture fails, and the step says so
+  in one line and runs uncaptured (correct, slower). The first GPU run with DALI will show it.
 
 Without a CUDA device (or with `capture=False`) the same step runs eagerly at the same static shapes: that is
 what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), and graph mode replays exactly

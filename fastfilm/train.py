@@ -488,6 +488,10 @@ def train_step(
 ) -> StepResult:
     """One micro-batch as the trainer runs it: forward (autocast by the engine), float32 cross-entropy (+ the
     optional FiLM regulariser), `engine.backward`, `engine.step` — an optimizer step at the accumulation boundary."""
+    # Safe without a sync, read in DALI 2.4's sources and binary: its dynamic executor hands out zero-copy DLPack
+    # views whose host outputs (external_source) are pageable (cudaMemcpyAsync stages them before it returns), and
+    # a freed pinned/GPU output goes to a graveyard thread that returns it to DALI only after cudaDeviceSynchronize
+    # (torch's stream waited on DALI's ready event at `next()`); the torch loader's pinned batches are torch's own.
     images = batch["image"].to(device, non_blocking=True)
     questions = batch["question"].to(device, non_blocking=True)
     answers = batch["answer"].to(device, non_blocking=True)
