@@ -271,6 +271,7 @@ def analyze(
     from fastfilm.core.errors import UsageError, check_model_cache, check_output_folder
     from fastfilm.data import loader_for
     from fastfilm.files.export import load_model_folder
+    from fastfilm.model import place
 
     if not isinstance(max_questions, int) or max_questions < 3:
         raise UsageError(
@@ -282,7 +283,7 @@ def analyze(
     if cache is None:
         check_model_cache(cfg.data.cache, model_dir)
     device = compute_device()
-    model.to(device)
+    place(model, device)
     choice = inference_precision(cfg, device, precision)
     announce_precision(choice, cfg)
     names = {int(k): v for k, v in (vocab.get("question_family_names") or {}).items()}

@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from fastfilm.data import loader_for
     from fastfilm.files.checkpoint import atomic_write_json, find_checkpoint
     from fastfilm.files.export import load_model_folder
+    from fastfilm.model import place
 
     for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
         if getattr(args, option, None):
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_model_cache(cfg.data.cache, folder)
     device = compute_device()
-    model.to(device)
+    place(model, device)
     precision = inference_precision(cfg, device, getattr(args, "precision", "auto"))
     announce_precision(precision, cfg)
     amp_dtype = PRECISION_DTYPES[precision.value]

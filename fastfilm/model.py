@@ -504,6 +504,23 @@ class FiLMModel(nn.Module):
         return (logits, (gammas, betas)) if return_film else logits
 
 
+def layout_for(memory_format: str, device: torch.device) -> str:
+    """`model.memory_format` resolved for `device`: `auto` is channels_last on a GPU (what cuDNN's convolutions
+    want: no NCHW↔NHWC transposes), channels_first elsewhere."""
+    if memory_format == "auto":
+        return "channels_last" if device.type == "cuda" else "channels_first"
+    return memory_format
+
+
+def place(model: FiLMModel, device: torch.device) -> FiLMModel:
+    """`model` moved to `device` in the layout training uses there (its 4-D weights channels_last when
+    `layout_for` says so; the forward then converts the images): for evaluation and analysis outside training."""
+    model.to(device)
+    if layout_for(model.cfg.memory_format, device) == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -34,7 +34,7 @@ from fastfilm.core.precision import autocast_dtype
 from fastfilm.evaluate import evaluate as evaluate_model
 from fastfilm.files import checkpoint as ckpt
 from fastfilm.graphed import StepResult, film_regulariser  # noqa: F401  (fastfilm.train.StepResult: the step's result)
-from fastfilm.model import FiLMModel, count_parameters
+from fastfilm.model import FiLMModel, count_parameters, layout_for
 
 
 class TrainingStopped(FastfilmError):
@@ -277,9 +277,7 @@ def forget_previous_autocast() -> None:
 def memory_format(cfg: Config, device: torch.device, zero_stage: int = 0) -> str:
     """`model.memory_format` resolved: `auto` is channels_last on a GPU, channels_first on a CPU. ZeRO stages > 0
     keep channels_first (their flat parameter buffers are NCHW views), with one line when channels_last was asked."""
-    fmt = cfg.model.memory_format
-    if fmt == "auto":
-        fmt = "channels_last" if device.type == "cuda" else "channels_first"
+    fmt = layout_for(cfg.model.memory_format, device)
     if fmt == "channels_last" and zero_stage > 0:
         if cfg.model.memory_format == "channels_last" and int(os.environ.get("RANK", "0")) == 0:
             print(

@@ -224,3 +224,36 @@ def test_rnn_autocast_off_runs_the_encoder_in_float32(cpu_gru):
     assert not any(torch.equal(m.float(), w) for m, w in zip(mixed, exact))  # autocast reaches the RNN
     for got, want in zip(fp32, exact):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "fmt, device, expect",
+    [
+        ("auto", "cuda", "channels_last"),
+        ("auto", "cpu", "channels_first"),
+        ("channels_last", "cpu", "channels_last"),
+        ("channels_first", "cuda", "channels_first"),
+    ],
+)
+def test_eval_places_the_model_in_the_layout_training_uses(fmt, device, expect):
+    """`place` (eval, analyze): `layout_for` as the trainer resolves it; in channels_last the 4-D weights are
+    converted and the logits are those of the NCHW model."""
+    from fastfilm.model import layout_for, place
+
+    assert layout_for(fmt, torch.device(device)) == expect
+    if device != "cpu":
+        return
+    cfg = tiny(memory_format=fmt)
+    torch.manual_seed(0)
+    nchw = FiLMModel(cfg, V, A).eval()
+    placed = place(FiLMModel(cfg, V, A).eval(), torch.device("cpu"))
+    placed.load_state_dict(nchw.state_dict())
+    convs = [m.weight for m in placed.modules() if isinstance(m, torch.nn.Conv2d)]
+    if expect == "channels_last":
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        assert not all(w.is_contiguous() for w in convs)
+    else:
+        assert all(w.is_contiguous() for w in convs)
+    x, q = images(cfg, 3), questions(3)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x, q), nchw(x, q), rtol=1e-5, atol=1e-6)
