@@ -26,9 +26,11 @@ What graph mode needs, and how it gets it:
   cuDNN/cuBLAS plans and `torch.compile`'s compilation happen there); the next one is captured and replayed.
   Capture uses `capture_error_mode="thread_local"`, so DALI's threads may keep using the GPU meanwhile. One DALI
   thread may not: the one that releases freed output buffers calls cudaDeviceSynchronize, which CUDA refuses
-  while any stream captures; DALI 2.4 handles that refusal (error 900) and retries, but whether the refused call
-  also invalidates our capture has not been seen on a GPU — if it does, the capture fails, and the step says so
-  in one line and runs uncaptured (correct, slower). The first GPU run with DALI will show it.
+  while any stream captures; DALI 2.4 expects that refusal (error 900: it puts the buffers back and retries 1 ms
+  later, seen in its binary), but whether the refused call also invalidates our capture has not been seen on a
+  GPU. So each capture starts on an idle device (that thread's pending sync returns at once), and a failed
+  capture is said in one line and tried once more at that shape's next step; a second failure turns capture
+  off for the run (the step stays correct, only slower). The first GPU run with DALI will show which happens.
 
 Without a CUDA device (or with `capture=False`) the same step runs eagerly at the same static shapes: that is
 what the CPU tests check (resume, accumulation, fp16 loss scaling, BN stats), and graph mode replays exactly
@@ -72,6 +74,8 @@ def film_regulariser(gammas: torch.Tensor, betas: torch.Tensor, baseline: float)
 
 
 BUCKET = 8  # question lengths are padded up to a multiple of this (capped at the split's longest)
+# failed captures before graph mode turns capture off for the run (the first may be transient)
+CAPTURE_TRIES = 2
 
 
 def length_buckets(max_len: int, step: int = BUCKET) -> list[int]:
@@ -194,6 +198,7 @@ class GraphedTrainStep:
         self.warm: Counter = Counter()
         self.pool = None
         self.captures = 0  # graphs captured so far (the bench and the tests read it)
+        self.failed_captures = 0
         if self.capture:
             for g in optimizer.param_groups:
                 g["capturable"] = True
@@ -322,16 +327,20 @@ class GraphedTrainStep:
             return out
         if graph is None:
             graph = self._capture(key, bufs)
-            if graph is None:  # capture failed: this step and all later ones run uncaptured
+            if (
+                graph is None
+            ):  # capture failed: this step runs uncaptured (and, after CAPTURE_TRIES, all later ones)
                 return self.compute(bufs, key[2])
         graph.replay()
         return self.outputs[key]
 
     def _capture(self, key: tuple, bufs: dict[str, torch.Tensor]) -> torch.cuda.CUDAGraph | None:
-        """Capture the step of `key` (nothing runs during a capture: the caller replays it). A failure (an op
-        that cannot be captured) is said in one line and switches capture off for good: the step stays correct,
-        it only loses the graphs."""
+        """Capture the step of `key` (nothing runs during a capture: the caller replays it). A failure is said in
+        one line; the first is retried at the shape's next step (a transient one: another thread's device sync
+        during the capture), the `CAPTURE_TRIES`-th switches capture off for good (an op that cannot be
+        captured): the step stays correct, it only loses the graphs."""
         graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)  # an idle device: no other thread's device sync still in flight
         try:
             # on the warm-up stream (its cuBLAS/cuDNN workspaces exist), DALI's threads free to use the GPU
             self.outputs[key] = capture(
@@ -342,12 +351,20 @@ class GraphedTrainStep:
                 capture_error_mode="thread_local",
             )
         except Exception as e:  # noqa: BLE001 (reported, then the uncaptured step)
+            self.failed_captures += 1
+            torch.cuda.synchronize(self.device)
+            if self.failed_captures < CAPTURE_TRIES:
+                print(
+                    f"fastfilm: graph mode: capturing the step failed ({e}); this step runs uncaptured, the "
+                    "capture is tried once more at this shape's next step",
+                    flush=True,
+                )
+                return None
             print(
-                f"fastfilm: graph mode: capturing the step failed ({e}); it runs uncaptured from here on",
+                f"fastfilm: graph mode: capturing the step failed again ({e}); it runs uncaptured from here on",
                 flush=True,
             )
             self.capture, self.graphs, self.outputs = False, {}, {}
-            torch.cuda.synchronize(self.device)
             return None
         if self.pool is None:
             self.pool = graph.pool()

@@ -32,6 +32,9 @@ class FakeGraph:
         if self.broken:
             raise RuntimeError(END_ERROR)
 
+    def pool(self):
+        return ("fake pool", id(self))
+
 
 def fake_streams(monkeypatch) -> dict:
     """The current stream as torch.cuda.current_stream/set_stream see it (a one-device CUDA, faked), with the other

@@ -414,13 +414,15 @@ def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tm
 def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):
     """Without a GPU the capture is simulated (tests/test_cuda_graph.py: torch's own torch.cuda.graph context, a graph
     whose capture_end fails once an op inside broke the capture): the line names the op's error, the stream is the
-    one before the capture, and the step goes on uncaptured."""
+    one before the capture, the step goes on uncaptured; the capture is tried once more (a first failure may be
+    another thread's device sync), and a second failure turns it off for the run."""
     torch.manual_seed(0)
     model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     step = GraphedTrainStep(model, opt, device=torch.device("cpu"), capture=False, max_len=9)
     b = batch()
-    bufs = step._load(step.key(b, True), b)
+    key = step.key(b, True)
+    bufs = step._load(key, b)
     streams = fake_streams(monkeypatch)
     graphs, real_compute, default = [], step.compute, streams["current"]
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
@@ -431,18 +433,56 @@ def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, caps
 
     step.compute = uncapturable
     step.capture, step.stream = True, FakeStream("side")
-    assert step._capture(step.key(b, True), bufs) is None
-    assert not step.capture and step.captures == 0 and graphs[0].began_on is step.stream
+    error = (
+        "(RuntimeError: operation not permitted when stream is capturing (then at the capture's end: RuntimeError: "
+        "CUDA error: operation failed due to a previous error during capture))"
+    )
+    assert step._capture(key, bufs) is None
+    assert step.capture and step.captures == 0 and graphs[0].began_on is step.stream
     assert streams["current"] is default
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == [
-        "fastfilm: graph mode: capturing the step failed (RuntimeError: operation not permitted when stream is "
-        "capturing (then at the capture's end: RuntimeError: CUDA error: operation failed due to a previous error "
-        "during capture)); it runs uncaptured from here on"
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"fastfilm: graph mode: capturing the step failed {error}; this step runs uncaptured, the capture is "
+        "tried once more at this shape's next step"
+    ]
+    assert step._capture(key, bufs) is None  # the second failure: off for the run
+    assert not step.capture and step.captures == 0 and streams["current"] is default
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"fastfilm: graph mode: capturing the step failed again {error}; it runs uncaptured from here on"
     ]
     step.compute = real_compute
     loss, *_ = step(b, True)  # and the step goes on, uncaptured
     assert torch.isfinite(loss)
+
+
+def test_a_capture_that_fails_once_is_retried_and_replayed(monkeypatch, capsys):
+    """A transient failure (the first capture broken by something outside the step): that step runs uncaptured,
+    the shape's next step captures, and later steps replay the graph."""
+    torch.manual_seed(0)
+    model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    step = GraphedTrainStep(model, opt, device=torch.device("cpu"), capture=False, max_len=9)
+    b = batch()
+    key = step.key(b, True)
+    bufs = step._load(key, b)
+    fake_streams(monkeypatch)
+    graphs = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
+    real_compute, calls = step.compute, []
+
+    def compute(bufs, boundary):
+        calls.append(len(graphs))
+        if len(graphs) == 1 and len(calls) == 1:  # the first capture only
+            graphs[-1].broken = True
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_compute(bufs, boundary)
+
+    step.compute = compute
+    step.capture, step.stream = True, FakeStream("side")
+    step.lr = [torch.tensor(float(g["lr"])) for g in opt.param_groups]  # as __init__ with capture on
+    assert step._capture(key, bufs) is None and step.capture
+    assert "tried once more" in capsys.readouterr().out
+    graph = step._capture(key, bufs)
+    assert graph is graphs[1] and step.captures == 1 and step.graphs[key] is graph and key in step.outputs
 
 
 def test_the_trainer_reads_the_device_only_at_its_sync_every_and_log_every_steps(
