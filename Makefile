@@ -4,8 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build of torch by default (no multi-GB CUDA download). With a GPU, install a CUDA torch into .venv
-# first, e.g. `make TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu130 setup`.
+# torch from pip's configured indexes (PyPI's Linux x86-64 wheels are CUDA builds; a machine with a local CPU
+# wheel, like this project's CI, takes that): TORCH_INDEX=https://download.pytorch.org/whl/cpu forces the CPU
+# build. With a GPU, e.g. `make TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu130 setup`.
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 SYNTH ?= data/synthetic

@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastfilm", "fastfilm.*", "kernels", "kernels.*"]),
     install_requires=[
-        # torch is pinned by the Makefile (2.13.0 CPU here); any torch >= 2.11 works (the GPU image has 2.11).
+        # torch is pinned by the Makefile (2.13.0); any torch >= 2.11 works (the GPU image has 2.11).
         "torch>=2.11",
         "triton>=3.6",
         "nvidia-dali-cuda130>=2.0",

@@ -26,8 +26,8 @@
 #               (kernel launches per step, top kernels) into OUTDIR/profile
 # A failing step does not stop the run. At the end: a summary table (also OUTDIR/summary.txt); exit 1 if any
 # step failed. Environment knobs (defaults in brackets):
-#   STEPS        the steps to run, space-separated ["env install cuda_tests bench report data
-#                train_reference train_compile train_triton profile"]
+#   STEPS        the steps to run, space-separated ["env install kernel_tests gpu_step ops cuda_tests bench
+#                report data train_reference train_compile train_triton profile": all of them, over 10 minutes]
 #   WHEELS [.gpu in the repo]  SITE [/tmp/site]  WORK [/tmp/fastfilm-gpu-run]  PYTHON [python3]
 #   TRAIN_STEPS [200]  BENCH_ARGS [""] (e.g. "--bench-quick" or "-k op")  PROFILE_STEPS [5]
 #   SYNTH_TRAIN_IMAGES [400]  SYNTH_VAL_IMAGES [80] (10 questions each)  IMAGE_SIZE [224]
@@ -54,7 +54,7 @@ SYNTH_TRAIN_IMAGES=${SYNTH_TRAIN_IMAGES:-400}
 SYNTH_VAL_IMAGES=${SYNTH_VAL_IMAGES:-80}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 TRAIN_SET=${TRAIN_SET:-}
-STEPS=${STEPS:-"env install cuda_tests bench report data train_reference train_compile train_triton profile"}
+STEPS=${STEPS:-"env install kernel_tests gpu_step ops cuda_tests bench report data train_reference train_compile train_triton profile"}
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET

@@ -6,8 +6,8 @@ autocast forward (bf16 runs, DeepSpeed's `torch_autocast`), float32 cross-entrop
 are one fixed synthetic batch on the device) and the ranks' agreement every `train.sync_every` steps. GPU: configs/clevr.json (the paper's model,
 224×224 pixels, batch 64, questions padded to 46 tokens). CPU: a small model of the same structure.
 
-CUDA graphs: the config has no `train.cuda_graphs` key (fastfilm.config.TrainConfig), so the step runs
-eagerly; extra_info["cuda_graphs"] says so in the JSON.
+CUDA graphs: this harness has no capture path (graph mode's step is bench/gpu_step.py's), so the step runs
+eagerly whatever `train.cuda_graphs` says; extra_info["cuda_graphs"] says so in the JSON.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=INFERENCE_PRECISIONS,
         default="auto",
-        help="autocast of the forward: the model's own unless this machine only emulates it (bf16 on a CPU "
-        "without bf16 instructions: then fp32, said on stderr) (auto); exactly the model's (model); or fp32, "
-        "bf16, fp16",
+        help="autocast of the forward: the model's own unless this machine only emulates it — bf16 on a CPU "
+        "without bf16 instructions, fp16 on a CPU without fp16 ones, bf16 on a GPU without native bf16: then "
+        "fp32, said on stderr (auto); exactly the model's (model); or fp32, bf16, fp16",
     )
 
 

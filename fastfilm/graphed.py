@@ -1,7 +1,7 @@
 """Graph mode: the whole training step at static shapes, captured once per shape as a CUDA graph and replayed.
 
-A step of the paper model launches ~720 kernels for ~1 ms of FLOPs (DESIGN.md §7): on a GPU it is bound by the
-host, not the device. `GraphedTrainStep` records forward, float32 loss, backward, gradient clipping, the global
+A step of the paper model launches ~720 kernels for ~1 ms of FLOPs (723 per step on an H200: bench/RESULTS_GPU.md):
+on a GPU it is bound by the host, not the device. `GraphedTrainStep` records forward, float32 loss, backward, gradient clipping, the global
 gradient norm, Adam and the zeroing of the gradients as one `torch.cuda.CUDAGraph` per static shape, and a step
 is then a few input copies and one graph launch.
 

@@ -1,8 +1,9 @@
 """Length-bucketed batch order (`data.bucket_by_length`): batches of questions of similar lengths, still shuffled.
 
 The loader pads each batch to its longest question and the question RNN steps up to that length, reading its
-hidden-to-hidden weights at every step (DESIGN.md §7): a batch whose questions have similar lengths takes
-fewer steps. `bucket_rows` reorders a sequence of question rows that the loader cuts into consecutive batches:
+hidden-to-hidden weights at every step (the H200 profile, bench/RESULTS_GPU.md): a batch whose questions have
+similar lengths takes fewer steps. `bucket_rows` reorders a sequence of question rows that the loader cuts into
+consecutive batches:
 
 1. cut the rows into windows of `window` batches (in their shuffled order);
 2. in each window, sort by length (a stable sort: questions of equal length keep their shuffled order);
