@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         )
     expected = loader.total
     result["split"], result["checkpoint"] = args.split, folder
+    result["device"], result["precision"] = device.type, precision.value  # what the accuracy was measured with
     print(format_table(result))
     if result["total"] != expected:
         print(f"fastfilm: evaluated {result['total']} questions, the split has {expected}", file=sys.stderr)

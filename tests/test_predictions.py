@@ -129,7 +129,8 @@ def test_eval_runs_a_bf16_model_in_fp32_on_a_cpu_without_bf16(trained, tmp_path,
     spy(fastfilm.predictions, "predict_split")
     as_avx2_cpu(monkeypatch)
     args = ["eval", "--checkpoint", str(trained), "--split", "val"]
-    assert main(args) == 0
+    assert main([*args, "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["precision"] == "fp32"  # recorded with the accuracy
     err = capsys.readouterr().err
     assert (
         seen == [None] and "precision: fp32 (the model's bf16, but this CPU has no bf16 instructions" in err
