@@ -1,9 +1,9 @@
 """Graph mode: the whole training step at static shapes, captured once per shape as a CUDA graph and replayed.
 
 A step of the paper model launches ~720 kernels for ~1 ms of FLOPs (723 per step on an H200: bench/RESULTS_GPU.md):
-on a GPU it is bound by the host, not the device. `GraphedTrainStep` records forward, float32 loss, backward, gradient clipping, the global
-gradient norm, Adam and the zeroing of the gradients as one `torch.cuda.CUDAGraph` per static shape, and a step
-is then a few input copies and one graph launch.
+on a GPU it is bound by the host, not the device. `GraphedTrainStep` records forward, float32 loss, backward,
+gradient clipping, the global gradient norm, Adam and the zeroing of the gradients as one `torch.cuda.CUDAGraph`
+per static shape, and a step is then a few input copies and one graph launch.
 
 What graph mode needs, and how it gets it:
 - Static shapes. The batch size is fixed (the training loader drops the last partial batch); the questions are
@@ -327,9 +327,8 @@ class GraphedTrainStep:
             return out
         if graph is None:
             graph = self._capture(key, bufs)
-            if (
-                graph is None
-            ):  # capture failed: this step runs uncaptured (and, after CAPTURE_TRIES, all later ones)
+            # capture failed: this step runs uncaptured (and, after CAPTURE_TRIES failures, all later ones)
+            if graph is None:
                 return self.compute(bufs, key[2])
         graph.replay()
         return self.outputs[key]
