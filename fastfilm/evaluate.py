@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         )
     expected = loader.total
     result["split"], result["checkpoint"] = args.split, folder
-    result["device"], result["precision"] = device.type, precision.value  # what the accuracy was measured with
+    # what the accuracy was measured with
+    result["device"], result["precision"] = device.type, precision.value
     print(format_table(result))
     if result["total"] != expected:
         print(f"fastfilm: evaluated {result['total']} questions, the split has {expected}", file=sys.stderr)
