@@ -611,38 +611,57 @@ def _forward(z, gamma, beta, residual, running_mean, running_var, mode, momentum
 
 
 def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
-    n, c, h, w = z.shape
-    hw, m = h * w, n * h * w
-    acc = mean.dtype
+    """dz (None when z needs no gradient), dγ, dβ and the residual's gradient (dout itself) of `_forward`."""
     try:
-        d_strides = _strides(dout, "grad_output")
+        _strides(dout, "grad_output")
     except ValueError:
         # The incoming gradient's layout is not ours to choose; an exotic one costs one explicit copy.
         dout = dout.contiguous()
-        d_strides = _strides(dout, "grad_output")
-    cl = is_channels_last(z)
-    block_c, block_p = _tile(c, hw, cl)
+    n, c, h, w = z.shape
     # Training without dz (z needs no gradient: a frozen visual network) skips the dz pass; the reduction writes
     # no dz in training, so z stands in for the pointer. Eval / no BN write dz in the reduction anyway.
     skip_dz = mode == MODE_BATCH_STATS and not need_dz
     dz = z if skip_dz else empty_like_layout(tuple(z.shape), z, z.dtype)
     d_gamma = torch.empty((n, c), device=z.device, dtype=gamma.dtype)
     d_beta = torch.empty((n, c), device=z.device, dtype=beta.dtype)
-    vec = vec_hint(hw, dout, z, dz)
-    common = (
-        *d_strides, *_strides(z, "z"), *_strides(dz, "dz"),
+    if mode == MODE_BATCH_STATS and not skip_dz and _one_launch(n * h * w):
+        _backward_one_launch(dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta)
+    else:
+        _backward_split(dout, z, gamma, beta, mean, rstd, mode, dz, d_gamma, d_beta, sums=not skip_dz)
+    return None if skip_dz else dz, d_gamma, d_beta, dout
+
+
+def _common_strides(dout, z, dz, gamma, beta) -> tuple:
+    """The stride arguments every backward kernel takes, in its order."""
+    return (
+        *_strides(dout, "grad_output"), *_strides(z, "z"), *_strides(dz, "dz"),
         *gamma.stride(), *beta.stride(),
     )  # fmt: skip
-    if mode == MODE_BATCH_STATS and not skip_dz and _one_launch(m):
-        block_n, block_p = _one_launch_tile(n, hw, cl)
-        _one_launch_backward_kernel[(c,)](
-            dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, n, c, hw, float(m), *common,
-            ACC=TL_DTYPE[acc], VEC=vec, BLOCK_N=block_n, BLOCK_P=block_p, EVEN_N=n % block_n == 0,
-            num_warps=BN_ONE_LAUNCH_NUM_WARPS,
-        )  # fmt: skip
-        return dz, d_gamma, d_beta, dout
+
+
+def _backward_one_launch(dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta) -> None:
+    """Training mode, a channel's N·H·W values in one program: dz, dγ, dβ in one launch."""
+    n, c, h, w = z.shape
+    hw = h * w
+    block_n, block_p = _one_launch_tile(n, hw, is_channels_last(z))
+    _one_launch_backward_kernel[(c,)](
+        dout, z, gamma, beta, mean, rstd, dz, d_gamma, d_beta, n, c, hw, float(n * hw),
+        *_common_strides(dout, z, dz, gamma, beta),
+        ACC=TL_DTYPE[mean.dtype], VEC=vec_hint(hw, dout, z, dz), BLOCK_N=block_n, BLOCK_P=block_p,
+        EVEN_N=n % block_n == 0, num_warps=BN_ONE_LAUNCH_NUM_WARPS,
+    )  # fmt: skip
+
+
+def _backward_split(dout, z, gamma, beta, mean, rstd, mode, dz, d_gamma, d_beta, sums: bool) -> None:
+    """The split path: per-split partial sums of dγ, dβ (and dz in eval / no BN), summed by
+    _finalize_sums_kernel; in training (`sums`: dz wanted) A_c, B_c from those sums, then a dz pass."""
+    n, c, h, w = z.shape
+    hw, acc = h * w, mean.dtype
+    block_c, block_p = _tile(c, hw, is_channels_last(z))
+    vec = vec_hint(hw, dout, z, dz)
+    common = _common_strides(dout, z, dz, gamma, beta)
     plan = _split_plan(n, c, hw, block_c, block_p, z.device)
-    sums = mode == MODE_BATCH_STATS and not skip_dz  # dz needs A_c, B_c
+    sums = mode == MODE_BATCH_STATS and sums  # dz needs A_c, B_c
     # The sums straight into dγ/dβ when every (n, c) has one split and nothing else needs them; else float32
     # partials per position chunk, summed (and A_c, B_c formed) by _finalize_sums_kernel.
     direct = plan.chunks == 1 and not sums
@@ -659,7 +678,7 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
     if not direct:
         ab = torch.empty((2, c), device=z.device, dtype=acc) if sums else mean  # placeholder when unused
         _finalize_sums_kernel[(cdiv(c, BN_FINALIZE_BLOCK_C),)](
-            p_gamma, p_beta, gamma, d_gamma, d_beta, ab, n, c, plan.chunks, float(m),
+            p_gamma, p_beta, gamma, d_gamma, d_beta, ab, n, c, plan.chunks, float(n * hw),
             gamma.stride(0), gamma.stride(1), SUMS=sums, ACC=TL_DTYPE[acc],
             BLOCK_N=min(next_power_of_2(n), BN_FINALIZE_BLOCK_N), BLOCK_C=BN_FINALIZE_BLOCK_C,
             num_warps=BN_NUM_WARPS, num_stages=1,
@@ -669,7 +688,6 @@ def _backward(dout, z, gamma, beta, mean, rstd, mode, need_dz=True):
             dout, z, gamma, beta, mean, rstd, ab, dz, c, hw, *common,
             ACC=TL_DTYPE[acc], VEC=vec, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=BN_NUM_WARPS,
         )  # fmt: skip
-    return None if skip_dz else dz, d_gamma, d_beta, dout
 
 
 class BnFilmReluFunction(torch.autograd.Function):
