@@ -4,6 +4,7 @@ Groups (one pytest-benchmark table each, implementations side by side):
   op/…          the fused ResBlock op `kernels.bn_film_relu`, forward and forward+backward, GB/s in extra_info
   train_step/…  one optimizer step of the raw-pixel model per kernels mode (questions/s)
   generator/…   the GRU FiLM generator alone (its share of the step is in the report)
+  inference/…   the model's eval forward per autocast precision (what `--precision auto` chooses between)
   loader/…      the loaders alone (DALI and torch.utils.data), uint8 cache vs PNG decoding (questions/s)
 
 On a GPU: the paper's sizes, a timer that synchronises, warm-up rounds. Without one: small shapes, the numbers
