@@ -1,0 +1,140 @@
+"""How much of the question encoder's gradient float16 *without loss scaling* would lose: a CPU estimate.
+
+Why: on a GPU, PyTorch's autocast runs cuDNN's RNN in float16 whatever the autocast dtype (README, "Precision"), so
+under bf16 autocast the paper's GRU (4096 units) computes its backward in float16, and bf16 training has no loss
+scaler. float16 flushes magnitudes below 2^-25 to zero and keeps fewer bits below 2^-14 (subnormals). This script
+trains the paper's model (configs/clevr.json, float32, the trainer's Adam with coupled L2) on a prepared cache
+and, every few steps, measures in float32 the two gradients that would be stored in float16 there: the gradient
+arriving at the encoder's final state (dL/dh_T, which the cuDNN backward carries through time) and the GRU's weight
+gradients. Reported per measurement: the share of elements float16 would zero (|g| < 2^-25), the share it would
+hold as subnormals (2^-25 ≤ |g| < 2^-14), and the relative error of the tensor rounded to float16
+(‖fp16(g) − g‖ / ‖g‖). A first-order estimate: cuDNN's intermediate per-step gradients are not modelled, and the
+image size (the cache's) changes the visual side's share of the loss. `FiLMGen.rnn_autocast = False` (bench case
+`graph_cl_gru_fp32`) is the fix if the numbers are bad.
+
+    python bench/gru_fp16_estimate.py --cache data/cache/synthetic --steps 20 --every 5 --out est.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ZERO = 2.0**-25  # float16 rounds smaller magnitudes to 0 (half the smallest subnormal, 2^-24)
+NORMAL = 2.0**-14  # the smallest normal float16
+
+
+def fp16_loss(g: torch.Tensor) -> dict[str, float]:
+    """What storing `g` (float32) in float16 would do to it."""
+    a = g.detach().float().abs().flatten()
+    nz = a[a > 0]
+    rounded = g.detach().half().float()
+    return {
+        "zeroed": float((a < ZERO).float().mean()),
+        "zeroed_of_nonzero": float((nz < ZERO).float().mean()) if nz.numel() else 0.0,
+        "subnormal": float(((a >= ZERO) & (a < NORMAL)).float().mean()),
+        "rel_error": float(
+            (rounded - g.detach().float()).norm() / g.detach().float().norm().clamp_min(1e-30)
+        ),
+        "median_abs": float(a.median()),
+        "max_abs": float(a.max()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", required=True, help="a `fastfilm prep` cache with an image cache")
+    p.add_argument("--config", default="configs/clevr.json")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--every", type=int, default=5, help="measure every this many steps (and at step 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the measurements as JSON")
+    args = p.parse_args(argv)
+
+    from fastfilm.core.config import load_config
+    from fastfilm.data import load_split, load_vocab
+    from fastfilm.model import FiLMModel
+
+    cfg = load_config(args.config)
+    rows = load_split(args.cache, "train")
+    sizes = [int(f.split("_")[-1][:-4]) for f in os.listdir(args.cache) if f.startswith("train_images_")]
+    if not sizes:
+        p.error(f"{args.cache}: no train_images_S.npy (prep it with --image-size)")
+    size = max(sizes)
+    images = np.load(os.path.join(args.cache, f"train_images_{size}.npy"), mmap_mode="r")
+    cfg.model.image_size = size
+    vocab = load_vocab(args.cache)
+    torch.manual_seed(args.seed)
+    model = FiLMModel(
+        cfg.model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]), kernels="reference"
+    ).train()
+    params = cfg.deepspeed["optimizer"]["params"]
+    opt = torch.optim.Adam(
+        model.parameters(),
+        lr=params["lr"],
+        betas=params["betas"],
+        eps=params["eps"],
+        weight_decay=params["weight_decay"],
+    )
+    rnn = model.generator.encoder_rnn
+    captured = {}
+    encode = model.generator.encode
+
+    def encode_and_keep(*a, **k):
+        h = encode(*a, **k)
+        h.retain_grad()
+        captured["h"] = h
+        return h
+
+    model.generator.encode = encode_and_keep
+    rng = np.random.default_rng(args.seed)
+    n_rows = len(rows["lengths"])
+    out = {
+        "config": args.config, "cache": args.cache, "image_size": size, "batch": args.batch,
+        "rnn_hidden_dim": cfg.model.rnn_hidden_dim, "torch": torch.__version__, "measurements": [],
+    }  # fmt: skip
+    t0 = time.time()
+    for step in range(args.steps + 1):
+        idx = np.sort(rng.choice(n_rows, size=args.batch, replace=False))
+        lengths = torch.as_tensor(rows["lengths"][idx].astype(np.int64))
+        q = torch.as_tensor(rows["questions"][idx, : int(lengths.max())].astype(np.int64))
+        img = torch.as_tensor(np.ascontiguousarray(images[rows["image_index"][idx]]))
+        img = img.permute(0, 3, 1, 2).float() / 255.0
+        answers = torch.as_tensor(rows["answers"][idx].astype(np.int64))
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(img, q, lengths), answers)
+        loss.backward()
+        if step % args.every == 0:
+            m = {"step": step, "loss": loss.item(), "dL/dh_T": fp16_loss(captured["h"].grad)}
+            for name, prm in rnn.named_parameters():
+                m[name] = fp16_loss(prm.grad)
+            out["measurements"].append(m)
+            w = m["weight_hh_l0"]
+            print(
+                f"step {step:4d}  loss {loss.item():.3f}  dL/dh_T: zeroed {m['dL/dh_T']['zeroed']:.1%} subnormal "
+                f"{m['dL/dh_T']['subnormal']:.1%}  weight_hh: zeroed {w['zeroed']:.1%} subnormal {w['subnormal']:.1%} "
+                f"rel.err {w['rel_error']:.2e}  ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+        opt.step()
+    if not math.isfinite(loss.item()):
+        print("the loss is not finite", file=sys.stderr)
+        return 1
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
