@@ -411,11 +411,9 @@ def test_train_compile_runs_the_compiled_forward_in_graph_modes_step(dataset, tm
     )  # fmt: skip
 
 
-def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):
-    """Without a GPU the capture is simulated (tests/test_cuda_graph.py: torch's own torch.cuda.graph context, a graph
-    whose capture_end fails once an op inside broke the capture): the line names the op's error, the stream is the
-    one before the capture, the step goes on uncaptured; the capture is tried once more (a first failure may be
-    another thread's device sync), and a second failure turns it off for the run."""
+def capturing_step(monkeypatch) -> tuple:
+    """A graph-mode step on the CPU with capture switched on and the CUDA calls around a capture faked
+    (tests/test_cuda_graph.py): (step, batch, key, its buffers, the graphs made, the stream state)."""
     torch.manual_seed(0)
     model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
@@ -424,15 +422,26 @@ def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, caps
     key = step.key(b, True)
     bufs = step._load(key, b)
     streams = fake_streams(monkeypatch)
-    graphs, real_compute, default = [], step.compute, streams["current"]
+    graphs = []
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
+    step.capture, step.stream = True, FakeStream("side")
+    step.lr = [torch.tensor(float(g["lr"])) for g in opt.param_groups]  # as __init__ with capture on
+    return step, b, key, bufs, graphs, streams
+
+
+def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, capsys):
+    """Without a GPU the capture is simulated (tests/test_cuda_graph.py: torch's own torch.cuda.graph context, a graph
+    whose capture_end fails once an op inside broke the capture): the line names the op's error, the stream is the
+    one before the capture, the step goes on uncaptured; the capture is tried once more (a first failure may be
+    another thread's device sync), and a second failure turns it off for the run."""
+    step, b, key, bufs, graphs, streams = capturing_step(monkeypatch)
+    real_compute, default = step.compute, streams["current"]
 
     def uncapturable(bufs, boundary):
         graphs[-1].broken = True
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     step.compute = uncapturable
-    step.capture, step.stream = True, FakeStream("side")
     error = (
         "(RuntimeError: operation not permitted when stream is capturing (then at the capture's end: RuntimeError: "
         "CUDA error: operation failed due to a previous error during capture))"
@@ -457,16 +466,7 @@ def test_a_failed_capture_says_so_and_the_step_runs_uncaptured(monkeypatch, caps
 def test_a_capture_that_fails_once_is_retried_and_replayed(monkeypatch, capsys):
     """A transient failure (the first capture broken by something outside the step): that step runs uncaptured,
     the shape's next step captures, and later steps replay the graph."""
-    torch.manual_seed(0)
-    model = FiLMModel(small_cfg(), VOCAB, ANSWERS).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    step = GraphedTrainStep(model, opt, device=torch.device("cpu"), capture=False, max_len=9)
-    b = batch()
-    key = step.key(b, True)
-    bufs = step._load(key, b)
-    fake_streams(monkeypatch)
-    graphs = []
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(FakeGraph()) or graphs[-1])
+    step, b, key, bufs, graphs, _ = capturing_step(monkeypatch)
     real_compute, calls = step.compute, []
 
     def compute(bufs, boundary):
@@ -477,8 +477,6 @@ def test_a_capture_that_fails_once_is_retried_and_replayed(monkeypatch, capsys):
         return real_compute(bufs, boundary)
 
     step.compute = compute
-    step.capture, step.stream = True, FakeStream("side")
-    step.lr = [torch.tensor(float(g["lr"])) for g in opt.param_groups]  # as __init__ with capture on
     assert step._capture(key, bufs) is None and step.capture
     assert "tried once more" in capsys.readouterr().out
     graph = step._capture(key, bufs)
