@@ -21,7 +21,8 @@
 #   data        a synthetic CLEVR-format set + uint8 cache at 224 px (in $WORK, not OUTDIR)
 #   train_reference, train_compile, train_triton
 #               `python -m fastfilm train` of configs/clevr.json (the paper's raw-pixel model), bf16,
-#               $TRAIN_STEPS steps on the synthetic set; metrics/summary copied to OUTDIR/train/MODE
+#               $TRAIN_STEPS steps on the synthetic set, then `fastfilm eval` of its last checkpoint (device,
+#               precision, accuracy in eval.json); metrics/summary/eval copied to OUTDIR/train/MODE
 #   profile     bench/profile_step.py: PyTorch profiler over a few train steps per kernels mode
 #               (kernel launches per step, top kernels) into OUTDIR/profile
 # A failing step does not stop the run. At the end: a summary table (also OUTDIR/summary.txt); exit 1 if any
@@ -211,6 +212,10 @@ train_mode() {
         --set train.tensorboard=false --set deepspeed.bf16.enabled=true "${extra[@]}"
     rc=$?
     for f in config.json metrics.jsonl summary.json; do [ -f "$run/$f" ] && cp "$run/$f" "$dest/"; done
+    if [ $rc -eq 0 ]; then  # `fastfilm eval` of the last checkpoint: the standalone evaluation on this GPU
+        "$PY" -m fastfilm eval --checkpoint "$run" --tag last --split val --kernels "$mode" --json "$dest/eval.json"
+        rc=$?
+    fi
     rm -rf "$run/checkpoints"  # ~0.7 GB per tag for the paper's model: never into OUTDIR
     return $rc
 }
@@ -277,8 +282,9 @@ import json, os, sys
 out = sys.argv[1]
 root = os.path.join(out, "train")
 if os.path.isdir(root):
-    print("| kernels | steps | stop reason | last train loss | questions/s (mean of logged, first dropped) | val acc |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    print("| kernels | steps | stop reason | last train loss | questions/s (mean of logged, first dropped) | val acc "
+          "| fastfilm eval (device, precision) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | --- |")
     for mode in sorted(os.listdir(root)):
         d = os.path.join(root, mode)
         rows = []
@@ -288,9 +294,11 @@ if os.path.isdir(root):
         qps = [r["train/questions_per_s"] for r in rows if "train/questions_per_s" in r][1:]
         loss = [r["train/loss"] for r in rows if "train/loss" in r]
         acc = [r["val/acc"] for r in rows if "val/acc" in r]
+        ev = json.load(open(os.path.join(d, "eval.json"))) if os.path.exists(os.path.join(d, "eval.json")) else {}
+        evs = f"{ev['accuracy']:.4f} ({ev.get('device')}, {ev.get('precision')})" if "accuracy" in ev else "-"
         print(f"| {mode} | {summ.get('step', '?')} | {summ.get('reason', 'no summary (failed?)')} "
               f"| {loss[-1] if loss else float('nan'):.4f} | {sum(qps) / len(qps) if qps else float('nan'):,.0f} "
-              f"| {acc[-1] if acc else float('nan'):.4f} |")
+              f"| {acc[-1] if acc else float('nan'):.4f} | {evs} |")
 EOF
 
 {
