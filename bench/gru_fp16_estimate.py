@@ -8,8 +8,10 @@ and, every few steps, measures in float32 the two gradients that would be stored
 arriving at the encoder's final state (dL/dh_T, which the cuDNN backward carries through time) and the GRU's weight
 gradients. Reported per measurement: the share of elements float16 would zero (|g| < 2^-25), the share it would
 hold as subnormals (2^-25 ≤ |g| < 2^-14), and the relative error of the tensor rounded to float16
-(‖fp16(g) − g‖ / ‖g‖). A first-order estimate: cuDNN's intermediate per-step gradients are not modelled, and the
-image size (the cache's) changes the visual side's share of the loss. `FiLMGen.rnn_autocast = False` (bench case
+(‖fp16(g) − g‖ / ‖g‖). With `--emulate`, also the whole GRU backward recomputed with float16 storage emulated
+(`gru_grads`: every operand, state, gate and carried gradient rounded to float16, products summed in float32)
+against autograd's float32 gradients: relative error, cosine, non-zeros lost. The image size (the cache's)
+changes the visual side's share of the loss. `FiLMGen.rnn_autocast = False` (bench case
 `graph_cl_gru_fp32`) is the fix if the numbers are bad.
 
     python bench/gru_fp16_estimate.py --cache data/cache/synthetic --steps 20 --every 5 --out est.json
@@ -50,6 +52,68 @@ def fp16_loss(g: torch.Tensor) -> dict[str, float]:
     }
 
 
+def gru_grads(rnn, packed, grad_h, q=lambda t: t) -> dict[str, torch.Tensor]:
+    """The GRU's parameter gradients for the upstream gradient `grad_h` ([N, H], the batch's order) of its final
+    states, recomputed forward and backward step by step as cuDNN does it, with `q` applied wherever cuDNN keeps a
+    tensor in the RNN's dtype: `q = identity` is float32 (it must equal autograd's gradients: checked), `q =
+    to_fp16` emulates the float16 RNN (operands, GEMM outputs, gates, states and every carried gradient stored in
+    float16; products accumulated in float32, as tensor cores do)."""
+    x, sizes = q(packed.data.detach()), packed.batch_sizes.tolist()
+    w_ih, w_hh = q(rnn.weight_ih_l0.detach()), q(rnn.weight_hh_l0.detach())
+    b_ih, b_hh = q(rnn.bias_ih_l0.detach()), q(rnn.bias_hh_l0.detach())
+    hid = w_hh.shape[1]
+    gi = q(x @ w_ih.t() + b_ih)
+    h = x.new_zeros(sizes[0], hid)
+    steps, off = [], 0
+    for b in sizes:  # forward, keeping what the backward reads
+        h = h[:b]
+        gh = q(h @ w_hh.t() + b_hh)
+        g = gi[off : off + b]
+        r = q(torch.sigmoid(g[:, :hid] + gh[:, :hid]))
+        z = q(torch.sigmoid(g[:, hid : 2 * hid] + gh[:, hid : 2 * hid]))
+        n = q(torch.tanh(g[:, 2 * hid :] + r * gh[:, 2 * hid :]))
+        steps.append((off, b, h, r, z, n, gh[:, 2 * hid :]))
+        h = q((h - n) * z + n)
+        off += b
+    grad_sorted = q(grad_h.detach()[packed.sorted_indices])
+    dgi = torch.zeros(x.shape[0], 3 * hid)
+    dgh = torch.zeros_like(dgi)
+    hp_all = torch.zeros(x.shape[0], hid)
+    dh = x.new_zeros(sizes[0], hid)
+    for t in range(len(sizes) - 1, -1, -1):  # backward through time
+        off, b, hp, r, z, n, ghn = steps[t]
+        nxt = sizes[t + 1] if t + 1 < len(sizes) else 0
+        dh[nxt:b] = grad_sorted[nxt:b]
+        d = dh[:b]
+        dn = q(d * (1 - z) * (1 - n * n))
+        dz = q(d * (hp - n) * z * (1 - z))
+        dr = q(dn * ghn * r * (1 - r))
+        dgi[off : off + b] = torch.cat([dr, dz, dn], 1)
+        dgh[off : off + b] = torch.cat([dr, dz, q(dn * r)], 1)
+        hp_all[off : off + b] = hp
+        dh[:b] = q(d * z + dgh[off : off + b] @ w_hh)
+    return {
+        "weight_ih_l0": q(dgi.t() @ x),
+        "weight_hh_l0": q(dgh.t() @ hp_all),
+        "bias_ih_l0": q(dgi.sum(0)),
+        "bias_hh_l0": q(dgh.sum(0)),
+    }
+
+
+def to_fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
+def compare(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far `a` is from `ref`: relative error of the whole tensor, cosine, share of ref's non-zeros lost."""
+    a, ref = a.flatten().double(), ref.flatten().double()
+    return {
+        "rel_error": float((a - ref).norm() / ref.norm().clamp_min(1e-300)),
+        "cosine": float(a @ ref / (a.norm() * ref.norm()).clamp_min(1e-300)),
+        "lost_nonzeros": float(((a == 0) & (ref != 0)).double().mean()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", required=True, help="a `fastfilm prep` cache with an image cache")
@@ -59,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=5, help="measure every this many steps (and at step 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the measurements as JSON")
+    p.add_argument(
+        "--emulate",
+        action="store_true",
+        help="also recompute the GRU's backward with float16 storage emulated (`gru_grads`) and compare its "
+        "weight gradients with float32's",
+    )
     args = p.parse_args(argv)
 
     from fastfilm.core.config import load_config
@@ -90,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     captured = {}
     encode = model.generator.encode
 
-    def encode_and_keep(*a, **k):
-        h = encode(*a, **k)
+    def encode_and_keep(questions, lengths=None, *a, **k):
+        h = encode(questions, lengths, *a, **k)
         h.retain_grad()
-        captured["h"] = h
+        captured["h"], captured["questions"], captured["lengths"] = h, questions, lengths
         return h
 
     model.generator.encode = encode_and_keep
@@ -118,6 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             m = {"step": step, "loss": loss.item(), "dL/dh_T": fp16_loss(captured["h"].grad)}
             for name, prm in rnn.named_parameters():
                 m[name] = fp16_loss(prm.grad)
+            if args.emulate:  # the whole backward in float16, against autograd's float32 gradients
+                with torch.no_grad():
+                    embed = model.generator.encoder_embed(captured["questions"])
+                    packed = torch.nn.utils.rnn.pack_padded_sequence(
+                        embed, captured["lengths"], batch_first=True, enforce_sorted=False
+                    )
+                    exact = gru_grads(rnn, packed, captured["h"].grad)
+                    half = gru_grads(rnn, packed, captured["h"].grad, to_fp16)
+                m["fp32_recomputed_vs_autograd"] = {
+                    k: compare(v, rnn.get_parameter(k).grad) for k, v in exact.items()
+                }
+                m["fp16_backward_vs_fp32"] = {k: compare(half[k], rnn.get_parameter(k).grad) for k in half}
             out["measurements"].append(m)
             w = m["weight_hh_l0"]
             print(
@@ -126,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"rel.err {w['rel_error']:.2e}  ({time.time() - t0:.0f} s)",
                 flush=True,
             )
+            if args.emulate:
+                e, i = m["fp16_backward_vs_fp32"]["weight_hh_l0"], m["fp16_backward_vs_fp32"]["weight_ih_l0"]
+                print(
+                    f"           fp16 backward: weight_hh rel.err {e['rel_error']:.2e} cosine {e['cosine']:.6f} "
+                    f"lost {e['lost_nonzeros']:.2%}; weight_ih rel.err {i['rel_error']:.2e}",
+                    flush=True,
+                )
         opt.step()
     if not math.isfinite(loss.item()):
         print("the loss is not finite", file=sys.stderr)
