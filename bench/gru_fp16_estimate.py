@@ -11,7 +11,7 @@ hold as subnormals (2^-25 ≤ |g| < 2^-14), and the relative error of the tensor
 (‖fp16(g) − g‖ / ‖g‖). With `--emulate`, also the whole GRU backward recomputed with float16 storage emulated
 (`gru_grads`: every operand, state, gate and carried gradient rounded to float16, products summed in float32)
 against autograd's float32 gradients: relative error, cosine, non-zeros lost. The image size (the cache's)
-changes the visual side's share of the loss. `FiLMGen.rnn_autocast = False` (bench case
+changes the visual side's share of the loss. `model.rnn_autocast: false` (bench case
 `graph_cl_gru_fp32`) is the fix if the numbers are bad.
 
     python bench/gru_fp16_estimate.py --cache data/cache/synthetic --steps 20 --every 5 --out est.json

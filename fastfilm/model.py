@@ -127,11 +127,12 @@ class FiLMGen(nn.Module):
             bidirectional=cfg.bidirectional,
         )
         self.decoder_linear = nn.Linear(hidden * self.num_dir, cfg.num_blocks * self.cond_feat_size)
+        self.rnn_autocast = cfg.rnn_autocast
 
     # On the CPU a one-layer unidirectional GRU runs `fastfilm.gru` (same maths, its weight gradients as one
     # GEMM each instead of one per time step); False: always `nn.GRU` (for comparisons).
     cpu_gru: bool = True
-    # False: the RNN runs outside autocast, in float32 (a comparison for the GPU: there PyTorch's autocast runs
+    # False: the RNN runs outside autocast, in float32 (`model.rnn_autocast`; on the GPU PyTorch's autocast runs
     # cuDNN's RNN in float16 whatever the autocast dtype, unscaled under bf16; README, "Precision").
     rnn_autocast: bool = True
 

@@ -224,6 +224,9 @@ def test_rnn_autocast_off_runs_the_encoder_in_float32(cpu_gru):
     assert not any(torch.equal(m.float(), w) for m, w in zip(mixed, exact))  # autocast reaches the RNN
     for got, want in zip(fp32, exact):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+    # the switch is the config's `model.rnn_autocast` (default true: autocast reaches the RNN)
+    assert FiLMModel(tiny(), V, A).generator.rnn_autocast is True
+    assert FiLMModel(tiny(rnn_autocast=False), V, A).generator.rnn_autocast is False
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,9 @@ class ModelConfig:
     rnn_dropout: float = 0.0
     bidirectional: bool = False
     encoder_type: str = "gru"
+    # False: the question encoder runs outside autocast, in float32. On a GPU PyTorch's autocast runs cuDNN's RNN in
+    # float16 whatever the autocast dtype (unscaled under bf16; README, "Precision"); true keeps that.
+    rnn_autocast: bool = True
     # Classifier.
     classifier_proj_dim: int = 512
     classifier_fc_dims: list[int] = field(default_factory=lambda: [1024])
