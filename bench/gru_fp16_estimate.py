@@ -114,7 +114,7 @@ def compare(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", required=True, help="a `fastfilm prep` cache with an image cache")
     p.add_argument("--config", default="configs/clevr.json")
@@ -130,35 +130,36 @@ def main(argv: list[str] | None = None) -> int:
         "weight gradients with float32's",
     )
     args = p.parse_args(argv)
-
-    from fastfilm.core.config import load_config
-    from fastfilm.data import load_split, load_vocab
-    from fastfilm.model import FiLMModel
-
-    cfg = load_config(args.config)
-    rows = load_split(args.cache, "train")
     sizes = [int(f.split("_")[-1][:-4]) for f in os.listdir(args.cache) if f.startswith("train_images_")]
     if not sizes:
         p.error(f"{args.cache}: no train_images_S.npy (prep it with --image-size)")
-    size = max(sizes)
-    images = np.load(os.path.join(args.cache, f"train_images_{size}.npy"), mmap_mode="r")
-    cfg.model.image_size = size
-    vocab = load_vocab(args.cache)
-    torch.manual_seed(args.seed)
-    model = FiLMModel(
-        cfg.model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]), kernels="reference"
-    ).train()
-    params = cfg.deepspeed["optimizer"]["params"]
-    opt = torch.optim.Adam(
-        model.parameters(),
-        lr=params["lr"],
-        betas=params["betas"],
-        eps=params["eps"],
-        weight_decay=params["weight_decay"],
-    )
-    rnn = model.generator.encoder_rnn
-    captured = {}
-    encode = model.generator.encode
+    args.image_size = max(sizes)
+    return args
+
+
+def batches(cache: str, size: int, batch: int, seed: int):
+    """Random training batches (images as float32 [B, 3, S, S] in [0, 1], questions, lengths, answers)."""
+    from fastfilm.data import load_split
+
+    rows = load_split(cache, "train")
+    images = np.load(os.path.join(cache, f"train_images_{size}.npy"), mmap_mode="r")
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = np.sort(rng.choice(len(rows["lengths"]), size=batch, replace=False))
+        lengths = torch.as_tensor(rows["lengths"][idx].astype(np.int64))
+        q = torch.as_tensor(rows["questions"][idx, : int(lengths.max())].astype(np.int64))
+        img = torch.as_tensor(np.ascontiguousarray(images[rows["image_index"][idx]]))
+        yield (
+            img.permute(0, 3, 1, 2).float() / 255.0,
+            q,
+            lengths,
+            torch.as_tensor(rows["answers"][idx].astype(np.int64)),
+        )
+
+
+def keep_encoder_state(generator) -> dict:
+    """Make `generator.encode` keep its questions, lengths and output (whose .grad is dL/dh_T after backward)."""
+    captured, encode = {}, generator.encode
 
     def encode_and_keep(questions, lengths=None, *a, **k):
         h = encode(questions, lengths, *a, **k)
@@ -166,55 +167,79 @@ def main(argv: list[str] | None = None) -> int:
         captured["h"], captured["questions"], captured["lengths"] = h, questions, lengths
         return h
 
-    model.generator.encode = encode_and_keep
-    rng = np.random.default_rng(args.seed)
-    n_rows = len(rows["lengths"])
+    generator.encode = encode_and_keep
+    return captured
+
+
+def measure(generator, captured: dict, emulate: bool) -> dict:
+    """After a backward: fp16 storage of dL/dh_T and of each GRU gradient; with `emulate`, the fp16 backward."""
+    rnn = generator.encoder_rnn
+    m = {"dL/dh_T": fp16_loss(captured["h"].grad)}
+    for name, prm in rnn.named_parameters():
+        m[name] = fp16_loss(prm.grad)
+    if emulate:  # the whole backward in float16, against autograd's float32 gradients
+        with torch.no_grad():
+            embed = generator.encoder_embed(captured["questions"])
+            packed = torch.nn.utils.rnn.pack_padded_sequence(
+                embed, captured["lengths"], batch_first=True, enforce_sorted=False
+            )
+            exact = gru_grads(rnn, packed, captured["h"].grad)
+            half = gru_grads(rnn, packed, captured["h"].grad, to_fp16)
+        m["fp32_recomputed_vs_autograd"] = {
+            k: compare(v, rnn.get_parameter(k).grad) for k, v in exact.items()
+        }
+        m["fp16_backward_vs_fp32"] = {k: compare(half[k], rnn.get_parameter(k).grad) for k in half}
+    return m
+
+
+def report(m: dict, seconds: float) -> None:
+    w, d = m["weight_hh_l0"], m["dL/dh_T"]
+    print(
+        f"step {m['step']:4d}  loss {m['loss']:.3f}  dL/dh_T: zeroed {d['zeroed']:.1%} subnormal {d['subnormal']:.1%}"
+        f"  weight_hh: zeroed {w['zeroed']:.1%} subnormal {w['subnormal']:.1%} rel.err {w['rel_error']:.2e}"
+        f"  ({seconds:.0f} s)",
+        flush=True,
+    )
+    if "fp16_backward_vs_fp32" in m:
+        e, i = m["fp16_backward_vs_fp32"]["weight_hh_l0"], m["fp16_backward_vs_fp32"]["weight_ih_l0"]
+        print(
+            f"           fp16 backward: weight_hh rel.err {e['rel_error']:.2e} cosine {e['cosine']:.6f} "
+            f"lost {e['lost_nonzeros']:.2%}; weight_ih rel.err {i['rel_error']:.2e}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fastfilm.core.config import load_config
+    from fastfilm.data import load_vocab
+    from fastfilm.model import FiLMModel
+    from fastfilm.train import build_optimizer
+
+    cfg = load_config(args.config)
+    cfg.model.image_size = args.image_size
+    vocab = load_vocab(args.cache)
+    torch.manual_seed(args.seed)
+    model = FiLMModel(
+        cfg.model, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]), kernels="reference"
+    ).train()
+    opt = build_optimizer(model, cfg.deepspeed)  # the trainer's Adam with coupled L2
+    captured = keep_encoder_state(model.generator)
     out = {
-        "config": args.config, "cache": args.cache, "image_size": size, "batch": args.batch,
+        "config": args.config, "cache": args.cache, "image_size": args.image_size, "batch": args.batch,
         "rnn_hidden_dim": cfg.model.rnn_hidden_dim, "torch": torch.__version__, "measurements": [],
     }  # fmt: skip
+    data = batches(args.cache, args.image_size, args.batch, args.seed)
     t0 = time.time()
     for step in range(args.steps + 1):
-        idx = np.sort(rng.choice(n_rows, size=args.batch, replace=False))
-        lengths = torch.as_tensor(rows["lengths"][idx].astype(np.int64))
-        q = torch.as_tensor(rows["questions"][idx, : int(lengths.max())].astype(np.int64))
-        img = torch.as_tensor(np.ascontiguousarray(images[rows["image_index"][idx]]))
-        img = img.permute(0, 3, 1, 2).float() / 255.0
-        answers = torch.as_tensor(rows["answers"][idx].astype(np.int64))
+        img, q, lengths, answers = next(data)
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(img, q, lengths), answers)
         loss.backward()
         if step % args.every == 0:
-            m = {"step": step, "loss": loss.item(), "dL/dh_T": fp16_loss(captured["h"].grad)}
-            for name, prm in rnn.named_parameters():
-                m[name] = fp16_loss(prm.grad)
-            if args.emulate:  # the whole backward in float16, against autograd's float32 gradients
-                with torch.no_grad():
-                    embed = model.generator.encoder_embed(captured["questions"])
-                    packed = torch.nn.utils.rnn.pack_padded_sequence(
-                        embed, captured["lengths"], batch_first=True, enforce_sorted=False
-                    )
-                    exact = gru_grads(rnn, packed, captured["h"].grad)
-                    half = gru_grads(rnn, packed, captured["h"].grad, to_fp16)
-                m["fp32_recomputed_vs_autograd"] = {
-                    k: compare(v, rnn.get_parameter(k).grad) for k, v in exact.items()
-                }
-                m["fp16_backward_vs_fp32"] = {k: compare(half[k], rnn.get_parameter(k).grad) for k in half}
+            m = {"step": step, "loss": loss.item(), **measure(model.generator, captured, args.emulate)}
             out["measurements"].append(m)
-            w = m["weight_hh_l0"]
-            print(
-                f"step {step:4d}  loss {loss.item():.3f}  dL/dh_T: zeroed {m['dL/dh_T']['zeroed']:.1%} subnormal "
-                f"{m['dL/dh_T']['subnormal']:.1%}  weight_hh: zeroed {w['zeroed']:.1%} subnormal {w['subnormal']:.1%} "
-                f"rel.err {w['rel_error']:.2e}  ({time.time() - t0:.0f} s)",
-                flush=True,
-            )
-            if args.emulate:
-                e, i = m["fp16_backward_vs_fp32"]["weight_hh_l0"], m["fp16_backward_vs_fp32"]["weight_ih_l0"]
-                print(
-                    f"           fp16 backward: weight_hh rel.err {e['rel_error']:.2e} cosine {e['cosine']:.6f} "
-                    f"lost {e['lost_nonzeros']:.2%}; weight_ih rel.err {i['rel_error']:.2e}",
-                    flush=True,
-                )
+            report(m, time.time() - t0)
         opt.step()
     if not math.isfinite(loss.item()):
         print("the loss is not finite", file=sys.stderr)

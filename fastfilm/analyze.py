@@ -266,12 +266,10 @@ def analyze(
 ) -> dict:
     """Run every analysis on an exported model and write PNGs + summary.json + summary.md to `out`: on this
     process's GPU when there is one, under `precision` (`fastfilm.auto.inference_precision`)."""
-    from fastfilm.auto import PRECISION_DTYPES, announce_precision, inference_precision
-    from fastfilm.core.devices import compute_device
+    from fastfilm.auto import PRECISION_DTYPES, prepare_inference
     from fastfilm.core.errors import UsageError, check_model_cache, check_output_folder
     from fastfilm.data import loader_for
     from fastfilm.files.export import load_model_folder
-    from fastfilm.model import place
 
     if not isinstance(max_questions, int) or max_questions < 3:
         raise UsageError(
@@ -282,10 +280,7 @@ def analyze(
     model, cfg, vocab = load_model_folder(model_dir, kernels="reference")
     if cache is None:
         check_model_cache(cfg.data.cache, model_dir)
-    device = compute_device()
-    place(model, device)
-    choice = inference_precision(cfg, device, precision)
-    announce_precision(choice, cfg)
+    device, choice = prepare_inference(model, cfg, precision)
     names = {int(k): v for k, v in (vocab.get("question_family_names") or {}).items()}
     bs = min(cfg.batch_size, 64)
     val = loader_for(cfg, split, train=False, batch_size=bs, cache_dir=cache)

@@ -449,6 +449,22 @@ def inference_precision(
     return Choice("precision", "fp32", f"the model's {own}, but {why}")
 
 
+def prepare_inference(
+    model: torch.nn.Module, cfg: Any, requested: str = "auto"
+) -> tuple[torch.device, Choice]:
+    """For `eval` and `analyze`: `model` on this process's device (`compute_device`) in the layout training uses
+    there (`place`), and the precision to run it in (`inference_precision`), said in one line when it is not the
+    model's own."""
+    from fastfilm.core.devices import compute_device
+    from fastfilm.model import place
+
+    device = compute_device()
+    place(model, device)
+    choice = inference_precision(cfg, device, requested)
+    announce_precision(choice, cfg)
+    return device, choice
+
+
 def announce_precision(choice: Choice, cfg: Any, file: Any = None) -> None:
     """One stderr line when `choice` (from `inference_precision`) is not the model's own precision unasked."""
     from fastfilm.core.precision import autocast_dtype

@@ -149,18 +149,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`fastfilm eval`: evaluate a checkpoint on a split, print the table, optionally write JSON."""
-    from fastfilm.auto import (
-        PRECISION_DTYPES,
-        announce_precision,
-        inference_precision,
-        use_per_cpu_build_dirs,
-    )
-    from fastfilm.core.devices import compute_device
+    from fastfilm.auto import PRECISION_DTYPES, prepare_inference, use_per_cpu_build_dirs
     from fastfilm.core.errors import check_output_file
     from fastfilm.data import loader_for
     from fastfilm.files.checkpoint import atomic_write_json, find_checkpoint
     from fastfilm.files.export import load_model_folder
-    from fastfilm.model import place
 
     for option in ("json", "predictions", "predictions_json"):  # before the split is evaluated
         if getattr(args, option, None):
@@ -177,10 +170,7 @@ def run(args: argparse.Namespace) -> int:
         from fastfilm.core.errors import check_model_cache
 
         check_model_cache(cfg.data.cache, folder)
-    device = compute_device()
-    place(model, device)
-    precision = inference_precision(cfg, device, getattr(args, "precision", "auto"))
-    announce_precision(precision, cfg)
+    device, precision = prepare_inference(model, cfg, getattr(args, "precision", "auto"))
     amp_dtype = PRECISION_DTYPES[precision.value]
     loader = loader_for(cfg, args.split, train=False, device=device)
     if getattr(args, "predictions", None) or getattr(args, "predictions_json", None):
