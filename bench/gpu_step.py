@@ -8,7 +8,9 @@ Per case: ms/step (median of `--steps` steps after warm-up, each synchronised), 
 median) and its share of this device's own measured bf16 matmul ceiling, kernel launches per step (CUDA runtime
 launch calls + graph launches + async copies, from torch.profiler), GPU kernels executed per step, GPU-busy share
 (kernel time ÷ the unprofiled median), ATen ops dispatched on the host per step (the CPU-side launch proxy), host
-synchronisations per step (`torch.cuda.set_sync_debug_mode` warnings), peak memory. Each case runs in its own
+synchronisations per step (`torch.cuda.set_sync_debug_mode` warnings), peak memory, and the step's *floor*
+(`bench/roofline.py`: each kernel at this device's measured matmul ceiling or copy bandwidth, summed; predicted) with
+its share of the measured time (`floor_share`: 1 would be the hardware's speed). Each case runs in its own
 try/except: one failure prints its traceback and the rest go on; the JSON (`--out`) is rewritten after each case;
 the exit status is 1 when any case failed.
 
@@ -253,6 +255,28 @@ def time_case(step, batch_size: int, warmup: int, steps: int, gflop: float, ceil
     return row
 
 
+def floor_ms(
+    cfg, batch, case: str, dtype, ceiling_tflops: float | None, hbm_tbps: float | None
+) -> float | None:
+    """The case's predicted floor (bench/roofline.py) at this device's measured ceilings (the H200's on a CPU):
+    graph mode's static step runs the RNN over the padded batch, the engine step over each question's tokens
+    (cuDNN packed). None for `graph_cl_gru_fp32` (its float32 GRU runs below the bf16 ceiling the floor assumes)."""
+    if case == "graph_cl_gru_fp32":
+        return None
+    import roofline
+
+    rows = roofline.step_floor(
+        cfg.model,
+        [int(x) for x in batch["length"]],
+        padded=not case.startswith("eager"),
+        matmul_tflops=ceiling_tflops or roofline.H200_MATMUL_TFLOPS,
+        hbm_tbps=hbm_tbps or roofline.H200_HBM_TBPS,
+        act_bytes=2 if dtype is not None else 4,
+        rnn_bytes=2 if dtype is not None else 4,
+    )
+    return roofline.total_ms(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results file (rewritten after every case)")
@@ -285,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     b64, b256 = (8, 32) if tiny else (64, 256)
     seq_len = 12 if tiny else benchlib.PAPER_QUESTION_LEN
     cases = [c for c in args.cases.split(",") if c]
-    from workload import matmul_gflops, step_gflop
+    from workload import copy_gbps, matmul_gflops, step_gflop
 
-    ceiling = None
+    ceiling = hbm = None
     if CUDA:
         ceiling = matmul_gflops(torch.bfloat16 if dtype else torch.float32, n=8192, min_seconds=0.5) / 1e3
+        hbm = copy_gbps() / 1e3
     result: dict[str, Any] = {
         "device": benchlib.device_name(),
         "versions": benchlib.versions(),
@@ -297,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "question_len": seq_len,
         "matmul_ceiling_tflop_per_s": ceiling,
+        "copy_bandwidth_tb_per_s": hbm,
+        "floor_figures": "this device's, measured above"
+        if CUDA
+        else "the H200's (bench/roofline.py: a CPU shape-check of the floor, not this machine's)",
         "original_2017_step": ORIGINAL_H200,
         "note": "" if CUDA else "CPU: shape-check only; graph cases run uncaptured; times mean nothing",
         "cases": {},
@@ -381,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
             }
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
+            floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm)
+            row["floor_ms"] = float(f"{floor:.4g}") if floor else None
+            row["floor_share"] = round(floor / row["ms"], 4) if floor else None
             if picks is not None:
                 row["kernel_picks"] = [p.line() for p in picks]
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
@@ -425,11 +457,12 @@ def table(result: dict[str, Any]) -> str:
         f"{result['device']}; torch {v.get('torch')}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, triton "
         f"{v.get('triton')}; {result['config']}; {result['dtype']} autocast; questions padded to "
         f"{result['question_len']} tokens; matmul ceiling {result['matmul_ceiling_tflop_per_s']} TFLOP/s (bf16 "
-        "8192², measured in the same run). Every figure below was measured in this run. "
-        + (result["note"] or ""),
+        f"8192²) and copy bandwidth {result.get('copy_bandwidth_tb_per_s')} TB/s, measured in the same run. Every "
+        "figure below was measured in this run but `floor_ms`, the step's predicted floor at those two ceilings "
+        "(bench/roofline.py). " + (result["note"] or ""),
         "",
     ]
-    cols = ("ms", "questions_per_s", "tflop_per_s", "ceiling_share", "kernel_launches_per_step",
+    cols = ("ms", "questions_per_s", "tflop_per_s", "ceiling_share", "floor_ms", "floor_share", "kernel_launches_per_step",
             "gpu_kernels_per_step", "gpu_busy_share", "aten_ops_per_step", "host_syncs_per_step",
             "peak_memory_gib")  # fmt: skip
     lines += [

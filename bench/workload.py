@@ -178,6 +178,26 @@ def matmul_gflops(dtype: torch.dtype, n: int | None = None, min_seconds: float =
     return 2 * n**3 * reps / elapsed / 1e9
 
 
+def copy_gbps(nbytes: int = 1 << 30, min_seconds: float = 0.3, device=None) -> float:
+    """The machine's own memory bandwidth: a device-to-device copy of `nbytes` (read + write: 2·nbytes moved),
+    repeated for at least `min_seconds` after one warm-up (GPU: synchronised). GB/s."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    dst.copy_(src)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        dst.copy_(src)
+        reps += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds and reps >= 3:
+            break
+    return 2 * nbytes * reps / elapsed / 1e9
+
+
 def shipped_configs(root: str) -> list[str]:
     """configs/*.json, sorted."""
     folder = os.path.join(root, "configs")

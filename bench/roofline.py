@@ -1,0 +1,257 @@
+"""The training step's floor on a GPU: per part of the model, the FLOPs it does, the bytes it must move at least, and
+the time neither can go below on a device of a given matmul peak and memory bandwidth. *Predicted*, not measured:
+what a step could take if every kernel ran at the device's ceiling and nothing else took time.
+
+    python bench/roofline.py --config configs/clevr.json --batch 64 --tokens 46      # the H200's figures
+    python bench/roofline.py --batch 256 --matmul-tflops 790 --hbm-tbps 4.8 --packed
+
+Each kernel of a step runs after the one before it, so the step takes at least the sum over its parts of
+max(FLOPs / peak, bytes / bandwidth). The parts and what they must move (activations in `--act-bytes`, 2 for
+bf16 autocast; fp32 master weights):
+- Convolutions and linear layers (their shapes from a forward on the meta device): forward reads
+  its input and weight and writes its output; backward reads the output gradient, the input and the weight and
+  writes the input gradient (not for the first layer) and the weight gradient.
+- The question RNN (GRU/LSTM): each of its T time steps is a product with the hidden weights `W_hh` ([gates·H, H])
+  that cannot start before the step before it ends, forward and again backward, and a step at batch N reads all
+  of `W_hh` (101 MB in fp16 for the paper's H = 4096, more than a GPU's L2 holds) for 2·N·gates·H² FLOPs: at
+  N = 64 the reads bound it, so the RNN's floor grows with its time steps and hardly with the batch. Its input
+  projection and weight gradients are single large products over all time steps.
+- BatchNorm with its FiLM, ReLU and residual: forward reads the tensor twice (statistics, then apply) and writes
+  it once; backward reads the gradient and the input twice and writes the input gradient (3 + 5 passes).
+- Per parameter, per step: fused Adam (reads param, grad, m, v; writes param, m, v: 28 bytes), autocast's weight
+  cast (read fp32, write the half copy: 6) and its gradient's cast back and accumulation (6 + 8), and zeroing the
+  gradients (4): 52 bytes.
+Not counted: elementwise work inside the GRU cell, the loss, embeddings, pooling, and each kernel's fixed cost
+(~2-4 µs even inside a CUDA graph; the paper step launches ~720 kernels: bench/RESULTS_GPU.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# The H200 of the 2026-12-04 run: bf16 dense matmul ~790 TFLOP/s (issue 23's figure, measured on that kind of
+# machine), HBM3e 4.8 TB/s (NVIDIA's datasheet figure, not measured here). bench/gpu_step.py measures both on
+# the machine it runs on and passes them in.
+H200_MATMUL_TFLOPS = 790.0
+H200_HBM_TBPS = 4.8
+BYTES_PER_PARAM_STEP = 28 + 6 + 6 + 8 + 4  # Adam, weight cast, gradient cast + accumulate, zeroing
+
+
+@dataclass
+class Part:
+    """One part of the step: its work and its floor."""
+
+    part: str
+    gflop: float
+    gbyte: float
+    ms: float  # the floor: each kernel at max(FLOPs / peak, bytes / bandwidth), summed
+    bound: str  # "compute", "memory" or "mixed" (some kernels each)
+
+
+class _Device:
+    def __init__(self, matmul_tflops: float, hbm_tbps: float):
+        self.flops_per_s, self.bytes_per_s = matmul_tflops * 1e12, hbm_tbps * 1e12
+
+    def kernel(self, flops: float, nbytes: float) -> tuple[float, str]:
+        """Seconds of one kernel at the ceiling, and what bounds it."""
+        c, m = flops / self.flops_per_s, nbytes / self.bytes_per_s
+        return max(c, m), ("compute" if c >= m else "memory")
+
+
+class _Acc:
+    """Sums kernels into parts, in the order they are first seen."""
+
+    def __init__(self, dev: _Device):
+        self.dev, self.parts = dev, {}
+
+    def add(self, part: str, flops: float, nbytes: float) -> None:
+        s, bound = self.dev.kernel(flops, nbytes)
+        p = self.parts.setdefault(part, [0.0, 0.0, 0.0, set()])
+        p[0] += flops
+        p[1] += nbytes
+        p[2] += s
+        p[3].add(bound)
+
+    def rows(self) -> list[Part]:
+        return [
+            Part(name, f / 1e9, b / 1e9, s * 1e3, bounds.pop() if len(bounds) == 1 else "mixed")
+            for name, (f, b, s, bounds) in self.parts.items()
+        ]
+
+
+def _region(name: str) -> str:
+    if name.startswith("net.stem"):
+        return "stem"
+    if name.startswith("net.blocks"):
+        return "ResBlocks"
+    if name.startswith("net.classifier"):
+        return "classifier"
+    return "FiLM generator"
+
+
+def _rnn(acc: _Acc, rnn: torch.nn.RNNBase, active: list[int], rnn_bytes: int) -> None:
+    """The question RNN: `active[t]` questions at time step t (all N when padded; those longer than t packed)."""
+    gates = {"GRU": 3, "LSTM": 4}.get(rnn.mode, 1)
+    h, dirs = rnn.hidden_size, 2 if rnn.bidirectional else 1
+    rows = sum(active)
+    w_hh = gates * h * h * rnn_bytes
+    for layer in range(rnn.num_layers):
+        e = rnn.input_size if layer == 0 else h * dirs
+        for _ in range(dirs):
+            for (
+                n
+            ) in active:  # forward, then the backward's recurrent input gradient: both T sequential products
+                for _pass in range(2):
+                    acc.add(
+                        "question RNN: recurrent steps", 2 * n * gates * h * h, w_hh + n * (h + gates * h) * 2
+                    )
+            # input projection (forward), its input gradient (the embeddings train), the two weight gradients
+            proj = 2 * rows * e * gates * h
+            io = rows * (e + gates * h) * rnn_bytes
+            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * rnn_bytes)
+            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * rnn_bytes)
+            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * 4)
+            acc.add(
+                "question RNN: projections, weight gradients",
+                2 * rows * h * gates * h,
+                rows * (h + gates * h) * rnn_bytes + gates * h * h * 4,
+            )
+
+
+def step_floor(
+    model_cfg,
+    lengths: list[int],
+    *,
+    padded: bool = True,
+    matmul_tflops: float = H200_MATMUL_TFLOPS,
+    hbm_tbps: float = H200_HBM_TBPS,
+    act_bytes: int = 2,
+    rnn_bytes: int = 2,
+    vocab: int = 93,
+    answers: int = 32,
+) -> list[Part]:
+    """The floor of one training step (forward, backward, optimizer) for a batch of questions of these lengths:
+    `padded` runs the RNN over the longest (graph mode's static bucket), else each question's own (cuDNN packed)."""
+    from fastfilm.model import FiLMModel
+
+    acc = _Acc(_Device(matmul_tflops, hbm_tbps))
+    n, t = len(lengths), max(lengths)
+    with torch.device("meta"):
+        model = FiLMModel(model_cfg, vocab, answers).train()
+    m = model_cfg
+    if m.stem == "pixels":
+        images = torch.empty(n, 3, m.image_size, m.image_size, device="meta")
+    else:
+        images = torch.empty(n, m.feature_channels, m.feature_size, m.feature_size, device="meta")
+
+    shapes: dict[str, tuple[int, int]] = {}  # module → (input numel, output numel)
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Linear)) or (
+            not list(mod.children())
+            and any(k.endswith("weight") for k, _ in mod.named_parameters())
+            and not isinstance(mod, (torch.nn.Embedding, torch.nn.RNNBase))
+        ):
+
+            def hook(mod, inp, out, name=name):
+                shapes[name] = (inp[0].numel(), out.numel())
+
+            hooks.append(mod.register_forward_hook(hook))
+    model(images, torch.ones(n, t, dtype=torch.long, device="meta"), torch.tensor(lengths))
+    for hk in hooks:
+        hk.remove()
+    first_conv = next(name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d))
+
+    for name, mod in model.named_modules():
+        if name not in shapes:
+            continue
+        n_in, n_out = shapes[name]
+        region = _region(name)
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            passes = 3 + 5
+            acc.add(f"{region}: BatchNorm (+ FiLM, ReLU, residual)", 0.0, passes * n_out * act_bytes)
+            continue
+        weight = mod.weight
+        w = sum(p.numel() for p in mod.parameters(recurse=False))
+        fwd = 2 * n_out * (weight.numel() // weight.shape[0])  # a multiply-add per weight and output element
+        part = f"{region}: {'convolutions' if weight.dim() == 4 else 'linear layers'}"
+        acc.add(part, fwd, (n_in + n_out + w) * act_bytes)
+        first = name == first_conv  # its input (the image) needs no gradient
+        acc.add(
+            part, fwd * (1 if first else 2), (n_out + n_in + (0 if first else n_in) + w) * act_bytes + w * 4
+        )
+
+    rnn = model.generator.encoder_rnn
+    active = [n] * t if padded else [sum(1 for x in lengths if x > s) for s in range(t)]
+    _rnn(acc, rnn, active, rnn_bytes)
+    params = sum(p.numel() for p in model.parameters())
+    acc.add("optimizer (fused Adam), weight casts, gradients", 0.0, params * BYTES_PER_PARAM_STEP)
+    return acc.rows()
+
+
+def total_ms(rows: list[Part]) -> float:
+    return sum(r.ms for r in rows)
+
+
+def table(rows: list[Part], batch: int) -> str:
+    """The floor as a markdown table, with its total and questions/s."""
+    out = ["| part | GFLOP | GB moved | floor ms | bound |", "| --- | ---: | ---: | ---: | --- |"]
+    out += [f"| {r.part} | {r.gflop:,.1f} | {r.gbyte:,.2f} | {r.ms:.3f} | {r.bound} |" for r in rows]
+    ms = total_ms(rows)
+    out.append(
+        f"| **step** | {sum(r.gflop for r in rows):,.1f} | {sum(r.gbyte for r in rows):,.2f} | **{ms:.2f}** | "
+        f"{batch / ms * 1e3:,.0f} questions/s |"
+    )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "clevr.json"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=46, help="the padded question length (the bucket)")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="the RNN reads each question's own length (lengths spread evenly over 8..tokens), not the bucket",
+    )
+    p.add_argument("--matmul-tflops", type=float, default=H200_MATMUL_TFLOPS)
+    p.add_argument("--hbm-tbps", type=float, default=H200_HBM_TBPS)
+    p.add_argument(
+        "--act-bytes", type=int, default=2, help="bytes per activation (2: bf16 autocast, 4: fp32)"
+    )
+    p.add_argument(
+        "--rnn-bytes", type=int, default=2, help="bytes per RNN weight/state (4: rnn_autocast false)"
+    )
+    p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    args = p.parse_args(argv)
+    from fastfilm.config import load_config
+
+    cfg = load_config(args.config, overrides=args.set)
+    lo = min(8, args.tokens)
+    lengths = [lo + (args.tokens - lo) * i // max(args.batch - 1, 1) for i in range(args.batch)]
+    rows = step_floor(
+        cfg.model,
+        lengths,
+        padded=not args.packed,
+        matmul_tflops=args.matmul_tflops,
+        hbm_tbps=args.hbm_tbps,
+        act_bytes=args.act_bytes,
+        rnn_bytes=args.rnn_bytes,
+    )
+    print(
+        f"{os.path.relpath(args.config)}, batch {args.batch}, {args.tokens} tokens "
+        f"({'packed' if args.packed else 'padded'}); {args.matmul_tflops:g} TFLOP/s, {args.hbm_tbps:g} TB/s; "
+        "predicted floor, not a measurement"
+    )
+    print(table(rows, args.batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
