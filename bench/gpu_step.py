@@ -256,15 +256,21 @@ def time_case(step, batch_size: int, warmup: int, steps: int, gflop: float, ceil
 
 
 def floor_ms(
-    cfg, batch, case: str, dtype, ceiling_tflops: float | None, hbm_tbps: float | None
-) -> float | None:
+    cfg,
+    batch,
+    case: str,
+    dtype,
+    ceiling_tflops: float | None,
+    hbm_tbps: float | None,
+    tf32_tflops: float | None = None,
+) -> float:
     """The case's predicted floor (bench/roofline.py) at this device's measured ceilings (the H200's on a CPU):
     graph mode's static step runs the RNN over the padded batch, the engine step over each question's tokens
-    (cuDNN packed). None for `graph_cl_gru_fp32` (its float32 GRU runs below the bf16 ceiling the floor assumes)."""
-    if case == "graph_cl_gru_fp32":
-        return None
+    (cuDNN packed). `graph_cl_gru_fp32`'s GRU reads float32 weights at the TF32 ceiling (cuDNN's RNN takes TF32
+    while `torch.backends.cudnn.allow_tf32`, torch's default)."""
     import roofline
 
+    fp32_rnn = case == "graph_cl_gru_fp32" or dtype is None
     rows = roofline.step_floor(
         cfg.model,
         [int(x) for x in batch["length"]],
@@ -272,7 +278,8 @@ def floor_ms(
         matmul_tflops=ceiling_tflops or roofline.H200_MATMUL_TFLOPS,
         hbm_tbps=hbm_tbps or roofline.H200_HBM_TBPS,
         act_bytes=2 if dtype is not None else 4,
-        rnn_bytes=2 if dtype is not None else 4,
+        rnn_bytes=4 if fp32_rnn else 2,
+        rnn_tflops=(tf32_tflops or roofline.H200_TF32_TFLOPS) if fp32_rnn else None,
     )
     return roofline.total_ms(rows)
 
@@ -311,10 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     from workload import copy_gbps, matmul_gflops, step_gflop
 
-    ceiling = hbm = None
+    ceiling = hbm = tf32 = None
     if CUDA:
         ceiling = matmul_gflops(torch.bfloat16 if dtype else torch.float32, n=8192, min_seconds=0.5) / 1e3
         hbm = copy_gbps() / 1e3
+        if "graph_cl_gru_fp32" in cases or dtype is None:  # the float32 GRU's products: cuDNN's TF32
+            was = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                tf32 = matmul_gflops(torch.float32, n=8192, min_seconds=0.5) / 1e3
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = was
     result: dict[str, Any] = {
         "device": benchlib.device_name(),
         "versions": benchlib.versions(),
@@ -323,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         "question_len": seq_len,
         "matmul_ceiling_tflop_per_s": ceiling,
         "copy_bandwidth_tb_per_s": hbm,
-        "floor_figures": "this device's, measured above"
+        "tf32_ceiling_tflop_per_s": tf32,
+        "floor_figures": "this device's measured"
         if CUDA
-        else "the H200's (bench/roofline.py: a CPU shape-check of the floor, not this machine's)",
+        else "the H200's (a CPU shape-check of the floor, not this machine's)",
         "original_2017_step": ORIGINAL_H200,
         "note": "" if CUDA else "CPU: shape-check only; graph cases run uncaptured; times mean nothing",
         "cases": {},
@@ -410,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
             }
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
-            floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm)
-            row["floor_ms"] = float(f"{floor:.4g}") if floor else None
-            row["floor_share"] = round(floor / row["ms"], 4) if floor else None
+            floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm, tf32)
+            row["floor_ms"] = float(f"{floor:.4g}")
+            row["floor_share"] = round(floor / row["ms"], 4)
             if picks is not None:
                 row["kernel_picks"] = [p.line() for p in picks]
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
@@ -457,9 +472,10 @@ def table(result: dict[str, Any]) -> str:
         f"{result['device']}; torch {v.get('torch')}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, triton "
         f"{v.get('triton')}; {result['config']}; {result['dtype']} autocast; questions padded to "
         f"{result['question_len']} tokens; matmul ceiling {result['matmul_ceiling_tflop_per_s']} TFLOP/s (bf16 "
-        f"8192²) and copy bandwidth {result.get('copy_bandwidth_tb_per_s')} TB/s, measured in the same run. Every "
-        "figure below was measured in this run but `floor_ms`, the step's predicted floor at those two ceilings "
-        "(bench/roofline.py). " + (result["note"] or ""),
+        f"8192²), copy bandwidth {result.get('copy_bandwidth_tb_per_s')} TB/s and TF32 matmul ceiling "
+        f"{result.get('tf32_ceiling_tflop_per_s')} TFLOP/s, measured in the same run. Every "
+        "figure below was measured in this run but `floor_ms`, the step's predicted floor (bench/roofline.py) at "
+        f"{result.get('floor_figures')} ceilings. " + (result["note"] or ""),
         "",
     ]
     cols = ("ms", "questions_per_s", "tflop_per_s", "ceiling_share", "floor_ms", "floor_share", "kernel_launches_per_step",

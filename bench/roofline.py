@@ -39,6 +39,9 @@ import torch
 # the machine it runs on and passes them in.
 H200_MATMUL_TFLOPS = 790.0
 H200_HBM_TBPS = 4.8
+H200_TF32_TFLOPS = (
+    495.0  # dense TF32 tensor-core peak, the datasheet's (989 "with sparsity" / 2); not measured
+)
 BYTES_PER_PARAM_STEP = 28 + 6 + 6 + 8 + 4  # Adam, weight cast, gradient cast + accumulate, zeroing
 
 
@@ -69,8 +72,8 @@ class _Acc:
     def __init__(self, dev: _Device):
         self.dev, self.parts = dev, {}
 
-    def add(self, part: str, flops: float, nbytes: float) -> None:
-        s, bound = self.dev.kernel(flops, nbytes)
+    def add(self, part: str, flops: float, nbytes: float, dev: _Device | None = None) -> None:
+        s, bound = (dev or self.dev).kernel(flops, nbytes)
         p = self.parts.setdefault(part, [0.0, 0.0, 0.0, set()])
         p[0] += flops
         p[1] += nbytes
@@ -94,8 +97,9 @@ def _region(name: str) -> str:
     return "FiLM generator"
 
 
-def _rnn(acc: _Acc, rnn: torch.nn.RNNBase, active: list[int], rnn_bytes: int) -> None:
-    """The question RNN: `active[t]` questions at time step t (all N when padded; those longer than t packed)."""
+def _rnn(acc: _Acc, rnn: torch.nn.RNNBase, active: list[int], rnn_bytes: int, dev: _Device) -> None:
+    """The question RNN: `active[t]` questions at time step t (all N when padded; those longer than t packed), its
+    products at `dev`'s peak."""
     gates = {"GRU": 3, "LSTM": 4}.get(rnn.mode, 1)
     h, dirs = rnn.hidden_size, 2 if rnn.bidirectional else 1
     rows = sum(active)
@@ -103,23 +107,20 @@ def _rnn(acc: _Acc, rnn: torch.nn.RNNBase, active: list[int], rnn_bytes: int) ->
     for layer in range(rnn.num_layers):
         e = rnn.input_size if layer == 0 else h * dirs
         for _ in range(dirs):
-            for (
-                n
-            ) in active:  # forward, then the backward's recurrent input gradient: both T sequential products
+            # forward, then the backward's gradient through the state: each T products, one after the other
+            for n in active:
+                step_bytes = w_hh + n * (h + gates * h) * rnn_bytes
                 for _pass in range(2):
-                    acc.add(
-                        "question RNN: recurrent steps", 2 * n * gates * h * h, w_hh + n * (h + gates * h) * 2
-                    )
+                    acc.add("question RNN: recurrent steps", 2 * n * gates * h * h, step_bytes, dev)
             # input projection (forward), its input gradient (the embeddings train), the two weight gradients
             proj = 2 * rows * e * gates * h
             io = rows * (e + gates * h) * rnn_bytes
-            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * rnn_bytes)
-            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * rnn_bytes)
-            acc.add("question RNN: projections, weight gradients", proj, io + gates * h * e * 4)
+            part = "question RNN: projections, weight gradients"
+            acc.add(part, proj, io + gates * h * e * rnn_bytes, dev)
+            acc.add(part, proj, io + gates * h * e * rnn_bytes, dev)
+            acc.add(part, proj, io + gates * h * e * 4, dev)
             acc.add(
-                "question RNN: projections, weight gradients",
-                2 * rows * h * gates * h,
-                rows * (h + gates * h) * rnn_bytes + gates * h * h * 4,
+                part, 2 * rows * h * gates * h, rows * (h + gates * h) * rnn_bytes + gates * h * h * 4, dev
             )
 
 
@@ -132,11 +133,14 @@ def step_floor(
     hbm_tbps: float = H200_HBM_TBPS,
     act_bytes: int = 2,
     rnn_bytes: int = 2,
+    rnn_tflops: float | None = None,
     vocab: int = 93,
     answers: int = 32,
 ) -> list[Part]:
     """The floor of one training step (forward, backward, optimizer) for a batch of questions of these lengths:
-    `padded` runs the RNN over the longest (graph mode's static bucket), else each question's own (cuDNN packed)."""
+    `padded` runs the RNN over the longest (graph mode's static bucket), else each question's own (cuDNN packed).
+    `rnn_bytes` / `rnn_tflops`: the RNN's storage and matmul peak when they differ from the rest (a float32 GRU,
+    `model.rnn_autocast: false`: 4 bytes, cuDNN's TF32 peak)."""
     from fastfilm.model import FiLMModel
 
     acc = _Acc(_Device(matmul_tflops, hbm_tbps))
@@ -188,9 +192,14 @@ def step_floor(
 
     rnn = model.generator.encoder_rnn
     active = [n] * t if padded else [sum(1 for x in lengths if x > s) for s in range(t)]
-    _rnn(acc, rnn, active, rnn_bytes)
+    _rnn(acc, rnn, active, rnn_bytes, _Device(rnn_tflops or matmul_tflops, hbm_tbps))
     params = sum(p.numel() for p in model.parameters())
-    acc.add("optimizer (fused Adam), weight casts, gradients", 0.0, params * BYTES_PER_PARAM_STEP)
+    uncast = sum(p.numel() for p in rnn.parameters()) if rnn_bytes >= 4 else 0  # a float32 RNN: no casts
+    acc.add(
+        "optimizer (fused Adam), weight casts, gradients",
+        0.0,
+        params * BYTES_PER_PARAM_STEP - uncast * (6 + 6),
+    )
     return acc.rows()
 
 
@@ -228,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rnn-bytes", type=int, default=2, help="bytes per RNN weight/state (4: rnn_autocast false)"
     )
+    p.add_argument(
+        "--rnn-tflops",
+        type=float,
+        default=None,
+        help="the RNN's matmul peak (default --matmul-tflops; a float32 GRU runs cuDNN's TF32: H200 datasheet "
+        f"{H200_TF32_TFLOPS:g})",
+    )
     p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = p.parse_args(argv)
     from fastfilm.config import load_config
@@ -243,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         hbm_tbps=args.hbm_tbps,
         act_bytes=args.act_bytes,
         rnn_bytes=args.rnn_bytes,
+        rnn_tflops=args.rnn_tflops,
     )
     print(
         f"{os.path.relpath(args.config)}, batch {args.batch}, {args.tokens} tokens "
-        f"({'packed' if args.packed else 'padded'}); {args.matmul_tflops:g} TFLOP/s, {args.hbm_tbps:g} TB/s; "
+        f"({'packed' if args.packed else 'padded'}); {args.matmul_tflops:g} TFLOP/s, {args.hbm_tbps:g} TB/s"
+        + (f", RNN {args.rnn_bytes} B at {args.rnn_tflops:g} TFLOP/s" if args.rnn_tflops else "")
+        + "; "
         "predicted floor, not a measurement"
     )
     print(table(rows, args.batch))

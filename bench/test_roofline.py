@@ -62,6 +62,18 @@ def test_the_rnn_reads_its_hidden_weights_every_step(paper):
     assert rec.bound == "memory"  # batch 64: the weight reads bound each step
     big = _parts(roofline.step_floor(paper, [t] * 256, matmul_tflops=790, hbm_tbps=4.8))
     assert big["question RNN: recurrent steps"].bound == "compute"
+    # model.rnn_autocast false: float32 weights and states, the products at the TF32 peak; no weight casts
+    fp32 = _parts(
+        roofline.step_floor(paper, [t] * n, matmul_tflops=790, hbm_tbps=4.8, rnn_bytes=4, rnn_tflops=400)
+    )
+    rec32 = fp32["question RNN: recurrent steps"]
+    assert rec32.gbyte * 1e9 == pytest.approx(2 * t * 2 * (w_hh + states))
+    assert rec32.ms == pytest.approx(
+        2 * t * max(2 * n * 3 * h * h / 400e12, 2 * (w_hh + states) / 4.8e12) * 1e3
+    )
+    opt = "optimizer (fused Adam), weight casts, gradients"
+    rnn_params = 3 * h * (paper.wordvec_dim + h + 2)
+    assert (rows[opt].gbyte - fp32[opt].gbyte) * 1e9 == pytest.approx(12 * rnn_params)
 
 
 def test_the_floor_moves_with_the_work(paper):
