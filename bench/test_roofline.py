@@ -100,3 +100,9 @@ def test_the_command_says_it_predicts(capsys):
     assert roofline.main(["--batch", "8", "--tokens", "12", "--set", "model.image_size=32"]) == 0
     out = capsys.readouterr().out
     assert "predicted floor, not a measurement" in out and "| **step** |" in out
+
+
+def test_copy_bandwidth_is_measured():
+    import workload
+
+    assert workload.copy_gbps(nbytes=1 << 20, min_seconds=0.01, device="cpu") > 0
