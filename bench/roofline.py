@@ -18,9 +18,9 @@ bf16 autocast; fp32 master weights):
   projection and weight gradients are single large products over all time steps.
 - BatchNorm with its FiLM, ReLU and residual: forward reads the tensor twice (statistics, then apply) and writes
   it once; backward reads the gradient and the input twice and writes the input gradient (3 + 5 passes).
-- Per parameter, per step: fused Adam (reads param, grad, m, v; writes param, m, v: 28 bytes), autocast's weight
-  cast (read fp32, write the half copy: 6) and its gradient's cast back and accumulation (6 + 8), and zeroing the
-  gradients (4): 52 bytes.
+- Per parameter, per step: fused Adam (reads param, grad, m, v; writes param, m, v: 28 bytes), the gradient's
+  accumulation (8) and zeroing (4), and under autocast the weight's cast (read fp32, write the half copy: 6) and
+  its gradient's cast back (6): 52 bytes.
 Not counted: elementwise work inside the GRU cell, the loss, embeddings, pooling, and each kernel's fixed cost
 (~2-4 µs even inside a CUDA graph; the paper step launches ~720 kernels: bench/RESULTS_GPU.md).
 """
@@ -39,10 +39,12 @@ import torch
 # the machine it runs on and passes them in.
 H200_MATMUL_TFLOPS = 790.0
 H200_HBM_TBPS = 4.8
-H200_TF32_TFLOPS = (
-    495.0  # dense TF32 tensor-core peak, the datasheet's (989 "with sparsity" / 2); not measured
-)
-BYTES_PER_PARAM_STEP = 28 + 6 + 6 + 8 + 4  # Adam, weight cast, gradient cast + accumulate, zeroing
+# dense TF32 tensor-core peak, the datasheet's (989 "with sparsity" / 2); not measured
+H200_TF32_TFLOPS = 495.0
+# per parameter and step: fused Adam 28, gradient accumulation 8 and zeroing 4; under autocast also the weight's
+# cast to the half copy (read 4, write 2) and its gradient's cast back (read 2, write 4)
+BYTES_PER_PARAM_STEP = 28 + 8 + 4
+BYTES_PER_CAST_PARAM = 6 + 6
 
 
 @dataclass
@@ -169,7 +171,8 @@ def step_floor(
     model(images, torch.ones(n, t, dtype=torch.long, device="meta"), torch.tensor(lengths))
     for hk in hooks:
         hk.remove()
-    first_conv = next(name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d))
+    # the first convolution's input (the image or the features) needs no gradient
+    first_conv = next(name for name, mod in model.named_modules() if name in shapes and mod.weight.dim() == 4)
 
     for name, mod in model.named_modules():
         if name not in shapes:
@@ -185,7 +188,7 @@ def step_floor(
         fwd = 2 * n_out * (weight.numel() // weight.shape[0])  # a multiply-add per weight and output element
         part = f"{region}: {'convolutions' if weight.dim() == 4 else 'linear layers'}"
         acc.add(part, fwd, (n_in + n_out + w) * act_bytes)
-        first = name == first_conv  # its input (the image) needs no gradient
+        first = name == first_conv
         acc.add(
             part, fwd * (1 if first else 2), (n_out + n_in + (0 if first else n_in) + w) * act_bytes + w * 4
         )
@@ -194,11 +197,12 @@ def step_floor(
     active = [n] * t if padded else [sum(1 for x in lengths if x > s) for s in range(t)]
     _rnn(acc, rnn, active, rnn_bytes, _Device(rnn_tflops or matmul_tflops, hbm_tbps))
     params = sum(p.numel() for p in model.parameters())
-    uncast = sum(p.numel() for p in rnn.parameters()) if rnn_bytes >= 4 else 0  # a float32 RNN: no casts
+    rnn_params = sum(p.numel() for p in rnn.parameters())
+    cast = (params - rnn_params) * (act_bytes < 4) + rnn_params * (rnn_bytes < 4)  # what autocast copies
     acc.add(
         "optimizer (fused Adam), weight casts, gradients",
         0.0,
-        params * BYTES_PER_PARAM_STEP - uncast * (6 + 6),
+        params * BYTES_PER_PARAM_STEP + cast * BYTES_PER_CAST_PARAM,
     )
     return acc.rows()
 

@@ -74,6 +74,11 @@ def test_the_rnn_reads_its_hidden_weights_every_step(paper):
     opt = "optimizer (fused Adam), weight casts, gradients"
     rnn_params = 3 * h * (paper.wordvec_dim + h + 2)
     assert (rows[opt].gbyte - fp32[opt].gbyte) * 1e9 == pytest.approx(12 * rnn_params)
+    full = _parts(
+        roofline.step_floor(paper, [t] * n, act_bytes=4, rnn_bytes=4)
+    )  # no autocast: no casts at all
+    params = rnn_params + (rows[opt].gbyte * 1e9 - 52 * rnn_params) / 52
+    assert full[opt].gbyte * 1e9 == pytest.approx(40 * params)
 
 
 def test_the_floor_moves_with_the_work(paper):
