@@ -17,7 +17,8 @@ the exit status is 1 when any case failed.
 Cases: `eager_nchw` (DeepSpeed's engine step, the model NCHW: the reference), `eager_cl` (the same, channels_last),
 `static_eager_cl` (graph mode's static-shape step, not captured), `graph_cl` (captured and replayed),
 `graph_cl_gru_fp32` (graph_cl with the question encoder's GRU outside autocast, float32: its cost against cuDNN's
-float16 RNN that autocast picks even under bf16), `graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with
+float16 RNN that autocast picks even under bf16), `graph_cl_gru_loop` (graph_cl with the GRU as a loop of cuBLAS
+products in bf16, float32 gates: bench/loop_gru.py), `graph_cl_b256` (batch 256), `graph_cl_triton` (graph mode with
 every fused op site on the Triton kernels),
 `graph_cl_picked` (graph mode with each site's implementation measured inside a CUDA graph by
 `fastfilm.kernel_pick`, as `kernels.mode: auto` does on a GPU; its choices are in the row), `graph_cl_compile`
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cases",
-        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_gru_fp32,graph_cl_triton,"
+        default="check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_gru_fp32,graph_cl_gru_loop,"
+        "graph_cl_triton,"
         "graph_cl_picked,graph_cl_b256,graph_cl_compile",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 GPU, 3 tiny)")
@@ -390,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             # graph_cl_gru_fp32: the question encoder outside autocast, float32 (on a GPU autocast runs cuDNN's RNN
             # in float16 whatever its dtype: README, "Precision"); every other case as the trainer runs it
             engine.module.generator.rnn_autocast = case != "graph_cl_gru_fp32"
+            # graph_cl_gru_loop: the encoder's GRU as a loop of cuBLAS products inside the graph (bench/loop_gru.py)
+            gen = engine.module.generator
+            gen.encoder_rnn.__dict__.pop("forward", None)
+            if case == "graph_cl_gru_loop":
+                from loop_gru import use_loop_gru
+
+                use_loop_gru(gen)
             picks = None
             if case == "eager_nchw":
                 step = engine_step(engine, batch)
@@ -401,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                     step = engine_step(engine, batch)
                 elif case == "static_eager_cl":
                     step = graphed_step(engine, batch, dtype, capture=False)
-                elif case in ("graph_cl", "graph_cl_gru_fp32", "graph_cl_b256", "graph_cl_triton"):
+                elif case in (
+                    "graph_cl", "graph_cl_gru_fp32", "graph_cl_gru_loop", "graph_cl_b256", "graph_cl_triton"
+                ):  # fmt: skip
                     step = graphed_step(engine, batch, dtype, capture=CUDA)
                 elif case == "graph_cl_picked":
                     from fastfilm import kernel_pick
@@ -423,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "batch": bs,
                 "memory_format": "channels_first" if case == "eager_nchw" else "channels_last",
+                "question_encoder": {
+                    "graph_cl_gru_fp32": "nn.GRU outside autocast (float32)",
+                    "graph_cl_gru_loop": "loop_gru (autocast-dtype products, float32 gates)",
+                }.get(case, "nn.GRU under autocast"),
             }
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
             floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm, tf32)

@@ -11,7 +11,7 @@ import gpu_step  # noqa: E402
 
 def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
     out = tmp_path / "r.json"
-    cases = "check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_gru_fp32,graph_cl_b256,graph_cl_picked,graph_cl_compile"  # not graph_cl_triton: graph_cl on graph_cl_picked's model, ~10 s of interpreter here
+    cases = "check_graph,eager_nchw,eager_cl,static_eager_cl,graph_cl,graph_cl_gru_fp32,graph_cl_gru_loop,graph_cl_b256,graph_cl_picked,graph_cl_compile"  # not graph_cl_triton: graph_cl on graph_cl_picked's model, ~10 s of interpreter here
     argv = [
         "--tiny",
         "--out",
@@ -40,6 +40,7 @@ def test_gpu_step_bench_runs_every_case_and_writes_json(tmp_path):
     assert rows["graph_cl_gru_fp32"]["floor_ms"] > rows["graph_cl"]["floor_ms"]  # float32 weights, TF32 peak
     assert rows["graph_cl_b256"]["floor_ms"] > rows["graph_cl"]["floor_ms"]
     assert result["cases"]["eager_cl"]["memory_format"] == "channels_last"
+    assert result["cases"]["graph_cl_gru_loop"]["question_encoder"].startswith("loop_gru")
     picks = result["cases"]["graph_cl_picked"]["kernel_picks"]
     assert picks and all(line.startswith("kernels: ") for line in picks)
     md = (tmp_path / "r.md").read_text()
