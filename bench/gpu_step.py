@@ -440,9 +440,13 @@ def main(argv: list[str] | None = None) -> int:
                 }.get(case, "nn.GRU under autocast"),
             }
             row.update(time_case(step, bs, warmup, steps, gflop, ceiling))
-            floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm, tf32)
-            row["floor_ms"] = float(f"{floor:.4g}")
-            row["floor_share"] = round(floor / row["ms"], 4)
+            try:
+                floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm, tf32)
+                row["floor_ms"] = float(f"{floor:.4g}")
+                row["floor_share"] = round(floor / row["ms"], 4)
+            except Exception as e:  # noqa: BLE001 (a model of the step: its failure must not cost the timing)
+                row["floor_ms"] = row["floor_share"] = None
+                row["floor_error"] = f"{type(e).__name__}: {e}"[:300]
             if picks is not None:
                 row["kernel_picks"] = [p.line() for p in picks]
             row["captured"] = bool(getattr(getattr(step, "graphed", None), "capture", False))
