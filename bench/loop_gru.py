@@ -1,13 +1,13 @@
 """A GRU over a padded batch as a loop of matrix products: the experiment behind `gpu_step.py`'s `graph_cl_gru_loop`.
 
 Why: the paper step's floor (bench/roofline.py) is 57% question encoder at batch 64, and there each of the 46
-recurrent steps is a [64, 4096] × [4096, 12288] product bound by reading the 101 MB of hidden weights. On the
-2026-12-04 H200 profile cuDNN's RNN took ≥ 4.0 ms against a 2.2 ms floor, its largest GEMM kernel using
-128×256 tiles: 48 tiles for 12288 columns on 132 SMs, so too few to pull the weights at full bandwidth (a guess
-from the kernel names, which only a GPU can confirm). Launched one by one, a loop of 92 products would be slower
-still; inside graph mode's CUDA graph its launches cost nothing, and cuBLAS picks its own kernels for the skinny
-shapes. Under bf16 autocast its products run in bf16 with float32 gates and states, where cuDNN's RNN runs in
-float16 unscaled (README, "Precision"): if it is as fast, it also settles that question.
+recurrent steps is a [64, 4096] × [4096, 12288] product bound by reading the 101 MB of hidden weights (21 µs at
+HBM speed). On the 2026-12-04 H200 profile cuDNN's RNN took ~4.0 ms (its float16 GEMMs and cells among the top
+25 kernels) against a 2.2 ms floor; its largest GEMM kernel ran 24 times a step at 82 µs each. Why it is slower
+only a GPU can say (skinny products on too few tiles is a guess). Launched one by one, a loop of 92 products would
+be slower still; inside graph mode's CUDA graph its launches cost nothing, and cuBLAS picks its own kernels for
+the skinny shapes. Under bf16 autocast its products run in bf16 with float32 gates and states, where cuDNN's RNN
+runs in float16 unscaled (README, "Precision"): if it is as fast, it also settles that question.
 
 Each step's elementwise work (the gates, the new state; backward their gradients) is one function, compiled by
 torch.compile on a GPU into one fused kernel: a loop of separate elementwise ops would launch ~50 kernels a step,
