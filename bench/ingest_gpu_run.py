@@ -233,7 +233,10 @@ def ingest(src: str, name: str, results: str, dest_root: str, command: str | Non
         run = find_run(root)
         text = section(run, name, command, allow_cpu)
         staging = f"{dest}.tmp{os.getpid()}"
-        shutil.copytree(run, staging)
+        # the device tool hands its files back read-only: the copies get ordinary permissions
+        shutil.copytree(run, staging, copy_function=shutil.copyfile)
+        for dirpath, _dirs, _files in os.walk(staging):
+            os.chmod(dirpath, 0o755)
         os.replace(staging, dest)
     write_atomic(results, insert(results, text))
     return text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tarfile
 
 import ingest_gpu_run
@@ -112,6 +113,31 @@ def test_refusals_write_nothing(tmp_path, capsys):
     assert ingest_gpu_run.main([str(gpu), "--name", "2026-12-07-h200", *common]) == 2
     assert "exists already" in capsys.readouterr().err
     assert results.read_text(encoding="utf-8") == before
+
+
+def test_read_only_files_are_copied_writable(tmp_path):
+    run = _run_folder(tmp_path / "src")
+    for dirpath, _dirs, files in os.walk(run, topdown=False):
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o444)
+        os.chmod(dirpath, 0o555)
+    results, dest = _results(tmp_path), tmp_path / "gpu"
+    dest.mkdir()
+    try:
+        assert (
+            ingest_gpu_run.main(
+                [str(run), "--name", "2026-12-07-h200", "--results", str(results), "--dest-root", str(dest)]
+            )
+            == 0
+        )
+    finally:
+        for dirpath, _dirs, _files in os.walk(run):
+            os.chmod(dirpath, 0o755)
+    # neither the files nor the folders kept the read-only bits (mode bits: root would write anyway)
+    for dirpath, _dirs, files in os.walk(dest / "2026-12-07-h200"):
+        assert os.stat(dirpath).st_mode & stat.S_IWUSR, dirpath
+        for f in files:
+            assert os.stat(os.path.join(dirpath, f)).st_mode & stat.S_IWUSR, f
 
 
 def test_a_cpu_dry_run_is_labelled_when_allowed(tmp_path):
