@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 floor = floor_ms(cfg, batch, case, dtype, ceiling, hbm, tf32)
                 row["floor_ms"] = float(f"{floor:.4g}")
-                row["floor_share"] = round(floor / row["ms"], 4)
+                row["floor_share"] = float(f"{floor / row['ms']:.3g}")
             except Exception as e:  # noqa: BLE001 (a model of the step: its failure must not cost the timing)
                 row["floor_ms"] = row["floor_share"] = None
                 row["floor_error"] = f"{type(e).__name__}: {e}"[:300]
