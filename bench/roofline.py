@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -208,7 +210,43 @@ def step_floor(
 
 
 def total_ms(rows: list[Part]) -> float:
+    """The step's floor: its parts' floors summed (ms)."""
     return sum(r.ms for r in rows)
+
+
+def expected_floor(
+    model_cfg, lengths, batch: int, *, bucketed: bool = False, seed: int = 0, **floor_kw
+) -> dict[str, Any]:
+    """Graph mode's floor over one epoch of a split whose questions have these `lengths` (tokens), its batches
+    drawn as the trainer draws them (shuffled, or `data.bucket_by_length`'s `bucket_rows`), each padded to its
+    bucket (`fastfilm.graphed.length_buckets` of the split's longest): the buckets' counts, each bucket's floor
+    and the epoch's mean. Only the bucket sets a padded step's floor, so one floor per bucket is counted."""
+    import numpy as np
+
+    from fastfilm.data.buckets import bucket_rows
+    from fastfilm.graphed import bucket_for, length_buckets
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if bucketed:
+        order = bucket_rows(order, lengths, batch, rng)
+    full = len(order) // batch * batch
+    if full == 0:
+        raise ValueError(f"expected_floor: {len(lengths)} questions make no batch of {batch}")
+    longest = lengths[order[:full]].reshape(-1, batch).max(1)
+    buckets = length_buckets(int(lengths.max()))
+    counts = Counter(bucket_for(int(x), buckets) for x in longest)
+    per_bucket = {t: total_ms(step_floor(model_cfg, [t] * batch, **floor_kw)) for t in sorted(counts)}
+    mean = sum(per_bucket[t] * c for t, c in counts.items()) / sum(counts.values())
+    return {
+        "batches": int(sum(counts.values())),
+        "bucket_counts": {int(t): int(counts[t]) for t in sorted(counts)},
+        "floor_ms_per_bucket": per_bucket,
+        "mean_bucket": sum(t * c for t, c in counts.items()) / sum(counts.values()),
+        "mean_floor_ms": mean,
+        "questions_per_s": batch / mean * 1e3,
+    }
 
 
 def table(rows: list[Part], batch: int) -> str:
@@ -249,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{H200_TF32_TFLOPS:g})",
     )
     p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="a `fastfilm prep` cache: also graph mode's floor over an epoch of its split's real lengths, "
+        "shuffled and with data.bucket_by_length",
+    )
+    p.add_argument("--split", default="train", help="the --cache split (train)")
     args = p.parse_args(argv)
     from fastfilm.config import load_config
 
@@ -273,6 +318,30 @@ def main(argv: list[str] | None = None) -> int:
         "predicted floor, not a measurement"
     )
     print(table(rows, args.batch))
+    if args.cache:
+        from fastfilm.data import load_split
+
+        lengths = load_split(args.cache, args.split)["lengths"]
+        kw = dict(
+            matmul_tflops=args.matmul_tflops,
+            hbm_tbps=args.hbm_tbps,
+            act_bytes=args.act_bytes,
+            rnn_bytes=args.rnn_bytes,
+            rnn_tflops=args.rnn_tflops,
+        )
+        print(
+            f"\n{args.cache} ({args.split}: {len(lengths):,} questions, {lengths.mean():.1f} tokens on average, "
+            f"the longest {lengths.max()}): graph mode's floor over an epoch, each batch padded to its bucket"
+        )
+        print("| batch order | batches per bucket | mean bucket | floor ms | questions/s |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for name, bucketed in (("shuffled", False), ("data.bucket_by_length", True)):
+            e = expected_floor(cfg.model, lengths, args.batch, bucketed=bucketed, **kw)
+            counts = ", ".join(f"{t}: {c}" for t, c in e["bucket_counts"].items())
+            print(
+                f"| {name} | {counts} | {e['mean_bucket']:.1f} | {e['mean_floor_ms']:.2f} | "
+                f"{e['questions_per_s']:,.0f} |"
+            )
     return 0
 
 

@@ -111,3 +111,43 @@ def test_copy_bandwidth_is_measured():
     import workload
 
     assert workload.copy_gbps(nbytes=1 << 20, min_seconds=0.01, device="cpu") > 0
+
+
+def test_an_epochs_floor_counts_each_batchs_bucket(paper):
+    import numpy as np
+    import roofline
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 47, size=64 * 40)  # 40 batches, lengths 8..46: buckets 8, 16, …, 40, 46
+    shuffled = roofline.expected_floor(paper, lengths, 64)
+    bucketed = roofline.expected_floor(paper, lengths, 64, bucketed=True)
+    assert shuffled["batches"] == bucketed["batches"] == 40
+    assert sum(shuffled["bucket_counts"].values()) == 40
+    assert set(shuffled["bucket_counts"]) == {
+        46
+    }  # 64 uniform lengths: the longest is nearly always in 41..46
+    assert len(bucketed["bucket_counts"]) > 3 and bucketed["mean_bucket"] < shuffled["mean_bucket"]
+    assert bucketed["mean_floor_ms"] < shuffled["mean_floor_ms"]
+    one = roofline.total_ms(roofline.step_floor(paper, [46] * 64))
+    assert shuffled["mean_floor_ms"] == pytest.approx(one)  # one bucket: its floor
+    assert shuffled["questions_per_s"] == pytest.approx(64 / one * 1e3)
+    with pytest.raises(ValueError, match="no batch"):
+        roofline.expected_floor(paper, lengths[:10], 64)
+
+
+def test_the_command_reads_a_caches_lengths(bench_dataset, capsys):
+    import roofline
+
+    argv = [
+        "--batch",
+        "8",
+        "--tokens",
+        "12",
+        "--set",
+        "model.image_size=32",
+        "--cache",
+        bench_dataset["cache"],
+    ]
+    assert roofline.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| shuffled |" in out and "| data.bucket_by_length |" in out
