@@ -21,7 +21,9 @@
 #   data        a synthetic CLEVR-format set + uint8 cache at 224 px (in $WORK, not OUTDIR)
 #   train_reference, train_compile, train_triton
 #               `python -m fastfilm train` of configs/clevr.json (the paper's raw-pixel model), bf16,
-#               $TRAIN_STEPS steps on the synthetic set, then `fastfilm eval` of its last checkpoint (device,
+#               $TRAIN_STEPS steps on the synthetic set (its questions are shorter than CLEVR's: 11 tokens on
+#               average and at most 20 against 20.4 and 46, so its questions/s are not the paper step's; gpu_step
+#               times that), then `fastfilm eval` of its last checkpoint (device,
 #               precision, accuracy in eval.json); metrics/summary/eval copied to OUTDIR/train/MODE
 #   profile     bench/profile_step.py: PyTorch profiler over a few train steps per kernels mode
 #               (kernel launches per step, top kernels) into OUTDIR/profile
