@@ -256,6 +256,36 @@ def time_case(step, batch_size: int, warmup: int, steps: int, gflop: float, ceil
     return row
 
 
+def ceilings(dtype, cases: list[str]) -> tuple[float, float, float | None]:
+    """This GPU's own ceilings, measured: the matmul TFLOP/s in the run's dtype (8192²), the copy bandwidth in
+    TB/s, and the TF32 matmul TFLOP/s when a case runs a float32 GRU (cuDNN's RNN takes TF32)."""
+    from workload import copy_gbps, matmul_gflops
+
+    ceiling = matmul_gflops(torch.bfloat16 if dtype else torch.float32, n=8192, min_seconds=0.5) / 1e3
+    hbm = copy_gbps() / 1e3
+    tf32 = None
+    if "graph_cl_gru_fp32" in cases or dtype is None:
+        was = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            tf32 = matmul_gflops(torch.float32, n=8192, min_seconds=0.5) / 1e3
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = was
+    return ceiling, hbm, tf32
+
+
+def set_question_encoder(generator: torch.nn.Module, case: str) -> None:
+    """The question encoder as `case` runs it: `graph_cl_gru_fp32` outside autocast in float32 (on a GPU autocast
+    runs cuDNN's RNN in float16 whatever its dtype: README, "Precision"), `graph_cl_gru_loop` as a loop of
+    cuBLAS products inside the graph (bench/loop_gru.py), every other case as the trainer runs it."""
+    generator.rnn_autocast = case != "graph_cl_gru_fp32"
+    generator.encoder_rnn.__dict__.pop("forward", None)  # a previous case's loop_gru
+    if case == "graph_cl_gru_loop":
+        from loop_gru import use_loop_gru
+
+        use_loop_gru(generator)
+
+
 def floor_ms(
     cfg,
     batch,
@@ -318,19 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     b64, b256 = (8, 32) if tiny else (64, 256)
     seq_len = 12 if tiny else benchlib.PAPER_QUESTION_LEN
     cases = [c for c in args.cases.split(",") if c]
-    from workload import copy_gbps, matmul_gflops, step_gflop
+    from workload import step_gflop
 
-    ceiling = hbm = tf32 = None
-    if CUDA:
-        ceiling = matmul_gflops(torch.bfloat16 if dtype else torch.float32, n=8192, min_seconds=0.5) / 1e3
-        hbm = copy_gbps() / 1e3
-        if "graph_cl_gru_fp32" in cases or dtype is None:  # the float32 GRU's products: cuDNN's TF32
-            was = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                tf32 = matmul_gflops(torch.float32, n=8192, min_seconds=0.5) / 1e3
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = was
+    ceiling, hbm, tf32 = ceilings(dtype, cases) if CUDA else (None, None, None)
     result: dict[str, Any] = {
         "device": benchlib.device_name(),
         "versions": benchlib.versions(),
@@ -389,16 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             bs = b256 if case.endswith("_b256") else b64
             kernels = "triton" if case in ("graph_cl_triton", "graph_cl_picked") else "reference"
             cfg, engine, batch, gflop = engine_for(bs, kernels)
-            # graph_cl_gru_fp32: the question encoder outside autocast, float32 (on a GPU autocast runs cuDNN's RNN
-            # in float16 whatever its dtype: README, "Precision"); every other case as the trainer runs it
-            engine.module.generator.rnn_autocast = case != "graph_cl_gru_fp32"
-            # graph_cl_gru_loop: the encoder's GRU as a loop of cuBLAS products inside the graph (bench/loop_gru.py)
-            gen = engine.module.generator
-            gen.encoder_rnn.__dict__.pop("forward", None)
-            if case == "graph_cl_gru_loop":
-                from loop_gru import use_loop_gru
-
-                use_loop_gru(gen)
+            set_question_encoder(engine.module.generator, case)
             picks = None
             if case == "eager_nchw":
                 step = engine_step(engine, batch)

@@ -128,6 +128,57 @@ def _rnn(acc: _Acc, rnn: torch.nn.RNNBase, active: list[int], rnn_bytes: int, de
             )
 
 
+def _layer_shapes(model: torch.nn.Module, model_cfg, lengths: list[int]) -> dict[str, tuple[int, int]]:
+    """(input numel, output numel) of each BatchNorm, linear and convolution of `model` (on the meta device) in
+    a forward of a batch of questions of these lengths."""
+    n, t, m = len(lengths), max(lengths), model_cfg
+    if m.stem == "pixels":
+        images = torch.empty(n, 3, m.image_size, m.image_size, device="meta")
+    else:
+        images = torch.empty(n, m.feature_channels, m.feature_size, m.feature_size, device="meta")
+    shapes: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Linear)) or (
+            not list(mod.children())
+            and any(k.endswith("weight") for k, _ in mod.named_parameters())
+            and not isinstance(mod, (torch.nn.Embedding, torch.nn.RNNBase))
+        ):
+
+            def hook(mod, inp, out, name=name):
+                shapes[name] = (inp[0].numel(), out.numel())
+
+            hooks.append(mod.register_forward_hook(hook))
+    model(images, torch.ones(n, t, dtype=torch.long, device="meta"), torch.tensor(lengths))
+    for hk in hooks:
+        hk.remove()
+    return shapes
+
+
+def _layers(acc: _Acc, model: torch.nn.Module, shapes: dict[str, tuple[int, int]], act_bytes: int) -> None:
+    """The convolutions, linear layers and BatchNorms (with their FiLM, ReLU, residual), forward and backward."""
+    # the first convolution's input (the image or the features) needs no gradient
+    first_conv = next(name for name, mod in model.named_modules() if name in shapes and mod.weight.dim() == 4)
+    for name, mod in model.named_modules():
+        if name not in shapes:
+            continue
+        n_in, n_out = shapes[name]
+        region = _region(name)
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            passes = 3 + 5
+            acc.add(f"{region}: BatchNorm (+ FiLM, ReLU, residual)", 0.0, passes * n_out * act_bytes)
+            continue
+        weight = mod.weight
+        w = sum(p.numel() for p in mod.parameters(recurse=False))
+        fwd = 2 * n_out * (weight.numel() // weight.shape[0])  # a multiply-add per weight and output element
+        part = f"{region}: {'convolutions' if weight.dim() == 4 else 'linear layers'}"
+        acc.add(part, fwd, (n_in + n_out + w) * act_bytes)
+        first = name == first_conv
+        acc.add(
+            part, fwd * (1 if first else 2), (n_out + n_in + (0 if first else n_in) + w) * act_bytes + w * 4
+        )
+
+
 def step_floor(
     model_cfg,
     lengths: list[int],
@@ -151,50 +202,7 @@ def step_floor(
     n, t = len(lengths), max(lengths)
     with torch.device("meta"):
         model = FiLMModel(model_cfg, vocab, answers).train()
-    m = model_cfg
-    if m.stem == "pixels":
-        images = torch.empty(n, 3, m.image_size, m.image_size, device="meta")
-    else:
-        images = torch.empty(n, m.feature_channels, m.feature_size, m.feature_size, device="meta")
-
-    shapes: dict[str, tuple[int, int]] = {}  # module → (input numel, output numel)
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Linear)) or (
-            not list(mod.children())
-            and any(k.endswith("weight") for k, _ in mod.named_parameters())
-            and not isinstance(mod, (torch.nn.Embedding, torch.nn.RNNBase))
-        ):
-
-            def hook(mod, inp, out, name=name):
-                shapes[name] = (inp[0].numel(), out.numel())
-
-            hooks.append(mod.register_forward_hook(hook))
-    model(images, torch.ones(n, t, dtype=torch.long, device="meta"), torch.tensor(lengths))
-    for hk in hooks:
-        hk.remove()
-    # the first convolution's input (the image or the features) needs no gradient
-    first_conv = next(name for name, mod in model.named_modules() if name in shapes and mod.weight.dim() == 4)
-
-    for name, mod in model.named_modules():
-        if name not in shapes:
-            continue
-        n_in, n_out = shapes[name]
-        region = _region(name)
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            passes = 3 + 5
-            acc.add(f"{region}: BatchNorm (+ FiLM, ReLU, residual)", 0.0, passes * n_out * act_bytes)
-            continue
-        weight = mod.weight
-        w = sum(p.numel() for p in mod.parameters(recurse=False))
-        fwd = 2 * n_out * (weight.numel() // weight.shape[0])  # a multiply-add per weight and output element
-        part = f"{region}: {'convolutions' if weight.dim() == 4 else 'linear layers'}"
-        acc.add(part, fwd, (n_in + n_out + w) * act_bytes)
-        first = name == first_conv
-        acc.add(
-            part, fwd * (1 if first else 2), (n_out + n_in + (0 if first else n_in) + w) * act_bytes + w * 4
-        )
-
+    _layers(acc, model, _layer_shapes(model, model_cfg, lengths), act_bytes)
     rnn = model.generator.encoder_rnn
     active = [n] * t if padded else [sum(1 for x in lengths if x > s) for s in range(t)]
     _rnn(acc, rnn, active, rnn_bytes, _Device(rnn_tflops or matmul_tflops, hbm_tbps))
@@ -221,20 +229,13 @@ def expected_floor(
     drawn as the trainer draws them (shuffled, or `data.bucket_by_length`'s `bucket_rows`), each padded to its
     bucket (`fastfilm.graphed.length_buckets` of the split's longest): the buckets' counts, each bucket's floor
     and the epoch's mean. Only the bucket sets a padded step's floor, so one floor per bucket is counted."""
-    import numpy as np
+    from workload import epoch_batch_longest
 
-    from fastfilm.data.buckets import bucket_rows
     from fastfilm.graphed import bucket_for, length_buckets
 
-    lengths = np.asarray(lengths, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    if bucketed:
-        order = bucket_rows(order, lengths, batch, rng)
-    full = len(order) // batch * batch
-    if full == 0:
+    longest = epoch_batch_longest(lengths, batch, bucketed, seed)
+    if len(longest) == 0:
         raise ValueError(f"expected_floor: {len(lengths)} questions make no batch of {batch}")
-    longest = lengths[order[:full]].reshape(-1, batch).max(1)
     buckets = length_buckets(int(lengths.max()))
     counts = Counter(bucket_for(int(x), buckets) for x in longest)
     per_bucket = {t: total_ms(step_floor(model_cfg, [t] * batch, **floor_kw)) for t in sorted(counts)}
@@ -261,7 +262,27 @@ def table(rows: list[Part], batch: int) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_epoch_floors(model_cfg, cache: str, split: str, batch: int, **floor_kw) -> None:
+    """Graph mode's floor over an epoch of a prep cache's question lengths, shuffled and bucketed, as a table."""
+    from fastfilm.data import load_split
+
+    lengths = load_split(cache, split)["lengths"]
+    print(
+        f"\n{cache} ({split}: {len(lengths):,} questions, {lengths.mean():.1f} tokens on average, "
+        f"the longest {lengths.max()}): graph mode's floor over an epoch, each batch padded to its bucket"
+    )
+    print("| batch order | batches per bucket | mean bucket | floor ms | questions/s |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, bucketed in (("shuffled", False), ("data.bucket_by_length", True)):
+        e = expected_floor(model_cfg, lengths, batch, bucketed=bucketed, **floor_kw)
+        counts = ", ".join(f"{t}: {c}" for t, c in e["bucket_counts"].items())
+        print(
+            f"| {name} | {counts} | {e['mean_bucket']:.1f} | {e['mean_floor_ms']:.2f} | "
+            f"{e['questions_per_s']:,.0f} |"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "clevr.json"))
     p.add_argument("--batch", type=int, default=64)
@@ -294,22 +315,24 @@ def main(argv: list[str] | None = None) -> int:
         "shuffled and with data.bucket_by_length",
     )
     p.add_argument("--split", default="train", help="the --cache split (train)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from fastfilm.config import load_config
 
     cfg = load_config(args.config, overrides=args.set)
     lo = min(8, args.tokens)
     lengths = [lo + (args.tokens - lo) * i // max(args.batch - 1, 1) for i in range(args.batch)]
-    rows = step_floor(
-        cfg.model,
-        lengths,
-        padded=not args.packed,
+    kw = dict(
         matmul_tflops=args.matmul_tflops,
         hbm_tbps=args.hbm_tbps,
         act_bytes=args.act_bytes,
         rnn_bytes=args.rnn_bytes,
         rnn_tflops=args.rnn_tflops,
     )
+    rows = step_floor(cfg.model, lengths, padded=not args.packed, **kw)
     print(
         f"{os.path.relpath(args.config)}, batch {args.batch}, {args.tokens} tokens "
         f"({'packed' if args.packed else 'padded'}); {args.matmul_tflops:g} TFLOP/s, {args.hbm_tbps:g} TB/s"
@@ -319,29 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rows, args.batch))
     if args.cache:
-        from fastfilm.data import load_split
-
-        lengths = load_split(args.cache, args.split)["lengths"]
-        kw = dict(
-            matmul_tflops=args.matmul_tflops,
-            hbm_tbps=args.hbm_tbps,
-            act_bytes=args.act_bytes,
-            rnn_bytes=args.rnn_bytes,
-            rnn_tflops=args.rnn_tflops,
-        )
-        print(
-            f"\n{args.cache} ({args.split}: {len(lengths):,} questions, {lengths.mean():.1f} tokens on average, "
-            f"the longest {lengths.max()}): graph mode's floor over an epoch, each batch padded to its bucket"
-        )
-        print("| batch order | batches per bucket | mean bucket | floor ms | questions/s |")
-        print("| --- | --- | ---: | ---: | ---: |")
-        for name, bucketed in (("shuffled", False), ("data.bucket_by_length", True)):
-            e = expected_floor(cfg.model, lengths, args.batch, bucketed=bucketed, **kw)
-            counts = ", ".join(f"{t}: {c}" for t, c in e["bucket_counts"].items())
-            print(
-                f"| {name} | {counts} | {e['mean_bucket']:.1f} | {e['mean_floor_ms']:.2f} | "
-                f"{e['questions_per_s']:,.0f} |"
-            )
+        print_epoch_floors(cfg.model, args.cache, args.split, args.batch, **kw)
     return 0
 
 

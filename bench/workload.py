@@ -130,20 +130,26 @@ def flops_table(model_cfg, lengths: np.ndarray | None, batch: int, padded_tokens
     return out
 
 
-def rnn_steps_per_batch(lengths: np.ndarray, batch: int, bucketed: bool, seed: int = 0) -> float:
-    """The mean number of RNN time steps per batch (its longest question) over one epoch of `lengths` in
-    batches of `batch`: shuffled as the loader does, or with `data.bucket_by_length` (`bucket_rows`). On a
-    GPU or at small batch the GRU's time goes with these steps: each one reads the hidden weights."""
+def epoch_batch_longest(lengths: np.ndarray, batch: int, bucketed: bool, seed: int = 0) -> np.ndarray:
+    """The longest question of each full batch of one epoch of `lengths` in batches of `batch`: shuffled as the
+    loader does, or with `data.bucket_by_length` (`bucket_rows`). Empty when there is no full batch."""
     from fastfilm.data.buckets import bucket_rows
 
+    lengths = np.asarray(lengths, dtype=np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
     if bucketed:
         order = bucket_rows(order, lengths, batch, rng)
     full = len(order) // batch * batch
-    if full == 0:
-        return float(lengths.max())
-    return float(lengths[order[:full]].reshape(-1, batch).max(1).mean())
+    return lengths[order[:full]].reshape(-1, batch).max(1) if full else lengths[:0]
+
+
+def rnn_steps_per_batch(lengths: np.ndarray, batch: int, bucketed: bool, seed: int = 0) -> float:
+    """The mean number of RNN time steps per batch (its longest question) over one epoch of `lengths`
+    (`epoch_batch_longest`). On a GPU or at small batch the GRU's time goes with these steps: each one reads the
+    hidden weights."""
+    longest = epoch_batch_longest(lengths, batch, bucketed, seed)
+    return float(longest.mean()) if len(longest) else float(np.max(lengths))
 
 
 def step_gflop(model_cfg, lengths: torch.Tensor, pad_to: int) -> float:
